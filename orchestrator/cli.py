@@ -1,8 +1,198 @@
-"""Command line entry point (placeholder until the plan/CLI work lands)."""
+"""``bootorch``: the command line.
 
+Exit codes (stable, documented in README): 0 success; 1 the job failed (plan
+errors, nodes failed beyond the budget); 2 usage errors. Results go to stdout
+(``--json`` prints one JSON object), diagnostics and progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from orchestrator import __version__
+from orchestrator.plan import LoadedPlan, PlanError, Problem, load_plan
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("bootorch: under construction", file=sys.stderr)
-    return 2
+def _problem_json(p: Problem) -> dict[str, Any]:
+    return {"file": p.file, "line": p.line, "severity": p.severity, "message": p.message}
+
+
+def _load(path: str, as_json: bool) -> LoadedPlan | None:
+    """Load a plan, printing problems; None when it has errors."""
+    try:
+        lp = load_plan(path)
+    except PlanError as e:
+        if as_json:
+            print(json.dumps({"ok": False, "plan": path, "problems": [_problem_json(p) for p in e.problems]}, indent=2))
+        else:
+            for p in e.problems:
+                print(p, file=sys.stderr)
+            n = len(e.errors)
+            print(f"{path}: {n} error{'s' if n != 1 else ''}; nothing was changed", file=sys.stderr)
+        return None
+    if not as_json:
+        for w in lp.warnings:
+            print(w, file=sys.stderr)
+    return lp
+
+
+def _summary(lp: LoadedPlan) -> dict[str, Any]:
+    return {
+        "plan": str(lp.path),
+        "name": lp.model.name,
+        "nodes": len(lp.nodes),
+        "profiles": sorted(lp.model.profiles),
+        "dhcp_mode": lp.model.dhcp.mode,
+        "boot_root": str(lp.boot_root),
+        "waves": [{"name": w, "nodes": [n.name for n in ns]} for w, ns in lp.waves()],
+    }
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    lp = _load(args.plan, args.json)
+    if lp is None:
+        return EXIT_FAILED
+    if args.json:
+        out = {"ok": True, **_summary(lp), "problems": [_problem_json(p) for p in lp.warnings]}
+        print(json.dumps(out, indent=2))
+    else:
+        waves = ", ".join(f"{w} ({len(ns)})" for w, ns in lp.waves())
+        print(f"{args.plan}: OK: {len(lp.nodes)} nodes, {len(lp.model.profiles)} profile(s), waves: {waves}")
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from orchestrator.render import render_all, write_tree
+
+    lp = _load(args.plan, args.json)
+    if lp is None:
+        return EXIT_FAILED
+    out = Path(args.out)
+    written = write_tree(render_all(lp), out)
+    if args.json:
+        print(json.dumps({"ok": True, "out": str(out), "files": [str(p.relative_to(out)) for p in written]}, indent=2))
+    else:
+        cfgs = sum(1 for p in written if p.parent.name == "pxelinux.cfg")
+        print(f"wrote {len(written)} files to {out}: dhcpd.conf, dnsmasq.conf, {cfgs} pxelinux.cfg files, iPXE scripts")
+    return EXIT_OK
+
+
+def dry_run_schedule(lp: LoadedPlan) -> list[dict[str, Any]]:
+    """When each node would be powered on if every earlier one booted instantly.
+
+    A lower bound on timing: power-on rate (global and per rack) is the only
+    limit modelled; the download window adds to it at run time.
+    """
+    adm = lp.model.rollout.admission
+    t = 0.0
+    rack_next: dict[str, float] = {}
+    rows = []
+    for wave, nodes in lp.waves():
+        for n in nodes:
+            start = t
+            if n.rack and adm.rack_power_on_rate:
+                start = max(start, rack_next.get(n.rack, 0.0))
+                rack_next[n.rack] = start + 1.0 / adm.rack_power_on_rate
+            rows.append({"wave": wave, "node": n.name, "mac": n.mac, "ip": str(n.ip), "profile": n.profile, "power_on_at": round(start, 3)})
+            t = start + 1.0 / adm.power_on_rate
+    return rows
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    lp = _load(args.plan, args.json)
+    if lp is None:
+        return EXIT_FAILED
+    schedule = dry_run_schedule(lp)
+    adm = lp.model.rollout.admission
+    if args.json:
+        print(json.dumps({"ok": True, "dry_run": True, **_summary(lp), "schedule": schedule}, indent=2))
+    else:
+        print(f"plan {lp.model.name}: {len(lp.nodes)} nodes in {len(lp.waves())} wave(s); "
+              f"at most {adm.max_downloading} downloading, {adm.power_on_rate:g} power-on/s"
+              f"{', adaptive' if adm.adaptive else ''}")
+        print(f"{'t+s':>8}  {'wave':<10} {'node':<16} {'mac':<17}  {'ip':<15} profile")
+        for r in schedule:
+            print(f"{r['power_on_at']:>8.2f}  {r['wave']:<10} {r['node']:<16} {r['mac']:<17}  {r['ip']:<15} {r['profile']}")
+    if not args.dry_run:
+        print(
+            "bootorch: this build validates and schedules plans only: the rollout engine "
+            "(power sequencing, boot server, stage tracking) is not in it yet, so nothing was "
+            "powered on. Use --dry-run to print the schedule; `bootorch render` writes server configs.",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_tftpd(args: argparse.Namespace) -> int:
+    from orchestrator.bootserver import tftpd_cli
+
+    return tftpd_cli.run(args)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bootorch",
+        description=(
+            "Cluster-wide boot orchestrator: powers nodes up in a controlled sequence, serves "
+            "their PXE boot (DHCP, TFTP, HTTP), follows each node through its boot stages and "
+            "checks it over SSH."
+        ),
+        epilog="Exit codes: 0 success, 1 the job failed (plan errors, failed nodes), 2 usage error.",
+    )
+    p.add_argument("--version", action="version", version=f"bootorch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def plan_cmd(name: str, help: str, func: Any, json_help: str = "print one JSON object on stdout") -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("plan", metavar="PLAN", help="plan file (YAML); see docs/plan.md")
+        sp.add_argument("--json", action="store_true", help=json_help)
+        sp.set_defaults(func=func)
+        return sp
+
+    plan_cmd("validate", "check a plan: exit 0, or 1 with file:line: what to fix for every problem", cmd_validate)
+    r = plan_cmd("render", "write dhcpd.conf, dnsmasq.conf and pxelinux.cfg/ files for sites that keep their own servers", cmd_render)
+    r.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files are replaced atomically)")
+    ro = plan_cmd("rollout", "power up and boot the nodes of PLAN", cmd_rollout)
+    ro.add_argument("--dry-run", action="store_true", help="print the schedule the plan implies; touch nothing")
+
+    t = sub.add_parser(
+        "tftpd",
+        help="run the TFTP server alone (a drop-in for in.tftpd -L -s DIR)",
+        description="Serve DIR read-only over TFTP (RFC 1350 with tsize, blksize, timeout and windowsize options).",
+    )
+    try:
+        from orchestrator.bootserver import tftpd_cli
+    except ImportError:  # pragma: no cover - only while the server is being built
+        tftpd_cli = None  # type: ignore[assignment]
+    if tftpd_cli is not None:
+        tftpd_cli.add_arguments(t)
+    t.set_defaults(func=cmd_tftpd)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,619 @@
+"""HTTP/1.1 boot file server for iPXE clients, on h11.
+
+iPXE fetches its script, the kernel and the initrd over HTTP when it can: TCP
+beats lock-step TFTP by an order of magnitude. This server publishes the same
+:class:`~orchestrator.bootserver.files.BootFiles` root (static files plus the
+plan's rendered configs and iPXE scripts) that TFTP serves.
+
+Shape
+-----
+* **h11 does all HTTP parsing and framing** (no hand-written parser). The pure
+  parts that are ours -- turning a request target into a boot-file name
+  (:func:`request_name`) and a ``Range`` header into a byte span
+  (:func:`parse_range`) -- are plain functions, tested without sockets.
+* **The trio shell** is one accept loop per listener and one task per
+  connection. A connection is a loop of request cycles: wait for a complete
+  request (under a deadline), answer it, ``start_next_cycle()`` for keep-alive.
+
+Choices
+-------
+* Methods: ``GET`` and ``HEAD``; anything else is ``405`` with ``Allow``.
+* Names: the path of the target, percent-decoded (UTF-8), after the leading
+  ``/``; the query string is ignored; absolute-form targets
+  (``http://host/path``, RFC 9112 §3.2.2) are accepted. The decoded name goes to
+  ``BootFiles.open``, which owns confinement: ``%2e%2e`` decodes to ``..`` and
+  is refused there (``403``), as are NUL and backslash. ``GET /`` is ``404``.
+* Status mapping: ``NotFound`` -> 404, ``AccessViolation`` -> 403, a target h11
+  accepts but we cannot decode -> 400, garbage on the wire
+  (``h11.RemoteProtocolError``) -> 400 (when a response can still be sent) and
+  close. Error responses keep the connection alive (a client walking a list
+  of candidate names reuses it), except 400 and 413.
+* Ranges (RFC 9110 §14): one range -- ``bytes=a-b``, ``a-``, ``-n`` -- gives
+  ``206`` with ``Content-Range``; a first byte past the end, or ``-0``, gives
+  ``416`` with ``Content-Range: bytes */size``. A last byte past the end is
+  clamped. **Multi-range requests are answered 200 with the whole file**
+  (RFC 9110 §14.2 lets a server ignore ``Range``; boot clients never ask for
+  multipart/byteranges and we would rather not build it). Syntactically
+  invalid ``Range`` values, unknown units, and any ``Range`` sent with
+  ``If-Range`` (we issue no validators, so the condition cannot hold) are
+  ignored the same way. ``HEAD`` ignores ``Range`` (range handling is defined
+  for GET only, §14.2).
+* Bodies stream in ``chunk_size`` pieces (64 KiB) read with ``pread``, so a
+  200 MB initrd is never held in memory. ``pread`` runs on the event loop: boot
+  files are hot in the page cache during a storm, and a thread hop per chunk
+  would cost more than it saves.
+* Admission: each GET body transfer holds an :class:`Admission` slot (queued
+  FIFO *before* the response head is sent, so a queued client simply sees a
+  slower first byte), and every chunk asks the byte budget first. Error
+  responses and HEAD take no slot.
+* Connections: a cap (``max_connections``). When it is reached the accept loop
+  first closes the *oldest idle keep-alive connection* (allowed at any time,
+  RFC 9112 §9.6; clients retry on a fresh connection), and otherwise waits for
+  a connection to end while further clients queue in the kernel's listen
+  backlog -- queue, don't refuse, as for transfers.
+* Timeouts: a request must arrive complete within ``idle_timeout`` of the
+  connection becoming idle (kills idle keep-alives *and* slowloris
+  half-requests); each ``send_all`` must finish within ``send_timeout`` (kills
+  clients that stop reading). Time spent queued for an admission slot is not
+  bounded: that is the point of queueing.
+* Events (source ``"http"``): ``FILE_REQUEST`` when a GET names a file,
+  ``FILE_DONE`` when the last body byte is written (``bytes`` = body bytes,
+  ``size`` = whole file, ``detail["range"]`` set for a 206 so the tracker can
+  tell a partial fetch from a complete one), ``FILE_FAILED`` with ``result``
+  ``not_found`` / ``access_violation`` / ``range_not_satisfiable`` /
+  ``aborted`` (client went away) / ``timeout`` (client stopped reading) /
+  ``error``. HEAD emits nothing: it moves no file. Events go out with
+  ``send_nowait``; a full or closed channel drops the event and counts it in
+  :attr:`HttpStats.events_dropped` -- the server never blocks on its observers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+import urllib.parse
+from http import HTTPStatus
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any
+
+import h11
+import trio
+
+from ..events import BootEvent, EventKind
+from .admission import Admission
+from .files import AccessViolation, BootFile, BootFiles, NotFound
+
+__all__ = ["HttpStats", "RangeNotSatisfiable", "BadTarget", "parse_range", "request_name", "serve_http"]
+
+log = logging.getLogger(__name__)
+
+SERVER_HEADER = b"bootorch"
+CHUNK_SIZE = 64 * 1024
+RECEIVE_SIZE = 16 * 1024
+#: Request line plus headers; h11's default is 16 KiB as well.
+MAX_HEADER_BYTES = 16 * 1024
+#: GET/HEAD carry no body; tolerate a small one, refuse (413 + close) a big one.
+MAX_REQUEST_BODY = 64 * 1024
+#: accept() errors meaning "out of descriptors/memory for now": back off, retry.
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+# -- pure core ---------------------------------------------------------------------
+
+
+class BadTarget(ValueError):
+    """A request target we cannot turn into a file name (answered 400)."""
+
+
+class RangeNotSatisfiable(ValueError):
+    """A single byte range that lies wholly outside the file (answered 416)."""
+
+
+def request_name(target: bytes) -> str:
+    """The boot-file name a request target asks for: decoded path minus the leading ``/``.
+
+    >>> request_name(b"/pxelinux.cfg/01-aa-bb?x=1")
+    'pxelinux.cfg/01-aa-bb'
+    >>> request_name(b"/%2e%2e/etc/passwd")  # refused later, by BootFiles
+    '../etc/passwd'
+    """
+    if target.startswith(b"/"):
+        path = target
+    elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        # absolute-form (RFC 9112 §3.2.2): servers must accept it; drop scheme+authority.
+        rest = target.split(b"//", 1)[1]
+        slash = rest.find(b"/")
+        path = rest[slash:] if slash >= 0 else b"/"
+    else:
+        raise BadTarget("request target is not a path")
+    path = path.split(b"?", 1)[0].split(b"#", 1)[0]
+    try:
+        name = urllib.parse.unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadTarget("path is not UTF-8") from None
+    return name[1:]
+
+
+def _num(digits: bytes) -> int:
+    """A decimal of any length, saturating: Python refuses int() of >4300 digits."""
+    digits = digits.lstrip(b"0") or b"0"
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def parse_range(value: bytes, size: int) -> tuple[int, int] | None:
+    """The inclusive byte span ``(first, last)`` a ``Range`` value asks for.
+
+    Returns None when the header is to be ignored (whole file, 200): unknown
+    unit, invalid syntax, or more than one range. Raises
+    :class:`RangeNotSatisfiable` for a single range with no byte in the file.
+    RFC 9110 §14.1.2 (syntax), §14.2 (ignoring), §15.5.17 (416).
+
+    >>> parse_range(b"bytes=0-99", 1000), parse_range(b"bytes=-100", 1000)
+    ((0, 99), (900, 999))
+    """
+    unit, eq, spec = value.partition(b"=")
+    if not eq or unit.strip().lower() != b"bytes":
+        return None
+    ranges = [r.strip() for r in spec.split(b",") if r.strip()]  # empty list elements are legal
+    if len(ranges) != 1:
+        return None  # multi-range (or none): documented choice, 200 with the whole file
+    first, dash, last = ranges[0].partition(b"-")
+    if not dash:
+        return None
+    if not first:  # suffix-range: the last n bytes
+        if not last.isdigit():
+            return None
+        n = _num(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable(value)
+        return (max(0, size - n), size - 1)
+    if not first.isdigit() or (last and not last.isdigit()):
+        return None
+    a = _num(first)
+    b = _num(last) if last else None
+    if b is not None and b < a:
+        return None  # invalid range-spec: ignore the header
+    if a >= size:
+        raise RangeNotSatisfiable(value)
+    return (a, size - 1 if b is None else min(b, size - 1))
+
+
+# -- counters ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HttpStats:
+    """Live counters; pass one in to read them (metrics scrape these)."""
+
+    #: Requests answered (any status).
+    requests: int = 0
+    #: Response body bytes written (not counting heads).
+    bytes_sent: int = 0
+    #: Body transfers in progress (holding an admission slot when admission is on).
+    active: int = 0
+    #: Connections open now, and accepted in total.
+    connections: int = 0
+    connections_total: int = 0
+    #: Responses by status code.
+    by_status: Counter[int] = field(default_factory=Counter)
+    #: Garbage from clients (h11 RemoteProtocolError).
+    protocol_errors: int = 0
+    #: Connections closed by us for idleness / a stalled request or send / eviction at the cap.
+    timeouts: int = 0
+    evictions: int = 0
+    #: BootEvents dropped because the channel was full or closed.
+    events_dropped: int = 0
+    #: Unexpected exceptions in a connection handler (a bug: logged, connection closed).
+    internal_errors: int = 0
+
+
+# -- trio shell ----------------------------------------------------------------------
+
+
+class _Abort(Exception):
+    """End this connection now (after an error response, or when a body cannot be completed)."""
+
+
+class _Server:
+    def __init__(
+        self,
+        files: BootFiles,
+        *,
+        events: trio.MemorySendChannel[BootEvent] | None,
+        admission: Admission | None,
+        stats: HttpStats,
+        max_connections: int,
+        idle_timeout: float,
+        send_timeout: float,
+        chunk_size: int,
+    ) -> None:
+        self.files = files
+        self.events = events
+        self.admission = admission
+        self.stats = stats
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
+        self.chunk_size = chunk_size
+        self.conn_slots = trio.Semaphore(max_connections)
+        #: Connections waiting for their next request, oldest first -> scope to cancel.
+        self.idle: OrderedDict[_Connection, trio.CancelScope] = OrderedDict()
+
+    def emit(self, kind: EventKind, conn: _Connection, name: str | None, **kw: Any) -> None:
+        if self.events is None:
+            return
+        ev = BootEvent(
+            time=trio.current_time(),
+            source="http",
+            kind=kind,
+            client_ip=conn.client_ip,
+            client_port=conn.client_port,
+            filename=name,
+            wall=time.time(),
+            **kw,
+        )
+        try:
+            self.events.send_nowait(ev)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stats.events_dropped += 1
+
+    def evict_one_idle(self) -> None:
+        if self.idle:
+            conn, scope = self.idle.popitem(last=False)
+            conn.evicted = True
+            scope.cancel()
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:  # runs until cancelled; one iteration per accepted connection
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.warning("http: accept failed (%s); retrying in 0.1 s", e)
+                await trio.sleep(0.1)
+                continue
+            try:
+                if self.conn_slots.value == 0:
+                    self.evict_one_idle()
+                await self.conn_slots.acquire()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            nursery.start_soon(self.connection, stream)
+
+    async def connection(self, stream: trio.SocketStream) -> None:
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        try:
+            conn = _Connection(self, stream)
+            await conn.run()
+        except Exception:
+            self.stats.internal_errors += 1
+            log.exception("http: connection handler failed")
+        finally:
+            self.stats.connections -= 1
+            self.conn_slots.release()
+            await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    """One TCP connection: a loop of h11 request cycles."""
+
+    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.evicted = False
+        #: The current request is HEAD: responses carry no body.
+        self.head = False
+        try:
+            peer = stream.socket.getpeername()
+            self.client_ip: str | None = peer[0]
+            self.client_port: int | None = peer[1]
+        except OSError:  # already reset
+            self.client_ip = self.client_port = None
+
+    # -- I/O helpers --
+
+    async def _next_event(self) -> Any:
+        while True:  # each pass consumes data or returns; EOF makes h11 return ConnectionClosed
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            self.h11.receive_data(data)
+
+    async def _send(self, event: Any) -> None:
+        chunks = self.h11.send_with_data_passthrough(event)
+        if chunks:
+            with trio.fail_after(self.server.send_timeout):
+                for c in chunks:
+                    await self.stream.send_all(c)
+
+    # -- the loop --
+
+    async def run(self) -> None:
+        s = self.server
+        try:
+            while True:  # one pass per request; ends when either side closes
+                request = await self._read_request()
+                if request is None:
+                    return
+                await self._respond(request)
+                if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+                    return  # MUST_CLOSE (Connection: close, HTTP/1.0) or peer closed
+                self.h11.start_next_cycle()
+        except h11.RemoteProtocolError as e:
+            s.stats.protocol_errors += 1
+            if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                with contextlib.suppress(Exception):
+                    await self._simple(e.error_status_hint, b"bad request\n", close=True)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, _Abort):
+            pass
+        except trio.TooSlowError:
+            s.stats.timeouts += 1
+        finally:
+            s.idle.pop(self, None)
+
+    async def _read_request(self) -> h11.Request | None:
+        """The next request with its (small) body drained, or None to close."""
+        s = self.server
+        self.head = False
+        with trio.move_on_after(s.idle_timeout) as scope:
+            s.idle[self] = scope
+            try:
+                event = await self._next_event()
+            finally:
+                s.idle.pop(self, None)
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            assert isinstance(event, h11.Request), event
+            self.head = event.method == b"HEAD"
+            body = 0
+            while True:  # bounded by MAX_REQUEST_BODY and the deadline
+                if self.h11.they_are_waiting_for_100_continue:
+                    await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+                ev = await self._next_event()
+                if isinstance(ev, h11.EndOfMessage):
+                    return event
+                if isinstance(ev, h11.Data):
+                    body += len(ev.data)
+                    if body > MAX_REQUEST_BODY:
+                        await self._simple(413, b"request body too large\n", close=True)
+                        raise _Abort
+                else:  # ConnectionClosed mid-request raises RemoteProtocolError in h11
+                    return None
+        if scope.cancelled_caught:
+            if self.evicted:
+                s.stats.evictions += 1
+            else:
+                s.stats.timeouts += 1
+        return None
+
+    async def _simple(self, status: int, body: bytes, *, close: bool = False, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        headers = _base_headers()
+        headers += [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        if extra:
+            headers += extra
+        if close:
+            headers.append((b"connection", b"close"))
+        self.server.stats.requests += 1
+        self.server.stats.by_status[status] += 1
+        await self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        if body and not self.head:
+            await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    async def _respond(self, req: h11.Request) -> None:
+        s = self.server
+        t0 = trio.current_time()
+        if req.method not in (b"GET", b"HEAD"):
+            await self._simple(405, b"method not allowed\n", extra=[(b"allow", b"GET, HEAD")])
+            return
+        is_get = req.method == b"GET"
+        try:
+            name = request_name(req.target)
+        except BadTarget:
+            await self._simple(400, b"bad request target\n", close=True)
+            return
+        range_hdr: list[bytes] = []
+        if_range = False
+        user_agent = b""
+        for k, v in req.headers:
+            if k == b"range":
+                range_hdr.append(v)
+            elif k == b"if-range":
+                if_range = True
+            elif k == b"user-agent":
+                user_agent = v
+        detail: dict[str, Any] = {"method": req.method.decode("ascii", "replace")}
+        if user_agent:
+            detail["user_agent"] = user_agent[:200].decode("latin-1")
+
+        def failed(result: str, status: int, **kw: Any) -> None:
+            if is_get:
+                s.emit(
+                    EventKind.FILE_FAILED,
+                    self,
+                    name,
+                    result=result,
+                    duration=trio.current_time() - t0,
+                    detail={**detail, "status": status},
+                    **kw,
+                )
+
+        if is_get:
+            s.emit(EventKind.FILE_REQUEST, self, name, detail=detail)
+        try:
+            f = s.files.open(name, self.client_ip) if name else None
+        except NotFound:
+            f = None
+        except AccessViolation:
+            failed("access_violation", 403)
+            await self._simple(403, b"forbidden\n")
+            return
+        except Exception:  # a dynamic source raised: the plan's bug, not the client's
+            log.exception("http: opening %r failed", name)
+            failed("error", 500)
+            await self._simple(500, b"internal error\n")
+            return
+        if f is None:
+            failed("not_found", 404)
+            await self._simple(404, b"not found\n")
+            return
+        try:
+            await self._send_file(req, f, name, is_get, range_hdr, if_range, detail, t0, failed)
+        finally:
+            f.close()
+
+    async def _send_file(
+        self,
+        req: h11.Request,
+        f: BootFile,
+        name: str,
+        is_get: bool,
+        range_hdr: list[bytes],
+        if_range: bool,
+        detail: dict[str, Any],
+        t0: float,
+        failed: Any,
+    ) -> None:
+        s = self.server
+        size = f.size
+        span: tuple[int, int] | None = None
+        if is_get and len(range_hdr) == 1 and not if_range:
+            try:
+                span = parse_range(range_hdr[0], size)
+            except RangeNotSatisfiable:
+                failed("range_not_satisfiable", 416, size=size)
+                await self._simple(416, b"range not satisfiable\n", extra=[(b"content-range", f"bytes */{size}".encode())])
+                return
+        headers = _base_headers()
+        headers += [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes")]
+        if span is not None:
+            start, length, status = span[0], span[1] - span[0] + 1, 206
+            headers.append((b"content-range", f"bytes {span[0]}-{span[1]}/{size}".encode()))
+            detail["range"] = span
+        else:
+            start, length, status = 0, size, 200
+        headers.append((b"content-length", str(length).encode()))
+        response = h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        if not is_get:  # HEAD: the head only, no slot, no events
+            s.stats.requests += 1
+            s.stats.by_status[status] += 1
+            await self._send(response)
+            await self._send(h11.EndOfMessage())
+            return
+
+        adm = s.admission
+        sent = 0
+        try:
+            async with adm.slot() if adm is not None else contextlib.nullcontext():
+                detail["queued"] = trio.current_time() - t0
+                s.stats.active += 1
+                try:
+                    s.stats.requests += 1
+                    s.stats.by_status[status] += 1
+                    await self._send(response)
+                    offset, end = start, start + length
+                    while offset < end:  # bounded: each pass sends >= 1 byte or aborts
+                        data = f.pread(offset, min(s.chunk_size, end - offset))
+                        if not data:
+                            # The file shrank under us; Content-Length cannot be honoured.
+                            raise _FileShrank
+                        if adm is not None:
+                            await adm.consume(len(data))
+                        await self._send(h11.Data(data=data))
+                        n = len(data)
+                        offset += n
+                        sent += n
+                        s.stats.bytes_sent += n
+                        if adm is not None:
+                            adm.note_sent(n, trio.current_time())
+                    await self._send(h11.EndOfMessage())
+                finally:
+                    s.stats.active -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            failed("aborted", status, bytes=sent, size=size)
+            raise
+        except trio.TooSlowError:
+            failed("timeout", status, bytes=sent, size=size)
+            raise
+        except _FileShrank:
+            failed("error", status, bytes=sent, size=size)
+            raise _Abort from None
+        s.emit(
+            EventKind.FILE_DONE,
+            self,
+            name,
+            bytes=sent,
+            size=size,
+            duration=trio.current_time() - t0,
+            result="ok",
+            detail={**detail, "status": status},
+        )
+
+
+class _FileShrank(Exception):
+    pass
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+def _base_headers() -> list[tuple[bytes, bytes]]:
+    return [(b"server", SERVER_HEADER), (b"date", formatdate(usegmt=True).encode("ascii"))]
+
+
+async def serve_http(
+    files: BootFiles,
+    host: str,
+    port: int,
+    *,
+    events: trio.MemorySendChannel[BootEvent] | None = None,
+    admission: Admission | None = None,
+    stats: HttpStats | None = None,
+    max_connections: int = 256,
+    idle_timeout: float = 30.0,
+    send_timeout: float = 30.0,
+    chunk_size: int = CHUNK_SIZE,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``files`` over HTTP on ``host:port`` until cancelled.
+
+    ``port=0`` binds a free port; ``task_status.started((host, bound_port))``
+    reports it, so ``await nursery.start(serve_http, files, "127.0.0.1", 0)``
+    returns the address to connect to. Pass ``stats`` to read counters.
+    """
+    if max_connections < 1:
+        raise ValueError("max_connections must be >= 1")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    server = _Server(
+        files,
+        events=events,
+        admission=admission,
+        stats=stats if stats is not None else HttpStats(),
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
+        send_timeout=send_timeout,
+        chunk_size=chunk_size,
+    )
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        bound = listeners[0].socket.getsockname()
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(server.accept_loop, listener, nursery)
+            task_status.started((bound[0], bound[1]))
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)

@@ -1,0 +1,457 @@
+"""The plan model: what one YAML file may say, with types, ranges and defaults.
+
+Every section is a pydantic model with ``extra="forbid"`` so a misspelt key is an
+error with a line number, not a silently ignored setting. Defaults are chosen so
+a minimal plan is short: a network, one profile and some nodes. ``docs/plan.md``
+documents every key; keep the two in step (``tests/test_plan_docs.py`` checks
+that every field here is mentioned there).
+
+Cross-field rules that need the whole plan (duplicate MACs, IPs outside the
+subnet, pools overlapping reservations, missing files) live in
+:mod:`orchestrator.plan.resolve`, which also expands node ranges.
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+PLAN_VERSION = 1
+
+# --------------------------------------------------------------------------- scalars
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(v: Any) -> float:
+    """``90``, ``"90s"``, ``"1.5m"``, ``"250ms"``, ``"2h"`` -> seconds."""
+    if isinstance(v, bool):
+        raise ValueError("a duration is a number of seconds or a string like '90s', '5m', '250ms'")
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        m = _DURATION.match(v)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2)]
+    raise ValueError(f"{v!r} is not a duration: write seconds (90) or '90s', '5m', '250ms', '2h'")
+
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}([:-])(?:[0-9a-fA-F]{2}\1){4}[0-9a-fA-F]{2}$")
+
+
+def parse_mac(v: Any) -> str:
+    """Normalise a MAC to lower-case colon form; accept ``-`` separators."""
+    if not isinstance(v, str) or not _MAC.match(v):
+        raise ValueError(f"{v!r} is not a MAC address: write six hex pairs like 52:54:00:12:34:56")
+    return v.replace("-", ":").lower()
+
+
+def parse_subnet(v: Any) -> IPv4Network:
+    if isinstance(v, IPv4Network):
+        return v
+    if not isinstance(v, str) or "/" not in v:
+        raise ValueError(f"{v!r} is not a subnet: write it in CIDR form like 192.168.1.0/24")
+    try:
+        return IPv4Network(v, strict=True)
+    except ValueError as e:
+        try:
+            net = IPv4Network(v, strict=False)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a subnet ({e}): write it like 192.168.1.0/24") from None
+        raise ValueError(f"{v!r} has host bits set: did you mean {net}?") from None
+
+
+def parse_failure_budget(v: Any) -> int | str:
+    if isinstance(v, bool):
+        raise ValueError("failure_budget is a node count (3) or a percentage ('5%')")
+    if isinstance(v, int) and v >= 0:
+        return v
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", v)
+        if m and float(m.group(1)) <= 100:
+            return f"{float(m.group(1)):g}%"
+        if v.strip().isdigit():
+            return int(v)
+    raise ValueError(f"{v!r} is not a failure budget: write a node count (3) or a percentage ('5%')")
+
+
+def _listify(v: Any) -> Any:
+    return [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Mac = Annotated[str, BeforeValidator(parse_mac)]
+Subnet = Annotated[IPv4Network, BeforeValidator(parse_subnet)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+class Secret(Strict):
+    """A credential reference: never the secret itself.
+
+    Plans end up in version control and in bug reports; a password written
+    inline would leak with them. So credentials are only named here and read at
+    the moment of use from an environment variable or a file (mode 0600).
+    """
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline(cls, v: Any) -> Any:
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+            raise ValueError(
+                "credentials are never written inline: use {env: VARIABLE} or {file: /path/to/secret}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Secret":
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env: or file:")
+        return self
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class Network(Strict):
+    """The boot network: where nodes PXE boot and where bootorch listens."""
+
+    interface: str = "eth0"
+    subnet: Subnet
+    server: IPv4Address
+    gateway: IPv4Address | None = None
+    dns: list[IPv4Address] = []
+    domain: str | None = None
+    #: MTU of the boot network, when not 1500: caps the TFTP block size (mtu - 32).
+    mtu: int | None = Field(None, ge=576, le=9216)
+
+
+class Pool(Strict):
+    start: IPv4Address
+    end: IPv4Address
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Pool":
+        if int(self.start) > int(self.end):
+            raise ValueError(f"pool start {self.start} is after its end {self.end}")
+        return self
+
+
+class Dhcp(Strict):
+    """How nodes get addresses.
+
+    ``full``: bootorch answers DHCP for the boot subnet (reservations for plan
+    nodes, plus the pool if one is given). ``proxy``: an existing DHCP server
+    hands out addresses; bootorch only adds boot information (ProxyDHCP).
+    ``external``: a site DHCP server does everything (use ``bootorch render`` for
+    its config); bootorch follows its logs.
+    """
+
+    mode: Literal["full", "proxy", "external"] = "full"
+    lease_time: Duration = 86400.0
+    #: Absent pool = unknown clients get no answer (the seed's ``deny unknown clients``).
+    pool: Pool | None = None
+
+
+class Loaders(Strict):
+    """Boot loader file per client kind (DHCP option 93 / user class)."""
+
+    bios: str = "pxelinux.0"
+    uefi: str = "syslinux.efi"
+
+
+class Boot(Strict):
+    #: Directory served over TFTP/HTTP; relative paths are relative to the plan file.
+    root: Path = Path("tftpboot")
+    loaders: Loaders = Loaders()
+    #: Which pxelinux.cfg names to render per node: "mac" -> 01-<mac>, "ip" -> C0A80102.
+    config_names: list[Literal["mac", "ip"]] = ["mac"]
+    #: Profile rendered as pxelinux.cfg/default (for unknown clients from the pool).
+    default_profile: str | None = None
+
+    @field_validator("config_names")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("config_names needs at least one of 'mac', 'ip'")
+        return v
+
+
+class BootServer(Strict):
+    """The embedded boot server. Ports are settable so tests never need root."""
+
+    listen: IPv4Address | None = None  # default: network.server
+    dhcp_port: Port = 67
+    proxy_port: Port = 4011
+    tftp_port: Port = 69
+    http_port: Port = 8080
+    blksize_max: int = Field(1468, ge=512, le=65464)
+    windowsize_max: int = Field(64, ge=1, le=65535)
+    max_transfers: int = Field(200, ge=1)
+
+
+class Mount(Strict):
+    source: str  # "{server}:/usr"
+    target: str
+    type: str = "nfs"
+    options: str = "ro,nolock"
+
+
+class Profile(Strict):
+    """What a node boots: files, root file system and kernel command line."""
+
+    kernel: str
+    initrd: Annotated[list[str], BeforeValidator(_listify)] = []
+    #: ramdisk: compressed RAM-disk root (root=/dev/ram0); initramfs: cpio root
+    #: (no root=); nfs: NFS root (needs nfsroot); none: only what append says.
+    root: Literal["ramdisk", "initramfs", "nfs", "none"] = "ramdisk"
+    #: NFS root, a template: {server}, {name}, {ip}, {mac}.
+    nfsroot: str | None = None
+    #: RAM disk size in KiB (kernel ramdisk_size=) for root: ramdisk.
+    ramdisk_size: int | None = Field(None, gt=0)
+    #: Kernel-level IP configuration: static -> ip=client:server:gw:netmask:host:dev:off,
+    #: dhcp -> ip=dhcp (a second DHCP round, the os_dhcp stage), none -> no ip=.
+    ip: Literal["static", "dhcp", "none"] = "static"
+    device: str = "eth0"
+    append: str = ""
+    #: File systems the booted node mounts (the RAM-disk image's init does this).
+    mounts: list[Mount] = []
+
+    @model_validator(mode="after")
+    def _nfs(self) -> "Profile":
+        if self.root == "nfs" and not self.nfsroot:
+            raise ValueError("root: nfs needs nfsroot: (e.g. '{server}:/export/root/{name},rw')")
+        return self
+
+
+class NodeEntry(Strict):
+    """One node, a range of nodes (``node[01-64]``), or a CSV inventory file.
+
+    For a range, ``mac`` and ``ip`` may be the first value (counted up per node
+    in node-set order) or a list with one value per node.
+    """
+
+    name: str | None = None
+    mac: Annotated[list[Mac], BeforeValidator(_listify)] | None = None
+    ip: Annotated[list[IPv4Address], BeforeValidator(_listify)] | None = None
+    profile: str | None = None
+    group: str | None = None
+    rack: str | None = None
+    bmc: str | None = None
+    #: CSV file with a header row: name,mac,ip[,profile,group,rack,bmc].
+    inventory: Path | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "NodeEntry":
+        if self.inventory is not None:
+            extra = [k for k in ("name", "mac", "ip", "bmc") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(
+                    f"an inventory entry takes its {', '.join(extra)} from the CSV file; "
+                    "remove those keys or drop inventory:"
+                )
+        else:
+            missing = [k for k in ("name", "mac", "ip") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a node entry needs {', '.join(missing)} (or inventory: FILE.csv)")
+        return self
+
+
+class Wol(Strict):
+    """Wake-on-LAN: etherwake's raw 0x0842 frame, or a UDP broadcast."""
+
+    interface: str | None = None  # default: network.interface
+    method: Literal["raw", "udp"] = "raw"
+    repeat: int = Field(3, ge=1, le=20)
+    interval: Duration = 0.1
+    udp_port: Literal[7, 9] = 9
+    broadcast: IPv4Address | None = None  # default: the subnet's broadcast address
+    secureon: Secret | None = None
+
+
+class Bmc(Strict):
+    """Out-of-band power control for power cycles."""
+
+    driver: Literal["none", "redfish", "ipmi", "command"] = "none"
+    #: Template: {name}, {ip}, {mac}, {index}, or a node's own bmc: value.
+    address: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    verify_tls: bool = True
+    #: For driver: command, e.g. "pdu-ctl {action} {name}"; {action} is on/off/cycle.
+    command: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> "Bmc":
+        if self.driver in ("redfish", "ipmi") and not self.address:
+            raise ValueError(f"driver {self.driver} needs address: (a template such as '{{name}}-bmc')")
+        if self.driver == "command" and not self.command:
+            raise ValueError("driver command needs command: (e.g. 'pdu-ctl {action} {name}')")
+        return self
+
+
+class Power(Strict):
+    wol: Wol = Wol()
+    bmc: Bmc = Bmc()
+
+
+class Wave(Strict):
+    name: str
+    nodes: str  # node set: node[01-08], @service
+
+
+class Admission(Strict):
+    """How fast nodes are let in. Queue, never reject."""
+
+    #: Cap on nodes in the download stages (loader, config, kernel, initrd).
+    max_downloading: int = Field(16, ge=1)
+    #: Power-on rate, nodes per second (inrush current, switch MAC learning).
+    power_on_rate: float = Field(2.0, gt=0)
+    #: Power-on rate per rack (nodes per second) when nodes say rack:.
+    rack_power_on_rate: float | None = Field(None, gt=0)
+    #: Widen/shrink the download window from the boot server's retransmit rate (AIMD).
+    adaptive: bool = True
+
+
+class Timeouts(Strict):
+    """Seconds a node may spend in each stage before it is stuck."""
+
+    waking: Duration = 90.0
+    pxe_dhcp: Duration = 30.0
+    loader: Duration = 60.0
+    config: Duration = 60.0
+    kernel: Duration = 180.0
+    initrd: Duration = 300.0
+    os_dhcp: Duration = 120.0
+    ssh: Duration = 180.0
+    ready: Duration = 120.0
+
+
+class Retries(Strict):
+    #: Magic packets re-sent when no PXE DHCP follows a wake.
+    wake: int = Field(2, ge=0, le=20)
+    #: BMC power cycles before a node is marked failed.
+    power_cycle: int = Field(1, ge=0, le=10)
+
+
+class Rollout(Strict):
+    #: In order; nodes not named by any wave form a last wave. Empty: one wave.
+    waves: list[Wave] = []
+    admission: Admission = Admission()
+    timeouts: Timeouts = Timeouts()
+    retries: Retries = Retries()
+    #: Nodes allowed to fail before the rollout aborts: a count or "5%".
+    failure_budget: Annotated[int | str, BeforeValidator(parse_failure_budget)] = 0
+
+
+class Check(Strict):
+    """One readiness check, run over SSH. Exactly one of command/kernel/mount/service."""
+
+    name: str | None = None
+    command: str | None = None
+    #: Regular expression the stdout must match (for command: and kernel:).
+    expect: str | None = None
+    kernel: str | None = None  # regex on `uname -r`
+    mount: str | None = None  # mount point that must be mounted
+    service: str | None = None  # process name that must be running
+
+    @model_validator(mode="after")
+    def _one(self) -> "Check":
+        given = [k for k in ("command", "kernel", "mount", "service") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a check needs exactly one of command:, kernel:, mount:, service:")
+        if self.expect is not None:
+            try:
+                re.compile(self.expect)
+            except re.error as e:
+                raise ValueError(f"expect: is not a valid regular expression: {e}") from None
+        return self
+
+
+class Ssh(Strict):
+    user: str = "root"
+    port: Port = 22
+    #: Private key file; default: the SSH agent and ~/.ssh keys.
+    key: Path | None = None
+    #: known_hosts file bootorch keeps; default: <state_dir>/known_hosts.
+    known_hosts: Path | None = None
+    #: strict: host must already be known; accept-new: learn new hosts, refuse
+    #: changed keys (OpenSSH's StrictHostKeyChecking=accept-new).
+    host_key_policy: Literal["strict", "accept-new"] = "accept-new"
+    connect_timeout: Duration = 10.0
+    #: Parallel SSH sessions.
+    concurrency: int = Field(32, ge=1)
+
+
+class Readiness(Strict):
+    ssh: Ssh = Ssh()
+    checks: list[Check] = []
+
+
+class Metrics(Strict):
+    #: host:port for the Prometheus endpoint; "" disables it.
+    listen: str = "127.0.0.1:9810"
+
+    @field_validator("listen")
+    @classmethod
+    def _hostport(cls, v: str) -> str:
+        if v == "":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{v!r}: write host:port, e.g. 127.0.0.1:9810 (or '' to disable)")
+        return v
+
+
+class Plan(Strict):
+    """A whole plan file."""
+
+    version: int
+    name: str = "cluster"
+    #: Journal, known_hosts, leases; relative paths are relative to the plan file.
+    state_dir: Path | None = None
+    network: Network
+    dhcp: Dhcp = Dhcp()
+    boot: Boot = Boot()
+    bootserver: BootServer = BootServer()
+    profiles: dict[str, Profile]
+    nodes: list[NodeEntry]
+    power: Power = Power()
+    rollout: Rollout = Rollout()
+    readiness: Readiness = Readiness()
+    metrics: Metrics = Metrics()
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != PLAN_VERSION:
+            raise ValueError(f"this bootorch reads plan version {PLAN_VERSION}; the file says {v}")
+        return v
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, v: dict[str, Profile]) -> dict[str, Profile]:
+        if not v:
+            raise ValueError("define at least one profile")
+        return v
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: list[NodeEntry]) -> list[NodeEntry]:
+        if not v:
+            raise ValueError("list at least one node")
+        return v

@@ -1,0 +1,443 @@
+"""From a validated model to the cluster it describes, and the checks that need it all.
+
+:func:`load_plan` is the one entry point: read the YAML (line-aware), validate it
+against :mod:`orchestrator.plan.model`, expand node ranges and CSV inventories
+into :class:`Node` values, and run the whole-plan checks. Every problem found is
+collected -- a user fixing a plan wants the full list at once, not one error per
+run -- and raised together as a :class:`PlanError` of ``file:line: message``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import difflib
+import io
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.nodeset import NodeSetError, expand
+from orchestrator.plan.model import Plan, parse_mac
+from orchestrator.plan.source import PlanError, Problem, Source, load_yaml
+
+INVENTORY_COLUMNS = ("name", "mac", "ip", "profile", "group", "rack", "bmc")
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One node of the cluster, fully resolved."""
+
+    name: str
+    mac: str
+    ip: IPv4Address
+    profile: str
+    group: str | None = None
+    rack: str | None = None
+    bmc: str | None = None
+    #: Position in the plan (0-based), for templates such as ``{index}``.
+    index: int = 0
+    #: Where the node was defined: (file, line).
+    origin: tuple[str, int | None] = ("", None)
+
+
+@dataclass(slots=True)
+class LoadedPlan:
+    """A plan that passed validation: the model plus the expanded cluster."""
+
+    path: Path
+    model: Plan
+    nodes: list[Node]
+    warnings: list[Problem] = field(default_factory=list)
+    by_name: dict[str, Node] = field(default_factory=dict)
+    by_mac: dict[str, Node] = field(default_factory=dict)
+    by_ip: dict[IPv4Address, Node] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_name = {n.name: n for n in self.nodes}
+        self.by_mac = {n.mac: n for n in self.nodes}
+        self.by_ip = {n.ip: n for n in self.nodes}
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+    def resolve_path(self, p: Path | str) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else Path(os.path.normpath(self.base / p))
+
+    @property
+    def boot_root(self) -> Path:
+        return self.resolve_path(self.model.boot.root)
+
+    @property
+    def state_dir(self) -> Path:
+        sd = self.model.state_dir or Path("var") / self.model.name
+        return self.resolve_path(sd)
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """``@group`` and ``@rack`` names usable in node sets (waves, CLI)."""
+        return node_groups(self.nodes)
+
+    def select(self, expr: str) -> list[Node]:
+        """Nodes named by a node-set expression (``node[01-04]``, ``@rack1``), plan order kept."""
+        names = set(expand(expr, self.groups))
+        unknown = names - self.by_name.keys()
+        if unknown:
+            raise NodeSetError(f"not in the plan: {', '.join(sorted(unknown)[:5])}")
+        return [n for n in self.nodes if n.name in names]
+
+    def waves(self) -> list[tuple[str, list[Node]]]:
+        """The rollout's waves in order; nodes in no wave form a last wave 'rest'."""
+        out: list[tuple[str, list[Node]]] = []
+        taken: set[str] = set()
+        for w in self.model.rollout.waves:
+            members = [n for n in self.select(w.nodes) if n.name not in taken]
+            taken.update(n.name for n in members)
+            out.append((w.name, members))
+        rest = [n for n in self.nodes if n.name not in taken]
+        if rest:
+            out.append(("rest" if out else "all", rest))
+        return out
+
+
+def node_groups(nodes: Iterable[Node]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for n in nodes:
+        for g in (n.group, n.rack):
+            if g:
+                groups.setdefault(g, []).append(n.name)
+    return groups
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class a location points into (for 'allowed keys' hints)."""
+    model: Any = Plan
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        f = model.model_fields.get(str(part))
+        if f is None:
+            return None
+        model = _inner_model(f.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _inner_model(ann: Any) -> Any:
+    """Dig a BaseModel out of list[...], dict[str, ...], X | None."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _pydantic_problems(src: Source, err: ValidationError) -> list[Problem]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc if not (isinstance(p, str) and "[" in p)) or "plan"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key {loc[-1]!r}"
+            msg += f": did you mean {hint[0]!r}?" if hint else ""
+            if allowed:
+                msg += f" (allowed here: {', '.join(allowed)})"
+            out.append(Problem(src.path, src.line_of(loc, key=True), msg))
+            continue
+        if kind == "missing":
+            msg = f"{where}: required key is missing"
+            line = src.line_of(loc[:-1])
+        else:
+            text = e["msg"]
+            for prefix in ("Value error, ", "Assertion failed, "):
+                text = text.removeprefix(prefix)
+            msg = f"{where}: {text}"
+            line = src.line_of(loc)
+        out.append(Problem(src.path, line, msg))
+    return out
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def _count_up_mac(mac: str, k: int) -> str:
+    value = int(mac.replace(":", ""), 16) + k
+    if value >= 1 << 48:
+        raise ValueError("MAC range runs past ff:ff:ff:ff:ff:ff")
+    h = f"{value:012x}"
+    return ":".join(h[i : i + 2] for i in range(0, 12, 2))
+
+
+def _read_inventory(path: Path, shown: str) -> tuple[list[dict[str, str]], list[Problem]]:
+    problems: list[Problem] = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        return [], [Problem(shown, None, f"cannot read inventory: {e.strerror or e}")]
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        return [], [Problem(shown, 1, "inventory is empty: write a header row 'name,mac,ip' and one row per node")]
+    reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)))
+    rows = list(reader)
+    header = [h.strip().lower() for h in rows[0]]
+    hline = lines[0][0]
+    unknown = [h for h in header if h not in INVENTORY_COLUMNS]
+    if unknown:
+        problems.append(Problem(shown, hline, f"unknown column(s) {', '.join(unknown)}; columns are {', '.join(INVENTORY_COLUMNS)}"))
+    for need in ("name", "mac", "ip"):
+        if need not in header:
+            problems.append(Problem(shown, hline, f"header lacks column {need!r} (needed: name,mac,ip)"))
+    if problems:
+        return [], problems
+    out = []
+    for (lineno, _), row in zip(lines[1:], rows[1:]):
+        if len(row) != len(header):
+            problems.append(Problem(shown, lineno, f"row has {len(row)} fields, header has {len(header)}"))
+            continue
+        rec = {h: v.strip() for h, v in zip(header, row)}
+        rec["__line__"] = str(lineno)
+        out.append(rec)
+    return out, problems
+
+
+def _expand_nodes(lp_path: Path, src: Source, plan: Plan) -> tuple[list[Node], list[Problem]]:
+    nodes: list[Node] = []
+    problems: list[Problem] = []
+    only_profile = next(iter(plan.profiles)) if len(plan.profiles) == 1 else None
+
+    def pick_profile(given: str | None, where: tuple[str, int | None], name: str) -> str | None:
+        prof = given or only_profile
+        if prof is None:
+            problems.append(Problem(*where, f"node {name}: say which profile: (defined: {', '.join(plan.profiles)})"))
+        elif prof not in plan.profiles:
+            hint = difflib.get_close_matches(prof, list(plan.profiles), n=1)
+            msg = f"node {name} refers to profile {prof!r}, which profiles: does not define"
+            msg += f"; did you mean {hint[0]!r}?" if hint else f" (defined: {', '.join(plan.profiles)})"
+            problems.append(Problem(*where, msg))
+            return None
+        return prof
+
+    for i, entry in enumerate(plan.nodes):
+        if entry.inventory is not None:
+            ipath = entry.inventory if entry.inventory.is_absolute() else lp_path.parent / entry.inventory
+            shown = str(ipath) if entry.inventory.is_absolute() else str(Path(src.path).parent / entry.inventory)
+            rows, probs = _read_inventory(ipath, shown)
+            if probs and not rows and any(p.line is None for p in probs):
+                probs = [Problem(src.path, src.line_of(("nodes", i, "inventory")), f"{shown}: {p.message}") for p in probs]
+            problems.extend(probs)
+            for rec in rows:
+                where = (shown, int(rec["__line__"]))
+                try:
+                    mac = parse_mac(rec["mac"])
+                except ValueError as e:
+                    problems.append(Problem(*where, str(e)))
+                    continue
+                try:
+                    ip = ip_address(rec["ip"])
+                    if not isinstance(ip, IPv4Address):
+                        raise ValueError
+                except ValueError:
+                    problems.append(Problem(*where, f"{rec['ip']!r} is not an IPv4 address"))
+                    continue
+                if not rec["name"]:
+                    problems.append(Problem(*where, "empty node name"))
+                    continue
+                prof = pick_profile(rec.get("profile") or entry.profile, where, rec["name"])
+                if prof is None:
+                    continue
+                nodes.append(
+                    Node(
+                        rec["name"], mac, ip, prof,
+                        group=rec.get("group") or entry.group,
+                        rack=rec.get("rack") or entry.rack,
+                        bmc=rec.get("bmc") or None,
+                        origin=where,
+                    )
+                )
+            continue
+
+        where = (src.path, src.line_of(("nodes", i, "name")))
+        assert entry.name is not None and entry.mac is not None and entry.ip is not None
+        try:
+            names = expand(entry.name)
+        except NodeSetError as e:
+            problems.append(Problem(*where, f"name: {e}; write a name or a range like node[01-16]"))
+            continue
+        n = len(names)
+        macs, ips = entry.mac, entry.ip
+        if len(macs) not in (1, n):
+            problems.append(Problem(src.path, src.line_of(("nodes", i, "mac")), f"{entry.name} is {n} nodes but mac: lists {len(macs)}; give one MAC (counted up) or {n}"))
+            continue
+        if len(ips) not in (1, n):
+            problems.append(Problem(src.path, src.line_of(("nodes", i, "ip")), f"{entry.name} is {n} nodes but ip: lists {len(ips)}; give one address (counted up) or {n}"))
+            continue
+        prof = pick_profile(entry.profile, (src.path, src.line_of(("nodes", i, "profile")) if entry.profile else where[1]), entry.name)
+        if prof is None:
+            continue
+        try:
+            for k, name in enumerate(names):
+                mac = macs[k] if len(macs) == n else _count_up_mac(macs[0], k)
+                ip = ips[k] if len(ips) == n else IPv4Address(int(ips[0]) + k)
+                nodes.append(Node(name, mac, ip, prof, group=entry.group, rack=entry.rack, bmc=entry.bmc, origin=where))
+        except (ValueError, Exception) as e:  # AddressValueError past 255.255.255.255, MAC overflow
+            problems.append(Problem(*where, f"{entry.name}: {e}"))
+    nodes = [Node(n.name, n.mac, n.ip, n.profile, n.group, n.rack, n.bmc, idx, n.origin) for idx, n in enumerate(nodes)]
+    return nodes, problems
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _loc(n: Node) -> str:
+    f, line = n.origin
+    return f"{f}:{line}" if line else f
+
+
+def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
+    plan = lp.model
+    net: IPv4Network = plan.network.subnet
+    out: list[Problem] = []
+
+    def at(*loc: Any, key: bool = False) -> tuple[str, int | None]:
+        return (src.path, src.line_of(loc, key=key))
+
+    # The network itself.
+    if plan.network.server not in net:
+        sev = "error" if plan.dhcp.mode in ("full", "proxy") else "warning"
+        out.append(Problem(*at("network", "server"), f"boot server {plan.network.server} is outside subnet {net}; PXE clients on {net} must reach it directly", sev))
+    if plan.network.gateway is not None and plan.network.gateway not in net:
+        out.append(Problem(*at("network", "gateway"), f"gateway {plan.network.gateway} is outside subnet {net}"))
+
+    # Duplicates and addresses.
+    seen_name: dict[str, Node] = {}
+    seen_mac: dict[str, Node] = {}
+    seen_ip: dict[IPv4Address, Node] = {}
+    for n in lp.nodes:
+        for table, key, what in ((seen_name, n.name, "name"), (seen_mac, n.mac, "MAC"), (seen_ip, n.ip, "IP")):
+            other = table.get(key)  # type: ignore[call-overload]
+            if other is not None:
+                out.append(Problem(*n.origin, f"duplicate {what} {key}: node {n.name} and node {other.name} ({_loc(other)}); every node needs its own {what}"))
+            else:
+                table[key] = n  # type: ignore[index]
+        if n.ip not in net:
+            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is outside subnet {net}; use an address in {net[1]}-{net[-2]}"))
+        elif n.ip in (net.network_address, net.broadcast_address):
+            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is the subnet's {'network' if n.ip == net.network_address else 'broadcast'} address"))
+        if n.ip == plan.network.server:
+            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is the boot server's address"))
+        if plan.network.gateway is not None and n.ip == plan.network.gateway:
+            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is the gateway's address"))
+
+    # The pool: the seed's own dhcpd.conf puts its reservations inside the pool's
+    # range (ISC dhcpd only warns at run time). Two owners of one address is a
+    # lease conflict waiting for the day a node's MAC changes.
+    pool = plan.dhcp.pool
+    if pool is not None:
+        if plan.dhcp.mode != "full":
+            out.append(Problem(*at("dhcp", "pool"), f"pool is ignored in dhcp mode {plan.dhcp.mode} (only mode full hands out addresses)", "warning"))
+        for end in ("start", "end"):
+            addr = getattr(pool, end)
+            if addr not in net:
+                out.append(Problem(*at("dhcp", "pool", end), f"pool {end} {addr} is outside subnet {net}"))
+        lo, hi = int(pool.start), int(pool.end)
+        inside = [n for n in lp.nodes if lo <= int(n.ip) <= hi]
+        if inside:
+            shown = ", ".join(f"{n.name} {n.ip}" for n in inside[:3]) + (", ..." if len(inside) > 3 else "")
+            free = _free_range_hint(net, lp.nodes, plan)
+            out.append(Problem(*at("dhcp", "pool"), f"pool {pool.start}-{pool.end} overlaps {len(inside)} reserved node address(es) ({shown}); move the pool off the reservations{free}"))
+        for what, addr in (("boot server", plan.network.server), ("gateway", plan.network.gateway)):
+            if addr is not None and lo <= int(addr) <= hi:
+                out.append(Problem(*at("dhcp", "pool"), f"pool {pool.start}-{pool.end} contains the {what} address {addr}"))
+
+    if plan.boot.default_profile and plan.boot.default_profile not in plan.profiles:
+        out.append(Problem(*at("boot", "default_profile"), f"default_profile {plan.boot.default_profile!r} is not a profile (defined: {', '.join(plan.profiles)})"))
+
+    # Waves.
+    groups = lp.groups
+    in_wave: dict[str, str] = {}
+    for i, w in enumerate(plan.rollout.waves):
+        where = at("rollout", "waves", i, "nodes")
+        try:
+            names = expand(w.nodes, groups)
+        except NodeSetError as e:
+            out.append(Problem(*where, f"wave {w.name}: {e} (groups come from nodes' group:/rack:; known: {', '.join(sorted(groups)) or 'none'})"))
+            continue
+        unknown = [x for x in names if x not in lp.by_name]
+        if unknown:
+            out.append(Problem(*where, f"wave {w.name} names nodes the plan does not define: {', '.join(unknown[:5])}"))
+        for x in names:
+            if x in in_wave and x in lp.by_name:
+                out.append(Problem(*where, f"node {x} is in wave {in_wave[x]} and wave {w.name}; a node boots in one wave"))
+                break
+            in_wave.setdefault(x, w.name)
+
+    budget = plan.rollout.failure_budget
+    if isinstance(budget, int) and lp.nodes and budget >= len(lp.nodes):
+        out.append(Problem(*at("rollout", "failure_budget"), f"failure_budget {budget} is not less than the {len(lp.nodes)} nodes: the rollout could never fail", "warning"))
+
+    # Files named by profiles must exist in the boot root.
+    root = lp.boot_root
+    if not root.is_dir():
+        out.append(Problem(*at("boot", "root") if "root" in (src.data or {}).get("boot", {}) else at("boot"), f"boot root {root} does not exist here, so profile files were not checked (bootorch image build creates it)", "warning"))
+    else:
+        used_profiles = {n.profile for n in lp.nodes} | ({plan.boot.default_profile} if plan.boot.default_profile else set())
+        for pname, prof in plan.profiles.items():
+            if pname not in used_profiles:
+                continue
+            for key, fname in [("kernel", prof.kernel)] + [("initrd", f) for f in prof.initrd]:
+                if not (root / fname.lstrip("/")).is_file():
+                    out.append(Problem(*at("profiles", pname, key), f"profile {pname}: {key} file {fname!r} is not in the boot root {root}"))
+        loader = plan.boot.loaders.bios
+        if not (root / loader.lstrip("/")).is_file():
+            out.append(Problem(*at("boot"), f"boot loader {loader!r} is not in the boot root {root} (copy it from /usr/lib/PXELINUX/)"))
+
+    ssh = plan.readiness.ssh
+    if ssh.key is not None and not lp.resolve_path(ssh.key).exists():
+        out.append(Problem(*at("readiness", "ssh", "key"), f"SSH key {lp.resolve_path(ssh.key)} does not exist here", "warning"))
+    return out
+
+
+def _free_range_hint(net: IPv4Network, nodes: list[Node], plan: Plan) -> str:
+    used = {int(n.ip) for n in nodes if n.ip in net}
+    for addr in (plan.network.server, plan.network.gateway):
+        if addr is not None and addr in net:
+            used.add(int(addr))
+    top = max(used)
+    if top + 1 < int(net.broadcast_address):
+        return f", e.g. start: {IPv4Address(top + 1)} end: {net[-2]}"
+    return ""
+
+
+def load_plan(path: str | Path) -> LoadedPlan:
+    """Load, validate and expand a plan. Raises PlanError listing every problem."""
+    path = Path(path)
+    src = load_yaml(path)
+    if not isinstance(src.data, dict):
+        raise PlanError([Problem(src.path, 1, "a plan is a YAML mapping (version:, network:, profiles:, nodes:, ...)")])
+    if "version" not in src.data:
+        raise PlanError([Problem(src.path, 1, "version: is missing; start the plan with 'version: 1'")])
+    try:
+        plan = Plan.model_validate(src.data)
+    except ValidationError as e:
+        raise PlanError(_pydantic_problems(src, e)) from None
+    nodes, problems = _expand_nodes(path, src, plan)
+    lp = LoadedPlan(path=path.resolve(), model=plan, nodes=nodes)
+    problems += _check_cluster(lp, src)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise PlanError(problems)
+    lp.warnings = [p for p in problems if p.severity != "error"]
+    return lp
