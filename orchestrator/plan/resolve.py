@@ -321,7 +321,18 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
     if plan.network.gateway is not None and plan.network.gateway not in net:
         out.append(Problem(*at("network", "gateway"), f"gateway {plan.network.gateway} is outside subnet {net}"))
 
-    # Duplicates and addresses.
+    # Duplicates and addresses. A range entry with a wrong address would give
+    # one line per node; say it once per entry and count the rest.
+    per_entry: dict[tuple[str, int | None, str], list[Any]] = {}
+
+    def node_problem(n: Node, kind: str, msg: str) -> None:
+        key = (*n.origin, kind)
+        if key in per_entry:
+            per_entry[key][1] += 1
+            return
+        per_entry[key] = [len(out), 0]
+        out.append(Problem(*n.origin, msg))
+
     seen_name: dict[str, Node] = {}
     seen_mac: dict[str, Node] = {}
     seen_ip: dict[IPv4Address, Node] = {}
@@ -333,13 +344,17 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
             else:
                 table[key] = n  # type: ignore[index]
         if n.ip not in net:
-            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is outside subnet {net}; use an address in {net[1]}-{net[-2]}"))
+            node_problem(n, "outside", f"node {n.name}: IP {n.ip} is outside subnet {net}; use an address in {net[1]}-{net[-2]}")
         elif n.ip in (net.network_address, net.broadcast_address):
-            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is the subnet's {'network' if n.ip == net.network_address else 'broadcast'} address"))
+            node_problem(n, "netaddr", f"node {n.name}: IP {n.ip} is the subnet's {'network' if n.ip == net.network_address else 'broadcast'} address")
         if n.ip == plan.network.server:
-            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is the boot server's address"))
+            node_problem(n, "server", f"node {n.name}: IP {n.ip} is the boot server's address")
         if plan.network.gateway is not None and n.ip == plan.network.gateway:
-            out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is the gateway's address"))
+            node_problem(n, "gateway", f"node {n.name}: IP {n.ip} is the gateway's address")
+    for idx, extra in per_entry.values():
+        if extra:
+            p = out[idx]
+            out[idx] = Problem(p.file, p.line, f"{p.message} (and {extra} more node{'s' if extra > 1 else ''} of this entry)")
 
     # The pool: the seed's own dhcpd.conf puts its reservations inside the pool's
     # range (ISC dhcpd only warns at run time). Two owners of one address is a

@@ -1,0 +1,320 @@
+"""Every validation error: right file, right line, a message that says what to fix."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orchestrator.plan import PlanError, load_plan
+
+BASE = """\
+version: 1
+network:
+  subnet: 10.9.0.0/24
+  server: 10.9.0.1
+profiles:
+  p:
+    kernel: vmlinuz
+    initrd: rootfs.gz
+nodes:
+  - name: n[1-3]
+    mac: 52:54:00:00:00:01
+    ip: 10.9.0.11
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "plan.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def problems(path: Path) -> list[tuple[int | None, str, str]]:
+    with pytest.raises(PlanError) as ei:
+        load_plan(path)
+    return [(p.line, p.message, p.file) for p in ei.value.errors]
+
+
+def one(path: Path) -> tuple[int | None, str]:
+    errs = problems(path)
+    assert len(errs) == 1, errs
+    return errs[0][0], errs[0][1]
+
+
+def test_base_plan_is_valid_and_expands(tmp_path):
+    lp = load_plan(write(tmp_path, BASE))
+    assert [(n.name, n.mac, str(n.ip)) for n in lp.nodes] == [
+        ("n1", "52:54:00:00:00:01", "10.9.0.11"),
+        ("n2", "52:54:00:00:00:02", "10.9.0.12"),
+        ("n3", "52:54:00:00:00:03", "10.9.0.13"),
+    ]
+    assert lp.nodes[0].origin[1] == 10
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    line, msg = one(write(tmp_path, BASE + "extra: value: other\n"))
+    assert line == 13 and "YAML syntax error: mapping values are not allowed here" in msg
+
+
+def test_tab_indentation_is_a_syntax_error(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("  server:", "\tserver:")))
+    assert line == 4 and "YAML" in msg
+
+
+def test_unknown_key_points_at_key_and_suggests(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("    mac:", "    macc:")))
+    assert line == 11
+    assert "unknown key 'macc'" in msg and "did you mean 'mac'" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    line, msg = one(write(tmp_path, BASE + "rollot: {}\n"))
+    assert line == 13 and "did you mean 'rollout'" in msg
+
+
+def test_duplicate_yaml_key_is_rejected(tmp_path):
+    line, msg = one(write(tmp_path, BASE + "    mac: 52:54:00:00:00:09\n"))
+    assert line == 13 and "duplicate key 'mac'" in msg and "first on line 11" in msg
+
+
+def test_unquoted_mac_is_not_read_as_base60(tmp_path):
+    # YAML 1.1 reads 52:54:00:00:00:01 as an integer; our loader must not.
+    lp = load_plan(write(tmp_path, BASE))
+    assert lp.nodes[0].mac == "52:54:00:00:00:01"
+
+
+@pytest.mark.parametrize("mac", ["52:54:00:00:00", "zz:54:00:00:00:01", "5254.0000.0001", "52:54:00-00:00:01"])
+def test_bad_mac(tmp_path, mac):
+    line, msg = one(write(tmp_path, BASE.replace("52:54:00:00:00:01", f"'{mac}'")))
+    assert line == 11 and "is not a MAC address" in msg
+
+
+def test_bad_ip(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("ip: 10.9.0.11", "ip: 10.9.0.300")))
+    assert line == 12 and "nodes.0.ip" in msg
+
+
+def test_subnet_with_host_bits_suggests_network(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("10.9.0.0/24", "10.9.0.5/24")))
+    assert line == 3 and "did you mean 10.9.0.0/24" in msg
+
+
+def test_ip_outside_subnet_reported_once_per_entry(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("ip: 10.9.0.11", "ip: 10.10.0.11")))
+    assert line == 10 and "outside subnet 10.9.0.0/24" in msg
+    assert "and 2 more nodes of this entry" in msg
+
+
+def test_range_running_past_subnet(tmp_path):
+    errs = problems(write(tmp_path, BASE.replace("ip: 10.9.0.11", "ip: 10.9.0.254")))
+    assert [e[0] for e in errs] == [10, 10]
+    assert "broadcast address" in errs[0][1] and "outside subnet" in errs[1][1]
+
+
+def test_duplicate_mac_names_both_lines(tmp_path):
+    text = BASE + "  - name: other\n    mac: 52:54:00:00:00:02\n    ip: 10.9.0.50\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 13
+    assert "duplicate MAC 52:54:00:00:00:02" in msg and "n2" in msg and ":10)" in msg
+
+
+def test_duplicate_ip(tmp_path):
+    text = BASE + "  - name: other\n    mac: 52:54:00:00:00:99\n    ip: 10.9.0.13\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 13 and "duplicate IP 10.9.0.13" in msg
+
+
+def test_duplicate_name(tmp_path):
+    text = BASE + "  - name: n2\n    mac: 52:54:00:00:00:99\n    ip: 10.9.0.99\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 13 and "duplicate name n2" in msg
+
+
+def test_missing_profile_suggests(tmp_path):
+    text = BASE + "    profile: pp\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 13 and "profile 'pp'" in msg and "did you mean 'p'" in msg
+
+
+def test_profile_needed_when_several(tmp_path):
+    text = BASE.replace("nodes:", "  q:\n    kernel: k2\nnodes:")
+    line, msg = one(write(tmp_path, text))
+    assert line == 12 and "say which profile" in msg
+
+
+def test_pool_overlapping_reservations(tmp_path):
+    text = BASE + "dhcp:\n  pool: {start: 10.9.0.2, end: 10.9.0.254}\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 14
+    assert "overlaps 3 reserved node address(es)" in msg and "move the pool" in msg
+
+
+def test_pool_outside_subnet_and_reversed(tmp_path):
+    errs = problems(write(tmp_path, BASE + "dhcp:\n  pool: {start: 10.9.0.200, end: 10.9.0.100}\n"))
+    assert errs[0][0] == 14 and "after its end" in errs[0][1]
+
+
+def test_pool_containing_server(tmp_path):
+    line, msg = one(write(tmp_path, BASE + "dhcp:\n  pool: {start: 10.9.0.1, end: 10.9.0.5}\n"))
+    assert "boot server address 10.9.0.1" in msg
+
+
+def test_missing_files_in_existing_boot_root(tmp_path):
+    root = tmp_path / "tftpboot"
+    root.mkdir()
+    (root / "pxelinux.0").write_bytes(b"x")
+    (root / "vmlinuz").write_bytes(b"k")
+    errs = problems(write(tmp_path, BASE))
+    assert len(errs) == 1
+    line, msg, _ = errs[0]
+    assert line == 8 and "initrd file 'rootfs.gz' is not in the boot root" in msg
+    (root / "rootfs.gz").write_bytes(b"i")
+    lp = load_plan(tmp_path / "plan.yaml")
+    assert lp.warnings == []
+
+
+def test_absent_boot_root_is_only_a_warning(tmp_path):
+    lp = load_plan(write(tmp_path, BASE))
+    assert len(lp.warnings) == 1 and "does not exist here" in lp.warnings[0].message
+
+
+def test_inline_password_rejected(tmp_path):
+    text = BASE + "power:\n  bmc:\n    driver: ipmi\n    address: '{name}-bmc'\n    password: hunter2\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 17 and "never written inline" in msg and "{env: VARIABLE}" in msg
+
+
+def test_password_by_env_accepted(tmp_path):
+    text = BASE + "power:\n  bmc:\n    driver: ipmi\n    address: '{name}-bmc'\n    password: {env: BMC_PW}\n"
+    assert load_plan(write(tmp_path, text)).model.power.bmc.password.env == "BMC_PW"
+
+
+def test_version_missing_and_wrong(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("version: 1\n", "")))
+    assert line == 1 and "version: 1" in msg
+    line, msg = one(write(tmp_path, BASE.replace("version: 1", "version: 2")))
+    assert line == 1 and "plan version 1" in msg
+
+
+def test_required_section_missing(tmp_path):
+    text = "version: 1\nprofiles: {p: {kernel: k}}\nnodes: [{name: a, mac: '52:54:00:00:00:01', ip: 10.0.0.2}]\n"
+    errs = problems(write(tmp_path, text))
+    assert any("network: required key is missing" in m for _, m, _ in errs)
+
+
+def test_bad_nodeset_name(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("n[1-3]", "n[3-1")))
+    assert line == 10 and "range like node[01-16]" in msg
+
+
+def test_mac_list_length_mismatch(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("mac: 52:54:00:00:00:01", "mac: [52:54:00:00:00:01, 52:54:00:00:00:02]")))
+    assert line == 11 and "is 3 nodes but mac: lists 2" in msg
+
+
+def test_wave_with_unknown_group(tmp_path):
+    text = BASE + "rollout:\n  waves:\n    - {name: a, nodes: '@nope'}\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 15 and "unknown group @nope" in msg
+
+
+def test_node_in_two_waves(tmp_path):
+    text = BASE + "rollout:\n  waves:\n    - {name: a, nodes: 'n1'}\n    - {name: b, nodes: 'n[1-2]'}\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 16 and "in wave a and wave b" in msg
+
+
+def test_bad_duration_and_budget(tmp_path):
+    text = BASE + "rollout:\n  timeouts: {kernel: soon}\n  failure_budget: 150%\n"
+    errs = problems(write(tmp_path, text))
+    assert {e[0] for e in errs} == {14, 15}
+    assert any("is not a duration" in m for _, m, _ in errs)
+    assert any("is not a failure budget" in m for _, m, _ in errs)
+
+
+def test_nfs_profile_needs_nfsroot(tmp_path):
+    line, msg = one(write(tmp_path, BASE.replace("    initrd: rootfs.gz", "    root: nfs")))
+    assert line == 7 and "nfsroot" in msg
+
+
+def test_check_needs_exactly_one_kind(tmp_path):
+    text = BASE + "readiness:\n  checks:\n    - {kernel: '6', mount: /usr}\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 15 and "exactly one of" in msg
+
+
+def test_csv_inventory_errors_point_into_the_csv(tmp_path):
+    (tmp_path / "inv.csv").write_text("# comment\nname,mac,ip\na1,52:54:00:00:01:01,10.9.0.21\na2,not-a-mac,10.9.0.22\na3,52:54:00:00:01:03,10.9.0.300\n")
+    text = BASE + "  - inventory: inv.csv\n"
+    errs = problems(write(tmp_path, text))
+    assert [(Path(f).name, line) for line, _, f in errs] == [("inv.csv", 4), ("inv.csv", 5)]
+    assert "is not a MAC address" in errs[0][1] and "not an IPv4 address" in errs[1][1]
+
+
+def test_csv_inventory_missing_file_points_at_plan(tmp_path):
+    line, msg = one(write(tmp_path, BASE + "  - inventory: missing.csv\n"))
+    assert line == 13 and "cannot read inventory" in msg
+
+
+def test_csv_inventory_bad_header(tmp_path):
+    (tmp_path / "inv.csv").write_text("name,mac,addr\n")
+    errs = problems(write(tmp_path, BASE + "  - inventory: inv.csv\n"))
+    assert all(line == 1 for line, _, _ in errs)
+    assert any("unknown column(s) addr" in m for _, m, _ in errs)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = BASE + "  - name: bad\n    mac: 52:54:00:00:00:01\n    ip: 10.8.0.1\n"
+    errs = problems(write(tmp_path, text))
+    assert len(errs) == 2  # duplicate MAC and outside subnet, both on line 13
+    assert {e[0] for e in errs} == {13}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_duplicate_mac_exit_1_names_line(tmp_path):
+    text = BASE + "  - name: other\n    mac: 52:54:00:00:00:02\n    ip: 10.9.0.50\n"
+    p = write(tmp_path, text)
+    r = run_cli("validate", str(p))
+    assert r.returncode == 1
+    assert re.search(rf"^{re.escape(str(p))}:13: duplicate MAC", r.stderr, re.M), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_broken_yaml_exit_1_no_traceback(tmp_path):
+    p = write(tmp_path, "version: 1\nnetwork: {subnet: [\n")
+    r = run_cli("validate", str(p))
+    assert r.returncode == 1
+    assert "YAML syntax error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_binary_garbage_no_traceback(tmp_path):
+    p = tmp_path / "plan.yaml"
+    p.write_bytes(b"\xff\xfe\x00garbage\x00")
+    r = run_cli("validate", str(p))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_json_problems(tmp_path):
+    import json
+
+    p = write(tmp_path, BASE.replace("    mac:", "    macc:"))
+    r = run_cli("validate", "--json", str(p))
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert out["ok"] is False and out["problems"][0]["line"] == 11
+
+
+def test_cli_usage_error_exit_2():
+    r = run_cli("validate")
+    assert r.returncode == 2
