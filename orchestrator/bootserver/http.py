@@ -26,8 +26,10 @@ Choices
 * Status mapping: ``NotFound`` -> 404, ``AccessViolation`` -> 403, a target h11
   accepts but we cannot decode -> 400, garbage on the wire
   (``h11.RemoteProtocolError``) -> 400 (when a response can still be sent) and
-  close. Error responses keep the connection alive (a client walking a list
-  of candidate names reuses it), except 400 and 413.
+  close; an HTTP version other than 1.0/1.1 (h11 parses any ``d.d``) -> 505;
+  a dynamic source that raises -> 500 (logged; the server carries on). Error
+  responses keep the connection alive (a client walking a list of candidate
+  names reuses it), except 400, 413 and 505.
 * Ranges (RFC 9110 §14): one range -- ``bytes=a-b``, ``a-``, ``-n`` -- gives
   ``206`` with ``Content-Range``; a first byte past the end, or ``-0``, gives
   ``416`` with ``Content-Range: bytes */size``. A last byte past the end is
@@ -38,7 +40,7 @@ Choices
   ``If-Range`` (we issue no validators, so the condition cannot hold) are
   ignored the same way. ``HEAD`` ignores ``Range`` (range handling is defined
   for GET only, §14.2).
-* Bodies stream in ``chunk_size`` pieces (64 KiB) read with ``pread``, so a
+* Bodies stream in ``chunk_size`` pieces (256 KiB) read with ``pread``, so a
   200 MB initrd is never held in memory. ``pread`` runs on the event loop: boot
   files are hot in the page cache during a storm, and a thread hop per chunk
   would cost more than it saves.
@@ -47,10 +49,11 @@ Choices
   slower first byte), and every chunk asks the byte budget first. Error
   responses and HEAD take no slot.
 * Connections: a cap (``max_connections``). When it is reached the accept loop
-  first closes the *oldest idle keep-alive connection* (allowed at any time,
-  RFC 9112 §9.6; clients retry on a fresh connection), and otherwise waits for
-  a connection to end while further clients queue in the kernel's listen
-  backlog -- queue, don't refuse, as for transfers.
+  first closes the *oldest idle connection* -- one that has sent no byte of its
+  next request (allowed at any time, RFC 9112 §9.6; clients retry on a fresh
+  connection; a half-sent request is left to its deadline) -- and otherwise
+  waits for a connection to end while further clients queue in the kernel's
+  listen backlog: queue, don't refuse, as for transfers.
 * Timeouts: a request must arrive complete within ``idle_timeout`` of the
   connection becoming idle (kills idle keep-alives *and* slowloris
   half-requests); each ``send_all`` must finish within ``send_timeout`` (kills
@@ -74,11 +77,11 @@ import errno
 import logging
 import time
 import urllib.parse
-from http import HTTPStatus
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Callable
 
 import h11
 import trio
@@ -92,7 +95,11 @@ __all__ = ["HttpStats", "RangeNotSatisfiable", "BadTarget", "parse_range", "requ
 log = logging.getLogger(__name__)
 
 SERVER_HEADER = b"bootorch"
-CHUNK_SIZE = 64 * 1024
+#: Body chunk read with pread and written with one send_all. Measured on
+#: loopback with curl (64 MiB file): 64 KiB ~440 MB/s, 256 KiB ~830 MB/s,
+#: 1 MiB ~1 GB/s; per-chunk overhead dominates below 256 KiB. Memory per
+#: transfer is one chunk.
+CHUNK_SIZE = 256 * 1024
 RECEIVE_SIZE = 16 * 1024
 #: Request line plus headers; h11's default is 16 KiB as well.
 MAX_HEADER_BYTES = 16 * 1024
@@ -325,6 +332,9 @@ class _Connection:
             if event is not h11.NEED_DATA:
                 return event
             data = await self.stream.receive_some(RECEIVE_SIZE)
+            if data:
+                # A request is under way: no longer idle, so no longer evictable.
+                self.server.idle.pop(self, None)
             self.h11.receive_data(data)
 
     async def _send(self, event: Any) -> None:
@@ -394,7 +404,10 @@ class _Connection:
                 s.stats.timeouts += 1
         return None
 
-    async def _simple(self, status: int, body: bytes, *, close: bool = False, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _simple(
+        self, status: int, body: bytes, *, close: bool = False, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """A small text response (errors); ``close`` ends the connection after it."""
         headers = _base_headers()
         headers += [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
         if extra:
@@ -411,6 +424,10 @@ class _Connection:
     async def _respond(self, req: h11.Request) -> None:
         s = self.server
         t0 = trio.current_time()
+        if req.http_version not in (b"1.0", b"1.1"):
+            # h11 parses any HTTP/d.d; we speak 1.x only (RFC 9110 §15.6.6).
+            await self._simple(505, b"http version not supported\n", close=True)
+            return
         if req.method not in (b"GET", b"HEAD"):
             await self._simple(405, b"method not allowed\n", extra=[(b"allow", b"GET, HEAD")])
             return
@@ -480,7 +497,7 @@ class _Connection:
         if_range: bool,
         detail: dict[str, Any],
         t0: float,
-        failed: Any,
+        failed: Callable[..., None],
     ) -> None:
         s = self.server
         size = f.size
@@ -490,7 +507,8 @@ class _Connection:
                 span = parse_range(range_hdr[0], size)
             except RangeNotSatisfiable:
                 failed("range_not_satisfiable", 416, size=size)
-                await self._simple(416, b"range not satisfiable\n", extra=[(b"content-range", f"bytes */{size}".encode())])
+                extra = [(b"content-range", f"bytes */{size}".encode())]
+                await self._simple(416, b"range not satisfiable\n", extra=extra)
                 return
         headers = _base_headers()
         headers += [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes")]
@@ -526,7 +544,12 @@ class _Connection:
                             # The file shrank under us; Content-Length cannot be honoured.
                             raise _FileShrank
                         if adm is not None:
-                            await adm.consume(len(data))
+                            # The byte budget. Not adm.consume(): that checkpoints even
+                            # when tokens are there, and send_all checkpoints anyway.
+                            wait = adm.try_consume(len(data), trio.current_time())
+                            while wait > 0.0:  # ends: each wait refills what was lacking
+                                await trio.sleep(wait)
+                                wait = adm.try_consume(len(data), trio.current_time())
                         await self._send(h11.Data(data=data))
                         n = len(data)
                         offset += n
