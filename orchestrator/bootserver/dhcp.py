@@ -1,0 +1,271 @@
+"""The DHCP / ProxyDHCP server: a thin trio shell around :mod:`orchestrator.protocols.dhcp_server`.
+
+One task per listening socket (port 67, and 4011 for PXE boot-server requests).
+Each wakes when its socket is readable, drains up to ``BATCH`` datagrams with
+non-blocking ``recvfrom`` (one checkpoint per batch, not per packet), feeds them
+to the core, commits the lease store once for the whole batch if anything
+changed (group commit: an ACK is never sent before its lease is on disk), then
+sends the replies.
+
+Sockets: bound to ``0.0.0.0`` (Linux delivers broadcasts only to sockets bound
+to the wildcard or the broadcast address) and pinned to the plan's interface
+with ``SO_BINDTODEVICE``, so a server for the boot network never answers on, or
+broadcasts to, any other interface. Without an interface (unit tests on
+loopback) nothing is ever broadcast: a reply that would be broadcast goes back
+to the datagram's source address instead.
+
+Binding port 67 needs root or CAP_NET_BIND_SERVICE, and SO_BINDTODEVICE needs
+CAP_NET_RAW on kernels before 5.7; :class:`DhcpPrivilegeError` says which.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Iterable
+
+import trio
+
+from orchestrator.bootserver.leases import LeaseStore
+from orchestrator.events import BootEvent
+from orchestrator.protocols.dhcp import PXE_PORT, ip_int
+from orchestrator.protocols.dhcp_server import (
+    BootAnswer,
+    ClientKind,
+    DhcpServerCore,
+    Reply,
+    Reservation,
+    ServerConfig,
+    Subnet,
+)
+
+BATCH = 256
+MAX_DATAGRAM = 4096
+EXPIRE_EVERY = 5.0
+
+
+class DhcpPrivilegeError(PermissionError):
+    """The process may not bind the DHCP ports or pin to the interface."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class StaticPolicy:
+    """A table of reservations and boot files: the plan's answer, or a test's.
+
+    ``gate`` holds MACs that get no boot file any more (the netboot gate: a
+    node that is ready should boot from what it has, not loop through PXE).
+    """
+
+    def __init__(
+        self,
+        reservations: dict[str, Reservation],
+        *,
+        next_server: IPv4Address | str,
+        loaders: dict[ClientKind, str],
+        ipxe_script: str | None = None,
+        ipxe_script_for: dict[str, str] | None = None,
+        gate_unknown: bool = False,
+    ) -> None:
+        self._res = {m.lower(): r for m, r in reservations.items()}
+        self._ips = {r.ip for r in self._res.values()}
+        self.next_server = ip_int(next_server)
+        self.loaders = loaders
+        self.ipxe_script = ipxe_script
+        self.ipxe_script_for = ipxe_script_for or {}
+        self.gate_unknown = gate_unknown
+        self.gated: set[str] = set()
+
+    def reservation(self, mac: str) -> Reservation | None:
+        return self._res.get(mac)
+
+    def is_reserved_ip(self, ip: int) -> bool:
+        return ip in self._ips
+
+    def boot(self, mac: str, kind: ClientKind) -> BootAnswer | None:
+        if mac in self.gated or (self.gate_unknown and mac not in self._res):
+            return None
+        if kind == ClientKind.IPXE:
+            script = self.ipxe_script_for.get(mac, self.ipxe_script)
+            return BootAnswer(script, self.next_server) if script else None
+        name = self.loaders.get(kind)
+        return BootAnswer(name, self.next_server) if name else None
+
+    def close_gate(self, mac: str) -> None:
+        self.gated.add(mac.lower())
+
+    def open_gate(self, mac: str) -> None:
+        self.gated.discard(mac.lower())
+
+
+def plan_policy(lp) -> StaticPolicy:  # lp: orchestrator.plan.LoadedPlan (import kept lazy)
+    from orchestrator.render import http_base, ipxe_script_name
+
+    plan = lp.model
+    server = plan.bootserver.listen or plan.network.server
+    base = http_base(lp)
+    return StaticPolicy(
+        {n.mac: Reservation(int(n.ip), n.name) for n in lp.nodes},
+        next_server=server,
+        loaders={ClientKind.BIOS: plan.boot.loaders.bios, ClientKind.UEFI: plan.boot.loaders.uefi},
+        ipxe_script=f"{base}/boot.ipxe",
+        ipxe_script_for={n.mac: f"{base}/{ipxe_script_name(n.mac)}" for n in lp.nodes},
+    )
+
+
+def plan_config(lp) -> ServerConfig:
+    plan = lp.model
+    pool = plan.dhcp.pool
+    subnet = Subnet(
+        network=plan.network.subnet,
+        router=plan.network.gateway,
+        dns=tuple(plan.network.dns),
+        domain=plan.network.domain,
+        pool=(int(pool.start), int(pool.end)) if pool else None,
+        lease_time=int(plan.dhcp.lease_time),
+    )
+    return ServerConfig(
+        server_ip=plan.bootserver.listen or plan.network.server,
+        subnets=(subnet,),
+        mode="proxy" if plan.dhcp.mode == "proxy" else "full",
+    )
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def open_socket(host: str, port: int, interface: str | None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        if interface:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode() + b"\0")
+            except PermissionError:
+                raise DhcpPrivilegeError(
+                    f"pinning the DHCP socket to {interface} (SO_BINDTODEVICE) needs root or CAP_NET_RAW"
+                ) from None
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    raise OSError(f"interface {interface!r} does not exist") from None
+                raise
+        try:
+            sock.bind((host, port))
+        except PermissionError:
+            raise DhcpPrivilegeError(
+                f"binding UDP port {port} needs root or CAP_NET_BIND_SERVICE "
+                "(run as root, or `setcap cap_net_bind_service,cap_net_raw+ep` on the Python binary; "
+                "tests use high ports)"
+            ) from None
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+@dataclass(slots=True)
+class DhcpStats:
+    events_dropped: int = 0
+    send_errors: int = 0
+    batches: int = 0
+
+
+async def serve_dhcp(
+    core: DhcpServerCore,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 67,
+    pxe_port: int | None = PXE_PORT,
+    interface: str | None = None,
+    events: trio.MemorySendChannel[BootEvent] | None = None,
+    stats: DhcpStats | None = None,
+    task_status: trio.TaskStatus[tuple[int, int | None]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled. ``task_status.started((port, pxe_port))`` gives the bound ports."""
+    stats = stats if stats is not None else DhcpStats()
+    main = open_socket(host, port, interface)
+    socks: list[tuple[socket.socket, int]] = [(main, port)]
+    try:
+        bound = main.getsockname()[1]
+        pxe_bound = None
+        if pxe_port is not None:
+            pxe = open_socket(host, pxe_port, interface)
+            pxe_bound = pxe.getsockname()[1]
+            socks.append((pxe, PXE_PORT))
+        else:
+            pxe = None
+        async with trio.open_nursery() as nursery:
+            for sock, logical in socks:
+                nursery.start_soon(_serve_socket, core, sock, logical, interface is not None, events, stats)
+            nursery.start_soon(_expire_loop, core)
+            task_status.started((bound, pxe_bound))
+    finally:
+        for sock, _ in socks:
+            sock.close()
+
+
+async def _expire_loop(core: DhcpServerCore) -> None:
+    while True:
+        await trio.sleep(EXPIRE_EVERY)
+        core.expire(trio.current_time())
+
+
+async def _serve_socket(
+    core: DhcpServerCore,
+    sock: socket.socket,
+    logical_port: int,
+    may_broadcast: bool,
+    events: trio.MemorySendChannel[BootEvent] | None,
+    stats: DhcpStats,
+) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        now = trio.current_time()
+        wall = time.time()
+        replies: list[tuple[Reply, tuple[str, int]]] = []
+        dirty = False
+        for _ in range(BATCH):
+            try:
+                data, src = sock.recvfrom(MAX_DATAGRAM)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue  # e.g. ICMP errors surfacing on the socket
+            out = core.receive(data, src, now, wall, logical_port)
+            dirty |= out.dirty
+            replies.extend((r, src) for r in out.replies)
+            if events is not None:
+                for ev in out.events:
+                    try:
+                        events.send_nowait(ev)
+                    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                        stats.events_dropped += 1
+        if dirty:
+            # Group commit: fsync once for the batch, before any ACK leaves.
+            await trio.to_thread.run_sync(core.leases.commit)
+        stats.batches += 1
+        _send_all(sock, replies, may_broadcast, stats)
+        await trio.lowlevel.checkpoint()
+
+
+def _send_all(sock: socket.socket, replies: Iterable[tuple[Reply, tuple[str, int]]], may_broadcast: bool, stats: DhcpStats) -> None:
+    for reply, src in replies:
+        dest = (reply.ip, reply.port)
+        if reply.broadcast and not may_broadcast:
+            dest = src  # no interface pinned: never broadcast (tests on loopback)
+        try:
+            sock.sendto(reply.data, dest)
+        except BlockingIOError:
+            stats.send_errors += 1  # socket buffer full: the client retransmits
+        except OSError:
+            stats.send_errors += 1
+
+
+def make_core(config: ServerConfig, policy: StaticPolicy, leases_path: str | None) -> DhcpServerCore:
+    return DhcpServerCore(config, policy, LeaseStore(leases_path))

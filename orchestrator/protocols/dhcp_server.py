@@ -1,0 +1,522 @@
+"""The DHCP server's decisions, sans-IO: a datagram and the time in, replies and events out.
+
+:class:`DhcpServerCore.receive` takes one datagram (and where it came from, on
+which port, at what time) and returns the replies to send (bytes and a
+destination) and the :class:`BootEvent` values it saw. The trio shell in
+:mod:`orchestrator.bootserver.dhcp` does the sockets and calls
+``LeaseStore.commit()`` before sending a batch's replies, so an ACK is never on
+the wire before its lease is on disk.
+
+Policy -- which address and which boot file a MAC gets -- is not decided here:
+a :class:`BootPolicy` answers (pixiecore's ``Booter`` idea), so the same core
+serves a plan, a test table or, later, an API.
+
+The address rules, in the order they are tried (RFC 2131 §4.3.1):
+
+1. a plan reservation for the MAC (reservations always win: the pool never
+   hands out a reserved address, so a flood of unknown MACs cannot take a
+   planned node's address);
+2. the client's current lease or pending offer;
+3. the address it asks for (option 50), if free in the pool;
+4. the next free pool address (offers are held ``offer_hold`` seconds, in
+   memory: one per MAC and at most one per pool address, so memory is bounded
+   by the pool size whatever arrives).
+
+No reservation and no pool: the client gets no answer (``deny unknown clients``).
+
+Where a reply goes is :func:`reply_destination` (RFC 2131 §4.1), one pure
+function, as in pixiecore's ``txType``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
+
+from orchestrator.bootserver.leases import Lease, LeaseConflict, LeaseStore
+from orchestrator.events import BootEvent, EventKind
+from orchestrator.protocols.dhcp import (
+    BOOTREPLY,
+    CLIENT_PORT,
+    FLAG_BROADCAST,
+    PXE_PORT,
+    SERVER_PORT,
+    MalformedPacket,
+    MessageType,
+    Opt,
+    Packet,
+    encode,
+    encode_suboptions,
+    ip_str,
+    parse,
+    sanitize_hostname,
+)
+
+BROADCAST = 0xFFFFFFFF
+
+
+class ClientKind(str, enum.Enum):
+    BIOS = "bios"
+    UEFI = "uefi"
+    IPXE = "ipxe"
+    OTHER = "other"  # an OS DHCP client: no boot file
+
+
+def client_kind(p: Packet) -> ClientKind:
+    """What is asking. iPXE first: it also sends PXEClient and option 93."""
+    if p.is_ipxe:
+        return ClientKind.IPXE
+    if not p.is_pxe:
+        return ClientKind.OTHER
+    arch = p.client_arch
+    # RFC 4578 §2.1 / IANA: 0 x86 BIOS, 6 x86 UEFI, 7 x86-64 UEFI, 9 EBC (used by
+    # some x86-64 UEFI firmware, e.g. older VMware), 16 x86-64 UEFI HTTP.
+    if arch and arch[0] in (6, 7, 9, 16):
+        return ClientKind.UEFI
+    return ClientKind.BIOS
+
+
+@dataclass(frozen=True, slots=True)
+class BootAnswer:
+    filename: str
+    next_server: int  # siaddr
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    ip: int
+    hostname: str | None = None
+
+
+class BootPolicy(Protocol):
+    """What a MAC gets. Implemented by the plan (:class:`orchestrator.bootserver.dhcp.PlanPolicy`)."""
+
+    def reservation(self, mac: str) -> Reservation | None: ...
+
+    def is_reserved_ip(self, ip: int) -> bool: ...
+
+    def boot(self, mac: str, kind: ClientKind) -> BootAnswer | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Subnet:
+    network: IPv4Network
+    router: IPv4Address | None = None
+    dns: tuple[IPv4Address, ...] = ()
+    domain: str | None = None
+    #: Inclusive (first, last) as ints; None = no pool.
+    pool: tuple[int, int] | None = None
+    lease_time: int = 86400
+
+    def __contains__(self, ip: int) -> bool:
+        return int(self.network.network_address) <= ip <= int(self.network.broadcast_address)
+
+    def in_pool(self, ip: int) -> bool:
+        return self.pool is not None and self.pool[0] <= ip <= self.pool[1]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    server_ip: IPv4Address
+    subnets: tuple[Subnet, ...]
+    #: "full" answers address requests; "proxy" only adds boot information.
+    mode: str = "full"
+    offer_hold: float = 30.0
+    decline_hold: float = 600.0
+    source: str = "dhcp"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    data: bytes
+    ip: str
+    port: int
+    broadcast: bool
+    msg: MessageType
+
+
+@dataclass(slots=True)
+class Output:
+    replies: list[Reply] = field(default_factory=list)
+    events: list[BootEvent] = field(default_factory=list)
+    #: True when leases were changed and must be committed before sending.
+    dirty: bool = False
+
+
+def reply_destination(req: Packet, reply: MessageType, port: int, src_ip: str, src_port: int) -> tuple[str, int, bool]:
+    """RFC 2131 §4.1, "where does the reply go":
+
+    * giaddr set: to the relay, server port 67 (it forwards to the client);
+    * NAK: broadcast (the client may not have a usable address);
+    * ciaddr set (RENEWING/REBINDING, INFORM): unicast to ciaddr;
+    * otherwise broadcast. The RFC prefers a unicast to yiaddr at chaddr when
+      the broadcast flag is clear, which needs an ARP entry injected for an
+      address the client does not hold yet; broadcasting is always delivered
+      and is what we do (dnsmasq does the same without CAP_NET_ADMIN).
+
+    Requests to the PXE boot-server port 4011 come from clients that already
+    have an address: the reply goes back to where the request came from.
+    """
+    if port == PXE_PORT:
+        return src_ip, src_port, False
+    if req.giaddr:
+        return ip_str(req.giaddr), SERVER_PORT, False
+    if reply == MessageType.NAK:
+        return "255.255.255.255", CLIENT_PORT, True
+    if req.ciaddr:
+        return ip_str(req.ciaddr), CLIENT_PORT, False
+    return "255.255.255.255", CLIENT_PORT, True
+
+
+class DhcpServerCore:
+    """One server's state: pending offers, declines, counters; leases in the store."""
+
+    def __init__(self, config: ServerConfig, policy: BootPolicy, leases: LeaseStore) -> None:
+        self.config = config
+        self.policy = policy
+        self.leases = leases
+        self.server_ip = int(config.server_ip)
+        self._server_id = config.server_ip.packed
+        self._offers: dict[str, tuple[int, float]] = {}  # mac -> (ip, expires, monotonic)
+        self._offered_ips: dict[int, str] = {}  # ip -> mac
+        self._declined: dict[int, float] = {}  # ip -> until (monotonic)
+        self._cursor: dict[IPv4Network, int] = {}
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ entry
+
+    def receive(self, data: bytes, src: tuple[str, int], now: float, wall: float, port: int = SERVER_PORT) -> Output:
+        out = Output()
+        self.counters["packets_in"] += 1
+        try:
+            req = parse(data)
+        except MalformedPacket:
+            self.counters["malformed"] += 1
+            return out
+        if req.op != 1:  # BOOTREPLY from another server: not ours to answer
+            self.counters["dropped_not_request"] += 1
+            return out
+        mtype = req.msg_type
+        if mtype is None:
+            self.counters["dropped_no_type"] += 1
+            return out
+        self.counters[f"in_{mtype.name.lower()}"] += 1
+        out.events.append(self._event(req, mtype, "in", now, wall, port))
+        subnet = self._subnet_for(req)
+        if subnet is None:
+            self.counters["dropped_no_subnet"] += 1
+            return out
+        if port == PXE_PORT or self.config.mode == "proxy":
+            self._proxy(req, mtype, subnet, src, port, now, wall, out)
+        else:
+            self._full(req, mtype, subnet, src, port, now, wall, out)
+        return out
+
+    def expire(self, now: float) -> None:
+        """Forget pending offers and declines past their hold time."""
+        for mac, (ip, until) in list(self._offers.items()):
+            if until <= now:
+                del self._offers[mac]
+                self._offered_ips.pop(ip, None)
+        for ip, until in list(self._declined.items()):
+            if until <= now:
+                del self._declined[ip]
+
+    # ------------------------------------------------------------------ full mode
+
+    def _full(self, req: Packet, mtype: MessageType, subnet: Subnet, src: tuple[str, int], port: int, now: float, wall: float, out: Output) -> None:
+        mac = req.mac
+        if mtype == MessageType.DISCOVER:
+            ip = self._choose(mac, req, subnet, now, wall)
+            if ip is None:
+                self.counters["dropped_no_address"] += 1
+                return
+            self._reply(req, MessageType.OFFER, subnet, ip, src, port, now, wall, out)
+        elif mtype == MessageType.REQUEST:
+            self._request(req, subnet, src, port, now, wall, out)
+        elif mtype == MessageType.DECLINE:
+            # RFC 2131 §4.3.3: the address is in use by someone else (ARP said so).
+            ip = req.requested_ip
+            if ip is not None and req.server_id in (None, self.server_ip):
+                lease = self.leases.by_ip(ip_str(ip))
+                if lease is not None and lease.mac == mac:
+                    self.leases.remove(mac)
+                    out.dirty = True
+                self._drop_offer(mac)
+                self._declined[ip] = now + self.config.decline_hold
+        elif mtype == MessageType.RELEASE:
+            lease = self.leases.by_mac(mac)
+            if lease is not None and (not req.ciaddr or ip_str(req.ciaddr) == lease.ip):
+                self.leases.remove(mac)
+                out.dirty = True
+        elif mtype == MessageType.INFORM:
+            # RFC 2131 §4.3.5: configuration only; no yiaddr, no lease time.
+            self._reply(req, MessageType.ACK, subnet, 0, src, port, now, wall, out, inform=True)
+
+    def _request(self, req: Packet, subnet: Subnet, src: tuple[str, int], port: int, now: float, wall: float, out: Output) -> None:
+        mac = req.mac
+        sid, wanted, ciaddr = req.server_id, req.requested_ip, req.ciaddr
+        known = self._known_address(mac, subnet, now, wall)
+        if sid is not None:
+            # SELECTING (RFC 2131 §4.3.2): the client picked a server.
+            if sid != self.server_ip:
+                self._drop_offer(mac)
+                self.counters["request_for_other_server"] += 1
+                return
+            if wanted is None:
+                wanted = ciaddr or None
+            if known is None and wanted is not None and self._free_in_pool(wanted, mac, subnet, now, wall):
+                known = wanted  # our offer expired but the address is still free
+            if wanted is not None and wanted == known:
+                self._ack(req, subnet, wanted, src, port, now, wall, out)
+            else:
+                self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
+            return
+        if wanted is not None and not ciaddr:
+            # INIT-REBOOT: verify the remembered address.
+            if wanted not in subnet:
+                self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
+            elif known == wanted:
+                self._ack(req, subnet, wanted, src, port, now, wall, out)
+            elif known is not None or self._held_by_other(wanted, mac, now, wall):
+                self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
+            else:
+                self.counters["request_unknown_client"] += 1  # RFC: remain silent
+            return
+        if ciaddr:
+            # RENEWING (unicast) / REBINDING (broadcast).
+            if known == ciaddr:
+                self._ack(req, subnet, ciaddr, src, port, now, wall, out)
+            elif known is not None:
+                self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
+            else:
+                self.counters["request_unknown_client"] += 1
+            return
+        self.counters["dropped_bad_request"] += 1
+
+    def _ack(self, req: Packet, subnet: Subnet, ip: int, src: tuple[str, int], port: int, now: float, wall: float, out: Output) -> None:
+        res = self.policy.reservation(req.mac)
+        hostname = res.hostname if res else None
+        holder = self.leases.by_ip(ip_str(ip))
+        if holder is not None and holder.mac != req.mac:
+            if res is not None or holder.state != "bound" or holder.expires <= wall:
+                # A stale holder (expired, released, declined), or a pool lease on an
+                # address the plan now reserves: the reservation wins.
+                self.leases.remove(holder.mac)
+        try:
+            self.leases.put(Lease(mac=req.mac, ip=ip_str(ip), expires=wall + subnet.lease_time, state="bound", hostname=hostname))
+        except LeaseConflict:
+            self.counters["lease_conflict"] += 1
+            self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
+            return
+        out.dirty = True
+        self._drop_offer(req.mac)
+        self._reply(req, MessageType.ACK, subnet, ip, src, port, now, wall, out)
+
+    # ------------------------------------------------------------------ addresses
+
+    def _known_address(self, mac: str, subnet: Subnet, now: float, wall: float) -> int | None:
+        res = self.policy.reservation(mac)
+        if res is not None:
+            return res.ip if res.ip in subnet else None
+        lease = self.leases.by_mac(mac)
+        if lease is not None and lease.state == "bound" and lease.expires > wall:
+            ip = int(IPv4Address(lease.ip))
+            if ip in subnet:
+                return ip
+        offer = self._offers.get(mac)
+        if offer is not None and offer[1] > now and offer[0] in subnet:
+            return offer[0]
+        return None
+
+    def _held_by_other(self, ip: int, mac: str, now: float, wall: float) -> bool:
+        if self.policy.is_reserved_ip(ip):
+            return True
+        lease = self.leases.by_ip(ip_str(ip))
+        if lease is not None and lease.mac != mac and lease.expires > wall and lease.state == "bound":
+            return True
+        holder = self._offered_ips.get(ip)
+        if holder is not None and holder != mac and self._offers.get(holder, (0, 0.0))[1] > now:
+            return True
+        return self._declined.get(ip, 0.0) > now
+
+    def _free_in_pool(self, ip: int, mac: str, subnet: Subnet, now: float, wall: float) -> bool:
+        if not subnet.in_pool(ip) or ip == self.server_ip or (subnet.router and ip == int(subnet.router)):
+            return False
+        return not self._held_by_other(ip, mac, now, wall)
+
+    def _choose(self, mac: str, req: Packet, subnet: Subnet, now: float, wall: float) -> int | None:
+        known = self._known_address(mac, subnet, now, wall)
+        if known is not None:
+            if self.policy.reservation(mac) is None:
+                self._hold_offer(mac, known, now)
+            return known
+        if subnet.pool is None:
+            self.counters["unknown_client"] += 1
+            return None
+        wanted = req.requested_ip
+        if wanted is not None and self._free_in_pool(wanted, mac, subnet, now, wall):
+            self._hold_offer(mac, wanted, now)
+            return wanted
+        first, last = subnet.pool
+        size = last - first + 1
+        start = self._cursor.get(subnet.network, first)
+        for k in range(size):
+            ip = first + (start - first + k) % size
+            if self._free_in_pool(ip, mac, subnet, now, wall):
+                self._cursor[subnet.network] = ip + 1 if ip < last else first
+                self._hold_offer(mac, ip, now)
+                return ip
+        self.counters["pool_exhausted"] += 1
+        return None
+
+    def _hold_offer(self, mac: str, ip: int, now: float) -> None:
+        self._drop_offer(mac)
+        previous = self._offered_ips.get(ip)
+        if previous is not None:
+            self._drop_offer(previous)  # its hold ran out: keep one offer per address
+        self._offers[mac] = (ip, now + self.config.offer_hold)
+        self._offered_ips[ip] = mac
+
+    def _drop_offer(self, mac: str) -> None:
+        old = self._offers.pop(mac, None)
+        if old is not None and self._offered_ips.get(old[0]) == mac:
+            del self._offered_ips[old[0]]
+
+    def _subnet_for(self, req: Packet) -> Subnet | None:
+        """Relayed: the subnet holding giaddr (RFC 2131 §4.3.1). Direct: ciaddr's, else the first."""
+        subs = self.config.subnets
+        key = req.giaddr or req.ciaddr
+        if key:
+            for s in subs:
+                if key in s:
+                    return s
+            if req.giaddr:
+                return None
+        return subs[0] if subs else None
+
+    # ------------------------------------------------------------------ proxy / boot server
+
+    def _proxy(self, req: Packet, mtype: MessageType, subnet: Subnet, src: tuple[str, int], port: int, now: float, wall: float, out: Output) -> None:
+        """ProxyDHCP (PXE spec 2.1 §2.2.4): boot information only, yiaddr 0.
+
+        Port 67: answer a PXE DISCOVER with an OFFER carrying next-server, the
+        boot file and discovery control "use the boot file" (option 43/6 = 8,
+        so the ROM skips multicast/broadcast boot server discovery). Port 4011:
+        a PXE REQUEST gets an ACK with the same (BIOS ROMs ask there even when
+        the offer had everything).
+        """
+        if not req.is_pxe:
+            self.counters["proxy_ignored_non_pxe"] += 1
+            return
+        if port == PXE_PORT and mtype in (MessageType.REQUEST, MessageType.INFORM):
+            self._reply(req, MessageType.ACK, subnet, 0, src, port, now, wall, out, proxy=True)
+        elif port != PXE_PORT and mtype == MessageType.DISCOVER:
+            self._reply(req, MessageType.OFFER, subnet, 0, src, port, now, wall, out, proxy=True)
+        else:
+            self.counters["proxy_ignored"] += 1
+
+    # ------------------------------------------------------------------ replies
+
+    def _reply(
+        self, req: Packet, mtype: MessageType, subnet: Subnet, yiaddr: int, src: tuple[str, int], port: int,
+        now: float, wall: float, out: Output, *, inform: bool = False, proxy: bool = False,
+    ) -> None:
+        opts: dict[int, bytes] = {Opt.MESSAGE_TYPE: bytes((mtype,)), Opt.SERVER_ID: self._server_id}
+        rep = Packet(
+            op=BOOTREPLY, htype=req.htype, hlen=req.hlen, hops=0, xid=req.xid, secs=0,
+            flags=req.flags & FLAG_BROADCAST, ciaddr=req.ciaddr if mtype != MessageType.NAK else 0,
+            yiaddr=yiaddr, siaddr=0, giaddr=req.giaddr, chaddr=req.chaddr, options=opts,
+        )
+        boot_file = None
+        if mtype != MessageType.NAK:
+            if not proxy:
+                if not inform:
+                    lt = subnet.lease_time
+                    opts[Opt.LEASE_TIME] = lt.to_bytes(4, "big")
+                    opts[Opt.RENEWAL_TIME] = (lt // 2).to_bytes(4, "big")  # T1, RFC 2131 §4.4.5
+                    opts[Opt.REBINDING_TIME] = (lt * 7 // 8).to_bytes(4, "big")  # T2
+                opts[Opt.SUBNET_MASK] = subnet.network.netmask.packed
+                opts[Opt.BROADCAST] = subnet.network.broadcast_address.packed
+                if subnet.router is not None:
+                    opts[Opt.ROUTER] = subnet.router.packed
+                if subnet.dns:
+                    opts[Opt.DNS] = b"".join(a.packed for a in subnet.dns)
+                if subnet.domain:
+                    opts[Opt.DOMAIN] = subnet.domain.encode()
+                res = self.policy.reservation(req.mac)
+                if res is not None and res.hostname:
+                    opts[Opt.HOSTNAME] = res.hostname.encode()
+            kind = client_kind(req)
+            if kind != ClientKind.OTHER:
+                answer = self.policy.boot(req.mac, kind)
+                if answer is not None:
+                    boot_file = answer.filename
+                    rep.siaddr = answer.next_server
+                    fname = answer.filename.encode()
+                    if len(fname) < 128:
+                        rep.file = fname
+                    else:
+                        opts[Opt.BOOTFILE] = fname  # long iPXE URLs: option 67 only
+                    if req.options.get(Opt.VENDOR_CLASS, b"").startswith(b"PXEClient"):
+                        # The seed's discovery control: at least one PXE vendor option
+                        # must be present for a ROM to accept the offer as PXE. 6=8:
+                        # "use the boot file in this offer, no boot server discovery".
+                        opts[Opt.VENDOR_CLASS] = b"PXEClient"
+                        opts[Opt.VENDOR_SPECIFIC] = encode_suboptions({6: b"\x08"})
+                    if Opt.CLIENT_UUID in req.options:
+                        opts[Opt.CLIENT_UUID] = req.options[Opt.CLIENT_UUID]  # PXE spec: echo 97
+                elif proxy:
+                    self.counters["netboot_gated"] += 1
+                    return  # nothing to add: a proxy reply without a boot file is noise
+                else:
+                    self.counters["netboot_gated"] += 1
+        if Opt.RELAY_AGENT in req.options:
+            opts[Opt.RELAY_AGENT] = req.options[Opt.RELAY_AGENT]  # RFC 3046 §2.2: echo, last
+        data = encode(rep)
+        limit = req.max_message_size - 28  # IP + UDP headers
+        if len(data) > limit:
+            for code in (Opt.DOMAIN, Opt.DNS, Opt.HOSTNAME, Opt.BROADCAST):
+                opts.pop(code, None)
+            data = encode(rep)
+        ip, dport, bcast = reply_destination(req, mtype, port, *src)
+        out.replies.append(Reply(data, ip, dport, bcast, mtype))
+        self.counters[f"out_{mtype.name.lower()}"] += 1
+        out.events.append(self._event(req, mtype, "out", now, wall, port, yiaddr=yiaddr, boot_file=boot_file))
+
+    # ------------------------------------------------------------------ events
+
+    def _event(self, req: Packet, mtype: MessageType, direction: str, now: float, wall: float, port: int, *, yiaddr: int = 0, boot_file: str | None = None) -> BootEvent:
+        ip = yiaddr or req.ciaddr or (req.requested_ip or 0)
+        detail: dict[str, object] = {
+            "msg": mtype.name,
+            "direction": direction,
+            "xid": req.xid,
+            "pxe": req.is_pxe,
+            "ipxe": req.is_ipxe,
+            "kind": client_kind(req).value,
+            "port": port,
+        }
+        if req.vendor_class is not None:
+            detail["vendor_class"] = req.vendor_class
+        arch = req.client_arch
+        if arch:
+            detail["arch"] = arch[0]
+        uc = req.user_class
+        if uc is not None:
+            detail["user_class"] = uc.decode("ascii", "replace")
+        hn = sanitize_hostname(req.options.get(Opt.HOSTNAME))
+        if hn:
+            detail["hostname"] = hn
+        if req.giaddr:
+            detail["relay"] = ip_str(req.giaddr)
+        if boot_file:
+            detail["boot_file"] = boot_file
+        source = "proxydhcp" if (port == PXE_PORT or self.config.mode == "proxy") else self.config.source
+        return BootEvent(
+            time=now, source=source, kind=EventKind.DHCP, client_ip=ip_str(ip) if ip else None,
+            mac=req.mac, wall=wall, result=mtype.name.lower(), detail=detail,
+        )
