@@ -132,6 +132,43 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from orchestrator.bootserver.dhcp import DhcpPrivilegeError
+    from orchestrator.bootserver.serve import Ports, run_serve
+
+    lp = _load(args.plan, False)
+    if lp is None:
+        return EXIT_FAILED
+    ports = Ports(host=args.listen, dhcp=args.dhcp_port, pxe=args.pxe_port, tftp=args.tftp_port,
+                  http=args.http_port, interface=args.interface)
+    try:
+        trio.run(lambda: run_serve(lp, ports, dhcp=not args.no_dhcp, as_json=args.json))
+    except BaseException as e:  # trio wraps start-up failures in exception groups
+        leaf = _single_leaf(e)
+        if isinstance(leaf, DhcpPrivilegeError):
+            print(f"bootorch serve: {leaf}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(leaf, OSError):
+            import errno
+
+            hint = ""
+            if leaf.errno == errno.EADDRNOTAVAIL:
+                where = args.listen or lp.model.bootserver.listen or lp.model.network.server
+                hint = f" ({where} is not an address of this machine; --listen overrides the plan)"
+            print(f"bootorch serve: cannot listen: {leaf.strerror or leaf}{hint}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    return EXIT_OK
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def cmd_tftpd(args: argparse.Namespace) -> int:
     from orchestrator.bootserver import tftpd_cli
 
@@ -167,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files are replaced atomically)")
     ro = plan_cmd("rollout", "power up and boot the nodes of PLAN", cmd_rollout)
     ro.add_argument("--dry-run", action="store_true", help="print the schedule the plan implies; touch nothing")
+
+    sv = plan_cmd("serve", "run the embedded boot server (DHCP, TFTP, HTTP) for PLAN and print every request; no power sequencing",
+                  cmd_serve, json_help="print events as JSON lines")
+    sv.add_argument("--listen", metavar="ADDR", help="address for TFTP/HTTP (default: bootserver.listen or network.server)")
+    sv.add_argument("--interface", help="interface for DHCP (default: network.interface; '' = none, loopback tests)")
+    sv.add_argument("--no-dhcp", action="store_true", help="serve files only (the site runs its own DHCP)")
+    for name, what in (("tftp", "TFTP"), ("http", "HTTP"), ("dhcp", "DHCP"), ("pxe", "PXE boot server (4011)")):
+        sv.add_argument(f"--{name}-port", type=int, metavar="N", help=f"{what} port (default from the plan; 0 = any free port; -1 = off)")
 
     t = sub.add_parser(
         "tftpd",
