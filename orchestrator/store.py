@@ -1,0 +1,183 @@
+"""The state store: every stage transition and action, journaled in SQLite (WAL).
+
+A restarted bootorch rebuilds every node's timeline from here exactly
+(:meth:`Store.transitions` replayed into :meth:`Tracker.restore`), and resumes
+following logs from the saved offsets, so a crash mid-rollout loses no node's
+state (Warewulf keeps status only in memory; xCAT loses status sent while its
+server is down).
+
+Durability: WAL mode with ``synchronous=NORMAL``. A committed transaction
+survives a crash of the bootorch process (``kill -9``) at any moment: SQLite
+only acknowledges a commit once the WAL frame is written, and the WAL is
+replayed on the next open. Only an operating-system crash or power loss can
+lose the last few commits, which costs a node's timeline a few seconds that the
+next evidence restores. Writers batch: :meth:`Store.append` takes many
+transitions in one transaction.
+
+One process writes (the running orchestrator); the CLI (``bootorch status``)
+may read at the same time: WAL readers never block the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from orchestrator.tracker import Stage, Transition
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transitions (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    mac       TEXT NOT NULL,
+    node      TEXT NOT NULL,
+    from_stage TEXT NOT NULL,
+    to_stage  TEXT NOT NULL,
+    time      REAL NOT NULL,
+    attempt   INTEGER NOT NULL,
+    evidence  TEXT NOT NULL,
+    source    TEXT NOT NULL,
+    flags     TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS transitions_mac ON transitions (mac, id);
+CREATE TABLE IF NOT EXISTS actions (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    time    REAL NOT NULL,
+    node    TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    reason  TEXT NOT NULL,
+    result  TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    detail  TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS actions_node ON actions (node, id);
+CREATE TABLE IF NOT EXISTS offsets (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """Where a node is now: for ``bootorch status``."""
+
+    mac: str
+    node: str
+    stage: Stage
+    since: float
+    attempt: int
+    evidence: str
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    time: float
+    node: str
+    action: str
+    reason: str
+    result: str
+    actor: str
+    detail: dict[str, Any]
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    # ---------------------------------------------------------------- transitions
+
+    def append(self, transitions: Iterable[Transition]) -> int:
+        rows = [(t.mac, t.node, t.from_stage.value, t.to_stage.value, t.time, t.attempt, t.evidence, t.source, ",".join(t.flags))
+                for t in transitions]
+        if not rows:
+            return 0
+        with self._tx():
+            self.db.executemany(
+                "INSERT INTO transitions (mac, node, from_stage, to_stage, time, attempt, evidence, source, flags)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
+
+    def transitions(self, mac: str | None = None) -> list[Transition]:
+        q = "SELECT mac, node, from_stage, to_stage, time, attempt, evidence, source, flags FROM transitions"
+        args: tuple[Any, ...] = ()
+        if mac is not None:
+            q += " WHERE mac = ?"
+            args = (mac,)
+        q += " ORDER BY id"
+        return [Transition(m, n, Stage(f), Stage(t), tm, a, e, s, tuple(x for x in fl.split(",") if x))
+                for m, n, f, t, tm, a, e, s, fl in self.db.execute(q, args)]
+
+    def current(self) -> dict[str, Current]:
+        """Each node's latest transition."""
+        q = """SELECT t.mac, t.node, t.to_stage, t.time, t.attempt, t.evidence, t.flags FROM transitions t
+               JOIN (SELECT mac, MAX(id) AS id FROM transitions GROUP BY mac) last ON t.id = last.id"""
+        return {m: Current(m, n, Stage(s), tm, a, e, tuple(x for x in fl.split(",") if x))
+                for m, n, s, tm, a, e, fl in self.db.execute(q)}
+
+    # ---------------------------------------------------------------- actions (audit)
+
+    def record_action(self, node: str, action: str, reason: str, result: str, *, actor: str = "bootorch",
+                      detail: dict[str, Any] | None = None, when: float | None = None) -> None:
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO actions (time, node, action, reason, result, actor, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (when if when is not None else time.time(), node, action, reason, result, actor, json.dumps(detail or {})))
+
+    def actions(self, node: str | None = None) -> list[Action]:
+        q = "SELECT time, node, action, reason, result, actor, detail FROM actions"
+        args: tuple[Any, ...] = ()
+        if node is not None:
+            q += " WHERE node = ?"
+            args = (node,)
+        return [Action(t, n, a, r, res, ac, json.loads(d)) for t, n, a, r, res, ac, d in self.db.execute(q + " ORDER BY id", args)]
+
+    # ---------------------------------------------------------------- log offsets, meta
+
+    def save_offset(self, key: str, value: dict[str, Any]) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO offsets (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def load_offset(self, key: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT value FROM offsets WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Tx(self.db)
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one transaction per batch."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
