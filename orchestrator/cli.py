@@ -144,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ports = Ports(host=args.listen, dhcp=args.dhcp_port, pxe=args.pxe_port, tftp=args.tftp_port,
                   http=args.http_port, interface=args.interface)
     try:
-        trio.run(lambda: run_serve(lp, ports, dhcp=not args.no_dhcp, as_json=args.json))
+        trio.run(lambda: run_serve(lp, ports, dhcp=not args.no_dhcp, as_json=args.json, events_too=args.events))
     except BaseException as e:  # trio wraps start-up failures in exception groups
         leaf = _single_leaf(e)
         if isinstance(leaf, DhcpPrivilegeError):
@@ -206,10 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--dry-run", action="store_true", help="print the schedule the plan implies; touch nothing")
 
     sv = plan_cmd("serve", "run the embedded boot server (DHCP, TFTP, HTTP) for PLAN and print every request; no power sequencing",
-                  cmd_serve, json_help="print events as JSON lines")
+                  cmd_serve, json_help="print stage changes (and with --events, requests) as JSON lines")
     sv.add_argument("--listen", metavar="ADDR", help="address for TFTP/HTTP (default: bootserver.listen or network.server)")
     sv.add_argument("--interface", help="interface for DHCP (default: network.interface; '' = none, loopback tests)")
     sv.add_argument("--no-dhcp", action="store_true", help="serve files only (the site runs its own DHCP)")
+    sv.add_argument("--events", action="store_true", help="print every request, not only stage changes")
     for name, what in (("tftp", "TFTP"), ("http", "HTTP"), ("dhcp", "DHCP"), ("pxe", "PXE boot server (4011)")):
         sv.add_argument(f"--{name}-port", type=int, metavar="N", help=f"{what} port (default from the plan; 0 = any free port; -1 = off)")
 

@@ -69,3 +69,51 @@ async def test_serve_plan_answers_all_three(tmp_path):
 def test_serve_cli_help():
     r = subprocess.run([str(REPO / ".venv" / "bin" / "bootorch"), "serve", "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "--no-dhcp" in r.stdout
+
+
+def test_serve_cli_prints_stage_changes_and_resumes_from_journal(tmp_path):
+    """The real command: stage changes on stdout, journaled, and restored after a restart."""
+    import re
+    import signal
+    import socket
+
+    curl = require_tool("curl")
+    lp = _plan(tmp_path)
+    node = lp.nodes[0]
+    exe = str(REPO / ".venv" / "bin" / "bootorch")
+    args = [exe, "serve", str(lp.path), "--listen", "127.0.0.1", "--interface", "", "--tftp-port", "0",
+            "--http-port", "0", "--dhcp-port", "0", "--pxe-port", "-1"]
+
+    def start():
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in p.stderr:
+            m = re.search(r"serving tftp 127.0.0.1:(\d+), http 127.0.0.1:(\d+), dhcp :(\d+)", line)
+            if m:
+                return p, [int(x) for x in m.groups()]
+        raise AssertionError("serve did not start: " + p.stderr.read())
+
+    p, (tftp, http, dhcp) = start()
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.sendto(bytes(BOOTP(op=1, chaddr=mac_bytes(node.mac), xid=3) / DHCP(options=[("message-type", "discover"), ("vendor_class_id", b"PXEClient:Arch:00000"), "end"])), ("127.0.0.1", dhcp))
+        s.recvfrom(2048)
+        s.close()
+        first = p.stdout.readline()
+        assert first.startswith(f"{node.name} pending -> pxe_dhcp (attempt 1)"), first
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    p, (tftp, http, dhcp) = start()
+    try:
+        # Restored at pxe_dhcp: loopback reads are not joined to the node, so make the evidence DHCP-borne: an OS DHCP.
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        s.sendto(bytes(BOOTP(op=1, chaddr=mac_bytes(node.mac), xid=4) / DHCP(options=[("message-type", "discover"), "end"])), ("127.0.0.1", dhcp))
+        s.recvfrom(2048)
+        s.close()
+        line = p.stdout.readline()
+        assert line.startswith(f"{node.name} pxe_dhcp -> os_dhcp (attempt 1)"), line
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0

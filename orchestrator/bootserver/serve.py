@@ -119,28 +119,58 @@ def format_event(ev: BootEvent) -> str:
     return f"{ev.source} {ev.kind.value} {ev.client_ip} {ev.filename} {ev.result or ''}{size}{took}".rstrip()
 
 
-async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool) -> None:
+def format_transition(t) -> str:
+    flags = f" [{', '.join(t.flags)}]" if t.flags else ""
+    return f"{t.node} {t.from_stage.value} -> {t.to_stage.value} (attempt {t.attempt}){flags}: {t.evidence}"
+
+
+async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, events_too: bool = False) -> None:
+    """Serve, track every node's stage from the servers' evidence, journal and print each change.
+
+    The journal (``<state_dir>/state.db``) is restored first, so a restarted
+    ``serve`` continues every node's timeline where it stopped.
+    """
     import json
     import signal
 
+    from orchestrator.store import Store
+    from orchestrator.tracker import Tracker, plan_nodes, plan_timeouts
+
+    lp.state_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(lp.state_dir / "state.db")
+    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    tracker.restore(store.transitions())
     send, recv = trio.open_memory_channel[BootEvent](4096)
-    async with trio.open_nursery() as nursery:
-        run: Running = await nursery.start(lambda task_status: serve_plan(lp, ports, events=send, dhcp=dhcp, task_status=task_status))
-        parts = [f"tftp {run.host}:{run.tftp}" if run.tftp else None, f"http {run.host}:{run.http}" if run.http else None,
-                 f"dhcp :{run.dhcp}" if run.dhcp else None, f"pxe :{run.pxe}" if run.pxe else None]
-        print("serving " + ", ".join(p for p in parts if p), file=sys.stderr, flush=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            run: Running = await nursery.start(lambda task_status: serve_plan(lp, ports, events=send, dhcp=dhcp, task_status=task_status))
+            parts = [f"tftp {run.host}:{run.tftp}" if run.tftp else None, f"http {run.host}:{run.http}" if run.http else None,
+                     f"dhcp :{run.dhcp}" if run.dhcp else None, f"pxe :{run.pxe}" if run.pxe else None]
+            print("serving " + ", ".join(p for p in parts if p), file=sys.stderr, flush=True)
 
-        async def printer() -> None:
-            async for ev in recv:
-                if as_json:
-                    print(json.dumps({"time": ev.wall, "source": ev.source, "kind": ev.kind.value, "mac": ev.mac,
-                                      "ip": ev.client_ip, "file": ev.filename, "bytes": ev.bytes, "result": ev.result,
-                                      "detail": dict(ev.detail)}, default=str), flush=True)
-                else:
-                    print(format_event(ev), flush=True)
+            async def consume() -> None:
+                async for ev in recv:
+                    changes = tracker.feed(ev)
+                    store.append(changes)
+                    if as_json:
+                        for t in changes:
+                            print(json.dumps({"type": "transition", "node": t.node, "mac": t.mac, "from": t.from_stage.value,
+                                              "to": t.to_stage.value, "time": t.time, "attempt": t.attempt,
+                                              "evidence": t.evidence, "flags": list(t.flags)}), flush=True)
+                        if events_too:
+                            print(json.dumps({"type": "event", "time": ev.wall, "source": ev.source, "kind": ev.kind.value,
+                                              "mac": ev.mac, "ip": ev.client_ip, "file": ev.filename, "bytes": ev.bytes,
+                                              "result": ev.result, "detail": dict(ev.detail)}, default=str), flush=True)
+                    else:
+                        if events_too:
+                            print(format_event(ev), flush=True)
+                        for t in changes:
+                            print(format_transition(t), flush=True)
 
-        nursery.start_soon(printer)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-            async for _ in sigs:
-                nursery.cancel_scope.cancel()
-                break
+            nursery.start_soon(consume)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                async for _ in sigs:
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        store.close()
