@@ -230,6 +230,10 @@ class Profile(Strict):
     append: str = ""
     #: File systems the booted node mounts (the RAM-disk image's init does this).
     mounts: list[Mount] = []
+    #: Kernel modules the RAM-disk image carries and loads (NIC drivers): names as modprobe knows them.
+    modules: list[str] = ["e1000", "virtio_net", "af_packet"]
+    #: Shell commands the image's init runs after the network and mounts are up.
+    commands: list[str] = []
 
     @model_validator(mode="after")
     def _nfs(self) -> "Profile":
@@ -417,6 +421,22 @@ class Metrics(Strict):
         return v
 
 
+class Lab(Strict):
+    """The virtual lab cluster (``bootorch lab``): one QEMU VM per node, in a namespace."""
+
+    #: Network namespace holding the bridge, the taps and the VMs.
+    namespace: str = "bootorch-lab"
+    #: Memory per VM in MiB.
+    memory_mib: int = Field(256, ge=64, le=16384)
+    cpus: int = Field(1, ge=1, le=8)
+    #: auto: KVM when it works (a probe VM must run), else TCG software emulation.
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    #: QEMU NIC model (its PXE ROM comes from Debian's ipxe-qemu).
+    nic_model: str = "e1000"
+    #: Port of the lab's Redfish BMC endpoint, on network.server inside the namespace.
+    bmc_port: Port = 9200
+
+
 class Plan(Strict):
     """A whole plan file."""
 
@@ -434,6 +454,7 @@ class Plan(Strict):
     rollout: Rollout = Rollout()
     readiness: Readiness = Readiness()
     metrics: Metrics = Metrics()
+    lab: Lab = Lab()
 
     @field_validator("version")
     @classmethod
