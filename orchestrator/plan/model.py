@@ -393,9 +393,10 @@ class Ssh(Strict):
     key: Path | None = None
     #: known_hosts file bootorch keeps; default: <state_dir>/known_hosts.
     known_hosts: Path | None = None
-    #: strict: host must already be known; accept-new: learn new hosts, refuse
-    #: changed keys (OpenSSH's StrictHostKeyChecking=accept-new).
-    host_key_policy: Literal["strict", "accept-new"] = "accept-new"
+    #: strict: the host key must already be in known_hosts; tofu (trust on first
+    #: use, OpenSSH's StrictHostKeyChecking=accept-new, also accepted under that
+    #: name): record a new host's key, refuse a changed one. Never blind auto-add.
+    host_key_policy: Annotated[Literal["strict", "tofu"], BeforeValidator(lambda v: "tofu" if v == "accept-new" else v)] = "tofu"
     connect_timeout: Duration = 10.0
     #: Parallel SSH sessions.
     concurrency: int = Field(32, ge=1)
