@@ -273,6 +273,17 @@ class Tracker:
             return []
         return self._advance(st, Stage.READY, now, evidence, "readiness")
 
+    def restart_stage(self, mac: str, now: float, evidence: str, source: str = "scheduler") -> list[Transition]:
+        """Same stage, timer restarted (a re-sent magic packet): journaled, not a new attempt."""
+        st = self.nodes.get(mac.lower())
+        if st is None or st.stage in TERMINAL or st.stage == Stage.PENDING:
+            return []
+        t = Transition(st.mac, st.node, st.stage, st.stage, now, st.attempt, evidence, source, tuple(sorted(st.flags)))
+        st.since, st.last_evidence, st.last_evidence_time = now, evidence, now
+        st.stuck_reported = False
+        st.history.append(t)
+        return [t]
+
     def fail(self, mac: str, now: float, reason: str) -> list[Transition]:
         st = self.nodes.get(mac.lower())
         if st is None or st.stage == Stage.FAILED:

@@ -1,0 +1,221 @@
+"""Scheduler on trio's MockClock against a simulated cluster (tests/sim_cluster.py): no sleeps, exact times."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import trio
+
+from orchestrator.plan import load_plan
+from orchestrator.scheduler import IN_FLIGHT, Scheduler
+from orchestrator.store import Store
+from orchestrator.tracker import Stage, Tracker, plan_nodes, plan_timeouts
+from tests.sim_cluster import SimCluster, SimReadiness
+
+
+def make_plan(tmp_path, n=8, *, max_downloading=3, rate=10, adaptive=False, budget=0, wake=2, cycles=1, rack_rate=None, extra=""):
+    racks = "\n        rack: r1" if rack_rate else ""
+    text = textwrap.dedent(f"""\
+    version: 1
+    network: {{subnet: 10.9.0.0/24, server: 10.9.0.1}}
+    profiles: {{p: {{kernel: vmlinuz, initrd: rootfs.gz, ip: dhcp}}}}
+    nodes:
+      - name: n[1-{n}]
+        mac: 52:54:00:00:00:01
+        ip: 10.9.0.11{racks}
+    rollout:
+      admission: {{max_downloading: {max_downloading}, power_on_rate: {rate}, adaptive: {str(adaptive).lower()}{f", rack_power_on_rate: {rack_rate}" if rack_rate else ""}}}
+      timeouts: {{waking: 20, pxe_dhcp: 20, loader: 20, config: 20, kernel: 20, initrd: 20, os_dhcp: 20, ssh: 30}}
+      retries: {{wake: {wake}, power_cycle: {cycles}}}
+      failure_budget: {budget}
+    power:
+      bmc: {{driver: command, command: "true"}}
+    {extra}""")
+    p = tmp_path / "plan.yaml"
+    p.write_text(text)
+    return load_plan(p)
+
+
+async def rollout(lp, tmp_path, configure=lambda cluster: None, *, store=None, cancel_after=None):
+    send, recv = trio.open_memory_channel(10_000)
+    cluster = SimCluster(send)
+    for node in lp.nodes:
+        cluster.add(node.mac, str(node.ip))
+    configure(cluster)
+    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    store = store or Store(tmp_path / "state.db")
+    peak = {"in_flight": 0, "window_violations": 0}
+    sched = None
+
+    def on_change(ts):
+        flying = sum(1 for st in tracker.nodes.values() if st.stage in IN_FLIGHT)
+        peak["in_flight"] = max(peak["in_flight"], flying)
+        admitted = any(t.from_stage == Stage.PENDING and t.to_stage == Stage.WAKING for t in ts)
+        if admitted and flying > sched.window:
+            peak["window_violations"] += 1  # admitted past the window (a shrink may leave more in flight: allowed)
+
+    sched = Scheduler(lp, tracker, store, wake=cluster, bmc=cluster, readiness=SimReadiness(cluster), load=cluster.load,
+                      clock=trio.current_time, on_change=on_change, adapt_every=2.0, retransmit_threshold=5.0, probe_every=1.0)
+    summary = None
+    async with trio.open_nursery() as nursery:
+        cluster.nursery = nursery
+
+        async def go():
+            nonlocal summary
+            summary = await sched.run(recv)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(go)
+        if cancel_after is not None:
+            await trio.sleep(cancel_after)
+            nursery.cancel_scope.cancel()
+    return summary, cluster, sched, peak, store
+
+
+async def test_all_ready_and_admission_cap_holds(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=10, max_downloading=3)
+    with trio.fail_after(10_000):
+        summary, cluster, sched, peak, store = await rollout(lp, tmp_path)
+    assert summary.ok and sorted(summary.ready) == sorted(n.name for n in lp.nodes)
+    assert peak["in_flight"] == 3 and peak["window_violations"] == 0
+    assert len(cluster.wakes) == 10  # each node woken once
+    history = store.transitions(lp.nodes[0].mac)
+    assert [t.to_stage for t in history] == [Stage.WAKING, Stage.PXE_DHCP, Stage.LOADER, Stage.CONFIG, Stage.KERNEL,
+                                             Stage.INITRD, Stage.OS_DHCP, Stage.SSH, Stage.READY]
+
+
+async def test_power_on_rate_and_rack_rate(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=6, max_downloading=6, rate=4, rack_rate=1)
+    with trio.fail_after(10_000):
+        summary, cluster, *_ = await rollout(lp, tmp_path)
+    times = [t for t, _ in cluster.wakes]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert summary.ok and all(g >= 1.0 - 1e-9 for g in gaps)  # one rack at 1/s beats 4/s globally
+
+
+async def test_adaptive_window_shrinks_under_retransmits_and_grows_back(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=40, max_downloading=8, rate=50, adaptive=True)
+    clusters = []
+    result = {}
+    with trio.fail_after(100_000):
+        async with trio.open_nursery() as n:
+
+            async def run():
+                result["r"] = await rollout(lp, tmp_path, clusters.append)
+
+            n.start_soon(run)
+            await trio.sleep(8)
+            clusters[0].retransmit_rate = 50.0  # the boot server starts retransmitting
+            await trio.sleep(6)
+            clusters[0].retransmit_rate = 0.0
+    summary, cluster, sched, peak, _ = result["r"]
+    history = summary.window_history
+    assert summary.ok and peak["window_violations"] == 0
+    before = [w for t, w in history if t < 8]
+    during = [w for t, w in history if 8 < t <= 14]
+    after = [w for t, w in history if t > 14]
+    assert before[0] == 2 and max(before) == 8  # slow start: 2, 4, 8 (capped at max_downloading)
+    assert during and min(during) <= max(before) // 4  # halved, and halved again, while retransmits last
+    assert after and after[-1] > min(during)  # grew back, one step per interval
+
+
+async def test_escalation_ladder_in_order(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=2, wake=2, cycles=1)
+    deaf_mac = lp.nodes[1].mac
+
+    def configure(cluster):
+        cluster.nodes[deaf_mac].deaf = True  # magic packets are lost; a power cycle starts it
+
+    with trio.fail_after(10_000):
+        summary, cluster, sched, peak, store = await rollout(lp, tmp_path, configure)
+    assert summary.ok
+    actions = [(a.action, a.reason) for a in store.actions(lp.nodes[1].name)]
+    assert [a for a, _ in actions] == ["wake", "wake", "wake", "power_cycle"]
+    assert actions[1][1] == "stuck in waking for 20s"
+    wakes = [t for t, name in cluster.wakes if name == lp.nodes[1].name]
+    assert [round(b - a) for a, b in zip(wakes, wakes[1:])] == [20, 20]
+    assert cluster.cycles[0][0] - wakes[-1] == pytest.approx(20)
+
+
+async def test_stuck_in_initrd_is_power_cycled_and_recovers(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=3, budget=1, cycles=1)
+    bad = lp.nodes[0].mac
+
+    def configure(cluster):
+        cluster.nodes[bad].hang_in = "rootfs.gz"
+
+    with trio.fail_after(10_000):
+        summary, cluster, sched, peak, store = await rollout(lp, tmp_path, configure)
+    assert summary.ok and lp.nodes[0].name in summary.ready
+    assert [a.action for a in store.actions(lp.nodes[0].name)] == ["wake", "power_cycle"]
+    assert store.current()[bad].attempt == 2
+
+
+async def test_stuck_after_power_cycles_fails_with_last_evidence(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=3, budget=1, cycles=1)
+    bad = lp.nodes[0].mac
+
+    def configure(cluster):
+        cluster.nodes[bad].hang_in = "rootfs.gz"
+        cluster.nodes[bad].stubborn = True
+
+    with trio.fail_after(10_000):
+        summary, cluster, sched, peak, store = await rollout(lp, tmp_path, configure)
+    assert summary.ok and summary.failed == [lp.nodes[0].name]  # within the budget of 1
+    reason = summary.nodes[bad].reason
+    assert reason.startswith("stuck in kernel for 20s after 1 wake(s) and 1 power cycle(s)")
+    assert "vmlinuz" in reason  # the last evidence
+
+
+async def test_failed_checks_fail_the_node_with_the_check_named(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=2, budget=1)
+    bad = lp.nodes[1].mac
+
+    def configure(cluster):
+        cluster.nodes[bad].bad_checks = True
+
+    with trio.fail_after(10_000):
+        summary, *_ , store = await rollout(lp, tmp_path, configure)
+    assert summary.ok  # one failure within the budget of 1
+    assert summary.failed == [lp.nodes[1].name]
+    assert "mount /usr: exit status 1" in summary.nodes[bad].reason
+
+
+async def test_failure_budget_exceeded_aborts(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=6, max_downloading=1, budget=0, wake=0, cycles=0)
+    first = lp.nodes[0].mac
+
+    def configure(cluster):
+        cluster.nodes[first].deaf = True
+
+    with trio.fail_after(10_000):
+        summary, cluster, *_ = await rollout(lp, tmp_path, configure)
+    assert not summary.ok and summary.aborted
+    assert summary.failed == [lp.nodes[0].name]
+    assert len(cluster.wakes) == 1  # nothing more was woken after the budget blew
+
+
+async def test_resume_after_crash_wakes_nobody_twice(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=6, max_downloading=2, rate=10)
+    with trio.fail_after(10_000):
+        _, first_cluster, *_ , store = await rollout(lp, tmp_path, cancel_after=12.0)
+    woken_before = {name for _, name in first_cluster.wakes}
+    journal_before = store.current()
+    assert 0 < len(woken_before) < 6
+    in_flight_before = {m for m, c in journal_before.items() if c.stage not in (Stage.READY,)}
+    store.close()
+
+    store2 = Store(tmp_path / "state.db")
+
+    def configure(cluster):
+        # The real nodes kept booting while bootorch was down: the ones in flight are up now.
+        for mac in in_flight_before:
+            cluster.nodes[mac].ssh_up = True
+
+    with trio.fail_after(10_000):
+        summary, cluster, sched, peak, store2 = await rollout(lp, tmp_path, configure, store=store2)
+    assert summary.ok and len(summary.ready) == 6
+    rewoken = {name for _, name in cluster.wakes} & woken_before
+    assert rewoken == set()  # no node woken twice without reason
+    assert {name for _, name in cluster.wakes} == {n.name for n in lp.nodes} - woken_before
