@@ -111,25 +111,31 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     lp = _load(args.plan, args.json)
     if lp is None:
         return EXIT_FAILED
-    schedule = dry_run_schedule(lp)
-    adm = lp.model.rollout.admission
-    if args.json:
-        print(json.dumps({"ok": True, "dry_run": True, **_summary(lp), "schedule": schedule}, indent=2))
-    else:
-        print(f"plan {lp.model.name}: {len(lp.nodes)} nodes in {len(lp.waves())} wave(s); "
-              f"at most {adm.max_downloading} downloading, {adm.power_on_rate:g} power-on/s"
-              f"{', adaptive' if adm.adaptive else ''}")
-        print(f"{'t+s':>8}  {'wave':<10} {'node':<16} {'mac':<17}  {'ip':<15} profile")
-        for r in schedule:
-            print(f"{r['power_on_at']:>8.2f}  {r['wave']:<10} {r['node']:<16} {r['mac']:<17}  {r['ip']:<15} {r['profile']}")
-    if not args.dry_run:
-        print(
-            "bootorch: this build validates and schedules plans only: the rollout engine "
-            "(power sequencing, boot server, stage tracking) is not in it yet, so nothing was "
-            "powered on. Use --dry-run to print the schedule; `bootorch render` writes server configs.",
-            file=sys.stderr,
-        )
-    return EXIT_OK
+    if args.dry_run:
+        schedule = dry_run_schedule(lp)
+        adm = lp.model.rollout.admission
+        if args.json:
+            print(json.dumps({"ok": True, "dry_run": True, **_summary(lp), "schedule": schedule}, indent=2))
+        else:
+            print(f"plan {lp.model.name}: {len(lp.nodes)} nodes in {len(lp.waves())} wave(s); "
+                  f"at most {adm.max_downloading} downloading, {adm.power_on_rate:g} power-on/s"
+                  f"{', adaptive' if adm.adaptive else ''}")
+            print(f"{'t+s':>8}  {'wave':<10} {'node':<16} {'mac':<17}  {'ip':<15} profile")
+            for r in schedule:
+                print(f"{r['power_on_at']:>8.2f}  {r['wave']:<10} {r['node']:<16} {r['mac']:<17}  {r['ip']:<15} {r['profile']}")
+        return EXIT_OK
+    from orchestrator import netns_exec
+    from orchestrator.power import SecretError
+
+    if netns_exec.needs_reexec(lp):
+        return netns_exec.rollout_in_namespace(lp, args)
+    from orchestrator.rollout import main_rollout
+
+    try:
+        return main_rollout(lp, as_json=args.json)
+    except SecretError as e:
+        print(f"bootorch rollout: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -204,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files are replaced atomically)")
     ro = plan_cmd("rollout", "power up and boot the nodes of PLAN", cmd_rollout)
     ro.add_argument("--dry-run", action="store_true", help="print the schedule the plan implies; touch nothing")
+    ro.add_argument("--keep-lab", action="store_true", help="with a managed lab (lab.manage): leave it up afterwards")
 
     sv = plan_cmd("serve", "run the embedded boot server (DHCP, TFTP, HTTP) for PLAN and print every request; no power sequencing",
                   cmd_serve, json_help="print stage changes (and with --events, requests) as JSON lines")

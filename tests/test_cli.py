@@ -44,13 +44,18 @@ def test_dry_run_rack_rate():
     assert all(b - a >= 0.5 - 1e-9 for a, b in zip(rack1, rack1[1:]))
 
 
-def test_rollout_without_engine_says_so(capsys):
-    assert main(["rollout", FULL]) == 0
+def test_rollout_with_unset_credential_fails_cleanly(tmp_path, capsys, monkeypatch):
+    text = (REPO / "plans" / "full.yaml").read_text()
+    text = text.replace("  namespace: bootorch-lab     # bootorch runs its servers inside the lab's namespace\n", "")
+    text = text.replace("manage: true", "manage: false")
+    (tmp_path / "plan.yaml").write_text(text)
+    monkeypatch.delenv("BOOTORCH_LAB_BMC_PASSWORD", raising=False)
+    assert main(["rollout", str(tmp_path / "plan.yaml")]) == 1
     err = capsys.readouterr().err
-    assert "nothing was powered on" in err
+    assert "environment variable BOOTORCH_LAB_BMC_PASSWORD is not set" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("cmd", ["validate", "render", "rollout", "tftpd"])
+@pytest.mark.parametrize("cmd", ["validate", "render", "rollout", "serve", "tftpd"])
 def test_every_command_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as ei:
         main([cmd, "--help"])

@@ -136,6 +136,9 @@ class Network(Strict):
     gateway: IPv4Address | None = None
     dns: list[IPv4Address] = []
     domain: str | None = None
+    #: Network namespace the boot network lives in: bootorch runs its servers and
+    #: power drivers inside it (re-executing itself with ``ip netns exec``).
+    namespace: str | None = None
     #: MTU of the boot network, when not 1500: caps the TFTP block size (mtu - 32).
     mtu: int | None = Field(None, ge=576, le=9216)
 
@@ -425,6 +428,8 @@ class Metrics(Strict):
 class Lab(Strict):
     """The virtual lab cluster (``bootorch lab``): one QEMU VM per node, in a namespace."""
 
+    #: ``bootorch rollout`` builds missing images, brings the lab up before and down after.
+    manage: bool = False
     #: Network namespace holding the bridge, the taps and the VMs.
     namespace: str = "bootorch-lab"
     #: Memory per VM in MiB.

@@ -312,6 +312,9 @@ class DhcpServerCore:
             self.counters["lease_conflict"] += 1
             self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
             return
+        except ValueError:
+            self.counters["dropped_bad_client"] += 1  # e.g. hlen 0: no usable hardware address
+            return
         out.dirty = True
         self._drop_offer(req.mac)
         self._reply(req, MessageType.ACK, subnet, ip, src, port, now, wall, out)

@@ -1,0 +1,71 @@
+"""Running bootorch inside the boot network's namespace, and the managed lab around a rollout.
+
+A plan whose ``network.namespace`` is set (the lab's is) has its boot network
+inside a network namespace: the DHCP server must bind to the bridge there and
+magic packets must leave there. Python 3.11 has no ``os.setns``, so bootorch
+re-executes itself under ``ip netns exec NS`` with ``BOOTORCH_NETNS=NS`` in the
+environment (which marks the child as inside, so it does not recurse).
+
+With ``lab.manage: true`` the outer process also builds missing boot files,
+brings the lab up first and takes it down afterwards (unless ``--keep-lab``),
+also when the rollout fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from orchestrator.plan import LoadedPlan
+
+ENV = "BOOTORCH_NETNS"
+
+
+def needs_reexec(lp: LoadedPlan) -> bool:
+    ns = lp.model.network.namespace
+    return bool(ns) and os.environ.get(ENV) != ns
+
+
+def _missing_boot_files(lp: LoadedPlan) -> list[str]:
+    root = lp.boot_root
+    names = {lp.model.boot.loaders.bios}
+    for prof in lp.model.profiles.values():
+        names.add(prof.kernel)
+        names.update(prof.initrd)
+    return sorted(n for n in names if not (root / n.lstrip("/")).is_file())
+
+
+def rollout_in_namespace(lp: LoadedPlan, args: argparse.Namespace) -> int:
+    ns = lp.model.network.namespace
+    assert ns
+    if os.geteuid() != 0:
+        print(f"bootorch rollout: the plan's boot network is in network namespace {ns}; "
+              "entering it (ip netns exec) needs root", file=sys.stderr)
+        return 1
+    manage = lp.model.lab.manage
+    lab = None
+    if manage:
+        from orchestrator.lab import lab as lab_mod
+
+        lab = lab_mod
+        missing = _missing_boot_files(lp)
+        if missing:
+            from orchestrator import image
+
+            print(f"bootorch rollout: building boot files ({', '.join(missing)} missing)", file=sys.stderr)
+            image.build_images(lp)
+        print(f"bootorch rollout: bringing up the lab ({len(lp.nodes)} VMs in namespace {ns})", file=sys.stderr)
+        lab.up(lp)
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", "rollout", str(lp.path)]
+    if args.json:
+        argv.append("--json")
+    try:
+        return subprocess.call(argv, env={**os.environ, ENV: ns})
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if lab is not None and not args.keep_lab:
+            print("bootorch rollout: taking the lab down (--keep-lab keeps it)", file=sys.stderr)
+            lab.down(lp)

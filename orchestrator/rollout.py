@@ -1,0 +1,112 @@
+"""``bootorch rollout PLAN``: the boot server, the scheduler and readiness in one trio nursery.
+
+Output: stage changes and actions as plain lines on stderr (prefixed with the
+seconds since the start), or a live table on a terminal; the final result on
+stdout, as text or, with ``--json``, as one object (schema in docs/rollout.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+import trio
+
+from orchestrator.bootserver.serve import Ports, serve_plan
+from orchestrator.plan import LoadedPlan
+from orchestrator.power.drivers import plan_drivers
+from orchestrator.readiness import Readiness
+from orchestrator.scheduler import Scheduler, Summary
+from orchestrator.store import Store
+from orchestrator.tracker import ORDERED, Stage, Tracker, Transition, plan_nodes, plan_timeouts
+
+SCHEMA_VERSION = 1
+
+
+class Progress:
+    """Plain progress lines: one per stage change or action, with seconds since start."""
+
+    def __init__(self, out: TextIO = sys.stderr) -> None:
+        self.out = out
+        self.t0 = time.time()
+
+    def line(self, text: str) -> None:
+        print(f"{time.time() - self.t0:8.1f}s  {text}", file=self.out, flush=True)
+
+    def transitions(self, ts: list[Transition]) -> None:
+        for t in ts:
+            if t.from_stage == t.to_stage:
+                self.line(f"{t.node:<12} {t.to_stage.value} again: {t.evidence}")
+            else:
+                flags = f" [{', '.join(t.flags)}]" if t.flags else ""
+                self.line(f"{t.node:<12} {t.from_stage.value} -> {t.to_stage.value}{flags}  {t.evidence[:120]}")
+
+
+async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool = True, progress: Progress | None = None) -> tuple[Summary, Tracker]:
+    progress = progress or Progress()
+    store = Store(lp.state_dir / "state.db")
+    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    wake, bmc = plan_drivers(lp)
+    readiness = Readiness.from_plan(lp)
+    send, recv = trio.open_memory_channel(65536)
+    try:
+        async with trio.open_nursery() as nursery:
+            load = None
+            if serve and lp.model.dhcp.mode != "external":
+                running = await nursery.start(lambda task_status: serve_plan(lp, ports or Ports(), events=send, task_status=task_status))
+                progress.line(f"boot server up: tftp :{running.tftp}, http :{running.http}, dhcp :{running.dhcp}")
+                load = lambda: running.admission.load(trio.current_time())  # noqa: E731
+            sched = Scheduler(lp, tracker, store, wake=wake, bmc=bmc, readiness=readiness, load=load,
+                              clock=time.time, log=progress.line, on_change=progress.transitions)
+            summary = await sched.run(recv)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    return summary, tracker
+
+
+def summary_json(lp: LoadedPlan, summary: Summary, tracker: Tracker) -> dict[str, Any]:
+    nodes = []
+    for run in summary.nodes.values():
+        st = tracker.nodes[run.node.mac]
+        nodes.append({
+            "name": run.node.name, "mac": run.node.mac, "ip": str(run.node.ip), "wave": run.wave,
+            "result": run.result or "unfinished", "reason": run.reason, "stage": st.stage.value,
+            "attempts": st.attempt, "flags": sorted(st.flags),
+            "timeline": [{"from": t.from_stage.value, "to": t.to_stage.value, "time": t.time, "attempt": t.attempt,
+                          "source": t.source, "evidence": t.evidence} for t in st.history],
+            "actions": run.actions,
+        })
+    counts = {s.value: 0 for s in [*ORDERED, Stage.FAILED]}
+    for n in nodes:
+        counts[n["stage"]] += 1
+    return {
+        "schema": SCHEMA_VERSION, "ok": summary.ok, "aborted": summary.aborted, "plan": str(lp.path),
+        "ready": len(summary.ready), "failed": len(summary.failed), "total": len(nodes), "counts": counts,
+        "window_history": [{"time": t, "window": w} for t, w in summary.window_history], "nodes": nodes,
+    }
+
+
+def print_summary(lp: LoadedPlan, summary: Summary, tracker: Tracker, out: TextIO = sys.stdout) -> None:
+    print(f"rollout {'OK' if summary.ok else 'FAILED'}{' (aborted: failure budget exceeded)' if summary.aborted else ''}: "
+          f"{len(summary.ready)}/{len(summary.nodes)} ready, {len(summary.failed)} failed", file=out)
+    for run in summary.nodes.values():
+        st = tracker.nodes[run.node.mac]
+        took = ""
+        if st.history:
+            took = f" in {st.history[-1].time - st.history[0].time:.1f}s"
+        line = f"  {run.node.name:<12} {st.stage.value:<9} attempts {st.attempt}{took}"
+        if run.result == "failed":
+            line += f"  {run.reason}"
+        print(line, file=out)
+
+
+def main_rollout(lp: LoadedPlan, *, as_json: bool) -> int:
+    summary, tracker = trio.run(run_rollout, lp)
+    if as_json:
+        print(json.dumps(summary_json(lp, summary, tracker), indent=2))
+    else:
+        print_summary(lp, summary, tracker)
+    return 0 if summary.ok else 1
