@@ -175,6 +175,12 @@ def _single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from orchestrator import replay
+
+    return replay.run(args)
+
+
 def cmd_tftpd(args: argparse.Namespace) -> int:
     from orchestrator.bootserver import tftpd_cli
 
@@ -220,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--events", action="store_true", help="print every request, not only stage changes")
     for name, what in (("tftp", "TFTP"), ("http", "HTTP"), ("dhcp", "DHCP"), ("pxe", "PXE boot server (4011)")):
         sv.add_argument(f"--{name}-port", type=int, metavar="N", help=f"{what} port (default from the plan; 0 = any free port; -1 = off)")
+
+    rp = sub.add_parser("replay", help="a boot's post-mortem from dnsmasq / ISC dhcpd / tftp-hpa / Kea logs: each node's stage timeline",
+                        description="Parse daemon logs and print each node's (MAC's) stage timeline with the time spent in every stage.")
+    from orchestrator import replay as _replay
+
+    _replay.add_arguments(rp)
+    rp.set_defaults(func=cmd_replay)
 
     t = sub.add_parser(
         "tftpd",
