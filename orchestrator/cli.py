@@ -175,6 +175,15 @@ def _single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator.oncall import run_history, run_status
+
+    lp = _load(args.plan, True)
+    if lp is None:
+        return EXIT_FAILED
+    return (run_status if args.command == "status" else run_history)(lp, args)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from orchestrator import replay
 
@@ -226,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--events", action="store_true", help="print every request, not only stage changes")
     for name, what in (("tftp", "TFTP"), ("http", "HTTP"), ("dhcp", "DHCP"), ("pxe", "PXE boot server (4011)")):
         sv.add_argument(f"--{name}-port", type=int, metavar="N", help=f"{what} port (default from the plan; 0 = any free port; -1 = off)")
+
+    st = plan_cmd("status", "each node's stage, time in stage, attempts, last evidence and action; the worst first", cmd_status)
+    st.add_argument("nodes", nargs="?", metavar="NODES", help="node set, e.g. node[01-04] or @rack1 (default: all)")
+    st.add_argument("--stuck", action="store_true", help="only nodes over their stage's timeout, and failed ones")
+    hi = plan_cmd("history", "every stage change and action (who, when, why, result) from the journal", cmd_status)
+    hi.add_argument("nodes", nargs="?", metavar="NODES", help="node set (default: all)")
 
     rp = sub.add_parser("replay", help="a boot's post-mortem from dnsmasq / ISC dhcpd / tftp-hpa / Kea logs: each node's stage timeline",
                         description="Parse daemon logs and print each node's (MAC's) stage timeline with the time spent in every stage.")

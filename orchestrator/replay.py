@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from orchestrator.events import BootEvent
 from orchestrator.tracker import Tracker, plan_nodes
 
-SOURCES = ("dnsmasq", "iscdhcpd", "tftp-hpa", "kea")
+SOURCES = ("dnsmasq", "iscdhcpd", "tftp-hpa", "kea", "syslog")
 
 
 def read_events(files: Sequence[Path], sources: Sequence[str], year_hint: int | None = None) -> list[BootEvent]:
@@ -36,6 +36,10 @@ def read_events(files: Sequence[Path], sources: Sequence[str], year_hint: int | 
                     for ev in p.feed(line):
                         events.append((ev.time, seq, ev))
                         seq += 1
+        for p in parsers:
+            for ev in p.flush():
+                events.append((ev.time, seq, ev))
+                seq += 1
     events.sort(key=lambda x: (x[0], x[1]))
     return [e for _, _, e in events]
 
@@ -67,7 +71,8 @@ def _ts(t: float) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def print_timelines(nodes: list[dict[str, Any]], out=sys.stdout) -> None:
+def print_timelines(nodes: list[dict[str, Any]], out=None) -> None:
+    out = out or sys.stdout
     if not nodes:
         print("no node's boot found in these logs", file=out)
         return
@@ -83,8 +88,8 @@ def print_timelines(nodes: list[dict[str, Any]], out=sys.stdout) -> None:
 def add_arguments(p) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="log files (plain text, or journalctl -o json)")
     p.add_argument("--source", required=True,
-                   help=f"which daemon wrote them: {', '.join(SOURCES)}; several comma-separated for a shared syslog "
-                        "(e.g. iscdhcpd,tftp-hpa)")
+                   help=f"which daemon wrote them: {', '.join(SOURCES)}; 'syslog' routes each line of a shared "
+                        "syslog file to its daemon's parser by tag (ISC dhcpd + tftp-hpa in one /var/log/syslog)")
     p.add_argument("--plan", help="name nodes and their boot files from this plan")
     p.add_argument("--year", type=int, help="year for syslog timestamps that carry none (default: the file's mtime year)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

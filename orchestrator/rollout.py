@@ -28,8 +28,8 @@ SCHEMA_VERSION = 1
 class Progress:
     """Plain progress lines: one per stage change or action, with seconds since start."""
 
-    def __init__(self, out: TextIO = sys.stderr) -> None:
-        self.out = out
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
         self.t0 = time.time()
 
     def line(self, text: str) -> None:
@@ -89,7 +89,8 @@ def summary_json(lp: LoadedPlan, summary: Summary, tracker: Tracker) -> dict[str
     }
 
 
-def print_summary(lp: LoadedPlan, summary: Summary, tracker: Tracker, out: TextIO = sys.stdout) -> None:
+def print_summary(lp: LoadedPlan, summary: Summary, tracker: Tracker, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     print(f"rollout {'OK' if summary.ok else 'FAILED'}{' (aborted: failure budget exceeded)' if summary.aborted else ''}: "
           f"{len(summary.ready)}/{len(summary.nodes)} ready, {len(summary.failed)} failed", file=out)
     for run in summary.nodes.values():

@@ -240,6 +240,10 @@ class Tracker:
         if ev.kind == EventKind.DHCP and ev.client_ip and ev.detail.get("direction") == "out" and ev.detail.get("msg") in ("ACK", "OFFER"):
             self._learn_ip(mac, ev.client_ip)
         stage = self._classifier(mac).stage_of(ev)
+        if stage == Stage.OS_DHCP and ev.detail.get("pxe") is None:
+            # The source cannot tell (ISC dhcpd logs no vendor class by default):
+            # go by order -- before the kernel it is the ROM, after it the OS.
+            stage = Stage.PXE_DHCP if st.stage.index < Stage.KERNEL.index else Stage.OS_DHCP
         if ev.kind == EventKind.FILE_DONE and stage in (Stage.KERNEL, Stage.INITRD, Stage.LOADER):
             st.done.add(stage.value)
         if stage is None:
