@@ -72,6 +72,14 @@ def sshd(tmp_path):
             yield server
         finally:
             server.stop()
+            # sshd's per-connection children call setsid(): they are not in the process
+            # group NetLab kills, so end whatever still runs in our namespace, by PID.
+            pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
 
 
 def readiness(sshd: Sshd, policy: str, checks=None, **kw) -> Readiness:
