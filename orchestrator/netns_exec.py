@@ -37,6 +37,21 @@ def _missing_boot_files(lp: LoadedPlan) -> list[str]:
     return sorted(n for n in names if not (root / n.lstrip("/")).is_file())
 
 
+def ensure_lab_secret(lp: LoadedPlan) -> None:
+    """The lab BMC's password file (a credential reference in the plan): made once, mode 0600."""
+    import secrets
+
+    pw = lp.model.power.bmc.password
+    if pw is None or pw.file is None:
+        return
+    path = pw.file if pw.file.is_absolute() else lp.base / pw.file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(18) + "\n")
+
+
 def rollout_in_namespace(lp: LoadedPlan, args: argparse.Namespace) -> int:
     ns = lp.model.network.namespace
     assert ns
@@ -56,6 +71,7 @@ def rollout_in_namespace(lp: LoadedPlan, args: argparse.Namespace) -> int:
 
             print(f"bootorch rollout: building boot files ({', '.join(missing)} missing)", file=sys.stderr)
             image.build_images(lp)
+        ensure_lab_secret(lp)
         print(f"bootorch rollout: bringing up the lab ({len(lp.nodes)} VMs in namespace {ns})", file=sys.stderr)
         lab.up(lp)
     argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", "rollout", str(lp.path)]

@@ -48,11 +48,12 @@ def test_rollout_with_unset_credential_fails_cleanly(tmp_path, capsys, monkeypat
     text = (REPO / "plans" / "full.yaml").read_text()
     text = text.replace("  namespace: bootorch-lab     # bootorch runs its servers inside the lab's namespace\n", "")
     text = text.replace("manage: true", "manage: false")
+    text = text.replace("password: {file: ../var/lab/bmc.password}", "password: {env: BOOTORCH_TEST_UNSET_PW}")
     (tmp_path / "plan.yaml").write_text(text)
-    monkeypatch.delenv("BOOTORCH_LAB_BMC_PASSWORD", raising=False)
+    monkeypatch.delenv("BOOTORCH_TEST_UNSET_PW", raising=False)
     assert main(["rollout", str(tmp_path / "plan.yaml")]) == 1
     err = capsys.readouterr().err
-    assert "environment variable BOOTORCH_LAB_BMC_PASSWORD is not set" in err and "Traceback" not in err
+    assert "environment variable BOOTORCH_TEST_UNSET_PW is not set" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("cmd", ["validate", "render", "rollout", "serve", "tftpd"])
