@@ -44,8 +44,69 @@ class Progress:
                 self.line(f"{t.node:<12} {t.from_stage.value} -> {t.to_stage.value}{flags}  {t.evidence[:120]}")
 
 
+class LiveProgress(Progress):
+    """A live view on a terminal (rich): nodes per stage, then the nodes in trouble or slowest.
+
+    rich's own refresh thread would fight trio, so ``Live(auto_refresh=False)``
+    is refreshed from a trio task (:meth:`refresher`). Log lines print above it.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        super().__init__()
+        self.console = Console(stderr=True)
+        self.live = Live(console=self.console, auto_refresh=False, transient=True)
+        self.tracker: Tracker | None = None
+
+    def line(self, text: str) -> None:
+        self.console.print(f"{time.time() - self.t0:8.1f}s  {text}", markup=False, highlight=False)
+
+    def transitions(self, ts: list[Transition]) -> None:
+        for t in ts:
+            if t.to_stage in (Stage.READY, Stage.FAILED) or t.from_stage == t.to_stage:
+                super().transitions([t])
+
+    def render(self):
+        from rich.table import Table
+
+        tr = self.tracker
+        table = Table(box=None, pad_edge=False)
+        if tr is None:
+            return table
+        counts = tr.counts()
+        table.add_column("stage")
+        table.add_column("nodes", justify="right")
+        for s in [*ORDERED, Stage.FAILED]:
+            if counts[s]:
+                table.add_row(s.value, str(counts[s]))
+        now = time.time()
+        busy = [st for st in tr.nodes.values() if st.stage not in (Stage.PENDING, Stage.READY, Stage.FAILED)]
+        busy.sort(key=lambda st: st.since)
+        nodes = Table(box=None, pad_edge=False, title="slowest nodes in flight")
+        for col in ("node", "stage", "in stage", "last evidence"):
+            nodes.add_column(col)
+        for st in busy[:8]:
+            limit = tr.timeouts.get(st.stage)
+            age = now - st.since
+            style = "red" if limit is not None and age >= limit else None
+            nodes.add_row(st.node, st.stage.value, f"{age:.0f}s", st.last_evidence[:70], style=style)
+        outer = Table.grid()
+        outer.add_row(table)
+        if busy:
+            outer.add_row(nodes)
+        return outer
+
+    async def refresher(self) -> None:
+        with self.live:
+            while True:
+                self.live.update(self.render(), refresh=True)
+                await trio.sleep(0.5)
+
+
 async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool = True, progress: Progress | None = None) -> tuple[Summary, Tracker]:
-    progress = progress or Progress()
+    progress = progress or (LiveProgress() if sys.stderr.isatty() else Progress())
     store = Store(lp.state_dir / "state.db")
     tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
     wake, bmc = plan_drivers(lp)
@@ -60,6 +121,9 @@ async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool
                 load = lambda: running.admission.load(trio.current_time())  # noqa: E731
             sched = Scheduler(lp, tracker, store, wake=wake, bmc=bmc, readiness=readiness, load=load,
                               clock=time.time, log=progress.line, on_change=progress.transitions)
+            if isinstance(progress, LiveProgress):
+                progress.tracker = tracker
+                nursery.start_soon(progress.refresher)
             summary = await sched.run(recv)
             nursery.cancel_scope.cancel()
     finally:
