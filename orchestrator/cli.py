@@ -242,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     hi = plan_cmd("history", "every stage change and action (who, when, why, result) from the journal", cmd_status)
     hi.add_argument("nodes", nargs="?", metavar="NODES", help="node set (default: all)")
 
+    im = sub.add_parser("image", help="build a plan's boot files: kernel, RAM-disk root (busybox + dropbear), pxelinux",
+                        description="Build each profile's kernel and RAM-disk root and place pxelinux into the plan's boot root.")
+    from orchestrator import image as _image
+
+    _image.add_arguments(im)
+    im.set_defaults(func=_image.run)
+
     rp = sub.add_parser("replay", help="a boot's post-mortem from dnsmasq / ISC dhcpd / tftp-hpa / Kea logs: each node's stage timeline",
                         description="Parse daemon logs and print each node's (MAC's) stage timeline with the time spent in every stage.")
     from orchestrator import replay as _replay

@@ -72,6 +72,8 @@ class BootEntry:
     initrd: tuple[str, ...]
     append: str  # kernel command line, without initrd=
     comment: str = ""
+    #: (port, baud) for pxelinux's own messages, when the kernel logs to a serial console.
+    serial: tuple[int, int] | None = None
 
 
 def kernel_ip_param(
@@ -101,6 +103,10 @@ def kernel_ip_param(
 def render_config(entry: BootEntry) -> bytes:
     """A pxelinux config that boots ``entry`` without a prompt."""
     lines = []
+    if entry.serial is not None:
+        # SERIAL must be the first directive (syslinux docs): pxelinux then
+        # prints to the same serial console the kernel uses.
+        lines.append(f"SERIAL {entry.serial[0]} {entry.serial[1]}")
     if entry.comment:
         lines += [f"# {line}" for line in entry.comment.splitlines()]
     lines += [
@@ -117,6 +123,19 @@ def render_config(entry: BootEntry) -> bytes:
     if append:
         lines.append(f"  APPEND {append}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def serial_console(append: str) -> tuple[int, int] | None:
+    """``console=ttyS1,57600n8`` -> (1, 57600); None without a serial console."""
+    for word in append.split():
+        if word.startswith("console=ttyS"):
+            spec = word[len("console=ttyS"):]
+            port, _, rest = spec.partition(",")
+            if not port.isdigit():
+                return None
+            baud = "".join(c for c in rest if c.isdigit()) if rest else ""
+            return int(port), int(baud[:6]) if baud else 115200
+    return None
 
 
 def render_ipxe(entry: BootEntry, base_url: str) -> bytes:
