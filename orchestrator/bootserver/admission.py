@@ -103,7 +103,13 @@ class TokenBucket:
         if self.tokens >= need:
             self.tokens -= nbytes
             return 0.0
-        return (need - self.tokens) / self.rate
+        # At least a microsecond: float rounding can leave a shortfall of ~1e-17 s,
+        # and a sleep that short does not move the clock, so the caller would spin.
+        return max((need - self.tokens) / self.rate, MIN_WAIT)
+
+
+#: Smallest wait try_consume returns when tokens are short.
+MIN_WAIT = 1e-6
 
 
 class RateWindow:

@@ -151,6 +151,10 @@ class BootFiles:
             raise NotFound(rel) from None
         except PermissionError:
             raise AccessViolation(rel) from None
+        except UnicodeEncodeError:
+            # A str that is not an encodable path (lone surrogates from some caller's
+            # decoding): no file can have that name.
+            raise NotFound(rel) from None
         except OSError as e:
             raise NotFound(f"{rel}: {e.strerror}") from None
         try:

@@ -1,0 +1,535 @@
+"""Sans-IO tests of the TFTP core: no sockets, no clocks.
+
+A :class:`ReadClient` and a :class:`ReadTransfer` are joined by :class:`Link`, a
+fake network with an explicit clock and hooks to drop or duplicate datagrams
+(h11's tests/helpers.py shape). Timers fire only when the test advances ``now``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import deque
+from typing import Callable
+
+import pytest
+
+from orchestrator.bootserver.files import MemoryFile
+from orchestrator.protocols import tftp as p
+
+# -- the fake link --------------------------------------------------------------
+
+
+class Link:
+    """Client <-> server transfer over an in-memory network with an explicit clock.
+
+    ``drop(direction, pkt)`` returning True loses that datagram; ``dup`` likewise
+    delivers it twice. ``direction`` is "s2c" or "c2s". ``log`` records every
+    datagram that reached its destination.
+    """
+
+    def __init__(self, data: bytes, options: dict | None = None, mode: str = "octet", *, drop: Callable[[str, bytes], bool] | None = None, dup: Callable[[str, bytes], bool] | None = None, **server_kw) -> None:
+        self.now = 0.0
+        self.client = p.ReadClient("file", mode, options, timeout=1.0, retries=20)
+        rrq = self.client.start(self.now)[0]
+        req = p.parse_packet(rrq)
+        assert isinstance(req, p.ReadRequest)
+        self.server = p.ReadTransfer(req, MemoryFile("file", data), **server_kw)
+        self.drop = drop or (lambda d, pkt: False)
+        self.dup = dup or (lambda d, pkt: False)
+        self.queue: deque[tuple[str, bytes]] = deque()
+        self.log: list[tuple[str, bytes]] = []
+        self.server_events: list = []
+        self.client_events: list = []
+        out, ev = self.server.start(self.now)
+        self._push("s2c", out)
+        self.server_events += ev
+
+    def _push(self, direction: str, pkts) -> None:
+        for pkt in pkts:
+            pkt = bytes(pkt)
+            if self.drop(direction, pkt):
+                continue
+            self.queue.append((direction, pkt))
+            if self.dup(direction, pkt):
+                self.queue.append((direction, pkt))
+
+    def step(self) -> bool:
+        if self.queue:
+            direction, pkt = self.queue.popleft()
+            self.log.append((direction, pkt))
+            if direction == "s2c":
+                out, ev = self.client.datagram(pkt, self.now)
+                self.client_events += ev
+                self._push("c2s", out)
+            elif pkt[:2] == b"\x00\x01":
+                pass  # a retransmitted RRQ goes to the listening port, which ignores it
+            else:
+                out, ev = self.server.datagram(pkt, self.now)
+                self.server_events += ev
+                self._push("s2c", out)
+            return True
+        deadlines = [d for d in (self.server.next_deadline, self.client.next_deadline) if d is not None]
+        if not deadlines:
+            return False
+        self.now = min(deadlines)
+        out, ev = self.server.timer(self.now)
+        self.server_events += ev
+        self._push("s2c", out)
+        self._push("c2s", self.client.timer(self.now))
+        return True
+
+    def run(self, max_steps: int = 2_000_000) -> None:
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise AssertionError("link did not settle")
+
+
+def data_blocks(log, direction="s2c"):
+    return [int.from_bytes(pkt[2:4], "big") for d, pkt in log if d == direction and pkt[:2] == b"\x00\x03"]
+
+
+# -- round trips ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 1024, 5000, 100_000])
+@pytest.mark.parametrize("options", [None, {"tsize": 0}, {"blksize": 1468, "tsize": 0}, {"blksize": 8, "windowsize": 7}, {"windowsize": 64, "blksize": 1024}])
+def test_round_trip(size, options):
+    data = os.urandom(size)
+    link = Link(data, options)
+    link.run()
+    assert link.client.failed is None
+    assert bytes(link.client.data) == data
+    assert link.server.state is p.State.DONE
+    assert isinstance(link.server_events[-1], p.TransferComplete)
+    assert link.server_events[-1].bytes == size
+    if options and "tsize" in options:
+        assert link.client.tsize == (size or None)  # no tsize for empty files (curl quirk)
+    # RFC 1350 section 6: the last DATA is short -- empty when size % blksize == 0.
+    last = [pkt for d, pkt in link.log if d == "s2c" and pkt[:2] == b"\x00\x03"][-1]
+    assert len(last) - 4 == size % link.server.blksize
+
+
+def test_exact_multiple_of_blksize_ends_with_empty_block():
+    link = Link(b"x" * 1024, {"blksize": 512})
+    link.run()
+    blocks = data_blocks(link.log)
+    assert blocks == [1, 2, 3]
+    assert link.server.last_block == 3
+
+
+def test_no_options_means_no_oack_and_data_first():
+    link = Link(b"abc", None)
+    first_dir, first = link.queue[0]
+    assert first[:2] == b"\x00\x03"  # DATA 1, not an OACK
+    link.run()
+    assert bytes(link.client.data) == b"abc"
+
+
+def test_only_unknown_options_means_no_oack():
+    """RFC 2347: unsupported options "should be omitted from the OACK"; none left -> no OACK."""
+    link = Link(b"abc", {"utimeout": 5000, "x-foo": "bar"})
+    assert link.queue[0][1][:2] == b"\x00\x03"
+    link.run()
+    assert bytes(link.client.data) == b"abc"
+
+
+# -- block number rollover ----------------------------------------------------------
+
+
+def test_rollover_past_65535_at_blksize_512():
+    """A file over 32 MB at blksize 512 needs more than 65535 blocks: the wire wraps to 0."""
+    size = 512 * 65537 + 100  # 65538 blocks
+    data = random.Random(1).randbytes(size)
+    link = Link(data, {"blksize": 512, "windowsize": 16})
+    link.run()
+    assert link.client.failed is None
+    assert bytes(link.client.data) == data
+    blocks = data_blocks(link.log)
+    i = blocks.index(65535)
+    assert blocks[i + 1 : i + 4] == [0, 1, 2]
+    assert link.server.last_block == 65538
+
+
+def test_ack_index_maps_wire_numbers_across_rollover():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"blksize": "8", "windowsize": "16"}), MemoryFile("f", bytes(8 * 70000)))
+    t.start(0.0)
+    t.acked, t.high = 65530, 65540  # pretend: blocks up to 65540 sent, 65530 acked
+    assert t._ack_index(65534) == 65534
+    assert t._ack_index(65535) == 65535
+    assert t._ack_index(0) == 65536
+    assert t._ack_index(4) == 65540
+    assert t._ack_index(5) is None  # 65541: not sent yet
+    assert t._ack_index(65530) is None  # duplicate of acked
+    assert t._ack_index(65529) is None  # older than acked (maps far ahead: > high)
+
+
+# -- Sorcerer's Apprentice, windows, stray ACKs -----------------------------------------
+
+
+def test_duplicate_ack_does_not_resend_lockstep():
+    """RFC 1123 4.2.3.1: never resend the current DATA on a duplicate ACK."""
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(2000)))
+    out, _ = t.start(0.0)
+    assert [o[2:4] for o in out] == [b"\x00\x01"]
+    out, _ = t.datagram(p.encode_ack(1), 0.1)
+    assert [o[2:4] for o in out] == [b"\x00\x02"]
+    out, _ = t.datagram(p.encode_ack(1), 0.2)  # the duplicate
+    assert out == []
+    out, _ = t.datagram(p.encode_ack(2), 0.3)
+    assert [o[2:4] for o in out] == [b"\x00\x03"]
+
+
+def test_duplicated_acks_on_the_wire_never_duplicate_data():
+    """Every ACK delivered twice: each DATA block still goes out exactly once."""
+    data = os.urandom(50_000)
+    link = Link(data, {"blksize": 512}, dup=lambda d, pkt: d == "c2s")
+    link.run()
+    assert bytes(link.client.data) == data
+    blocks = data_blocks(link.log)
+    assert len(blocks) == len(set(blocks)) == 50_000 // 512 + 1
+    assert link.server.retransmits == 0
+
+
+def test_duplicate_ack_does_not_duplicate_windows():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"windowsize": "4", "blksize": "512"}), MemoryFile("f", bytes(512 * 20)))
+    out, _ = t.start(0.0)  # OACK
+    assert out[0][:2] == b"\x00\x06"
+    out, _ = t.datagram(p.encode_ack(0), 0.0)
+    assert len(out) == 4
+    out, _ = t.datagram(p.encode_ack(0), 0.0)  # duplicate ACK of the OACK
+    assert out == []
+    out, _ = t.datagram(p.encode_ack(4), 0.0)
+    assert [int.from_bytes(o[2:4], "big") for o in out] == [5, 6, 7, 8]
+    out, _ = t.datagram(p.encode_ack(4), 0.0)
+    assert out == []
+
+
+def test_partial_window_ack_restarts_from_ack_plus_one():
+    """RFC 7440 section 4: an ACK inside the window restarts the window after it."""
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"windowsize": "8", "blksize": "512"}), MemoryFile("f", bytes(512 * 40)))
+    t.start(0.0)
+    out, _ = t.datagram(p.encode_ack(0), 0.0)
+    assert [int.from_bytes(o[2:4], "big") for o in out] == list(range(1, 9))
+    out, _ = t.datagram(p.encode_ack(3), 0.0)
+    assert [int.from_bytes(o[2:4], "big") for o in out] == list(range(4, 12))
+
+
+def test_ack_for_block_not_yet_sent_is_ignored():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"windowsize": "4"}), MemoryFile("f", bytes(512 * 40)))
+    t.start(0.0)
+    t.datagram(p.encode_ack(0), 0.0)  # blocks 1..4 out
+    for bogus in (5, 9, 1000, 65535):
+        out, ev = t.datagram(p.encode_ack(bogus), 0.0)
+        assert out == [] and ev == ()
+    assert t.acked == 0 and t.state is p.State.SENDING
+    out, _ = t.datagram(p.encode_ack(4), 0.0)
+    assert [int.from_bytes(o[2:4], "big") for o in out] == [5, 6, 7, 8]
+
+
+def test_lost_block_in_window_recovered_via_gap_ack():
+    data = os.urandom(512 * 30 + 7)
+    dropped = set()
+
+    def drop(d, pkt):
+        # Lose block 3 the first time it is sent.
+        if d == "s2c" and pkt[:4] == b"\x00\x03\x00\x03" and 3 not in dropped:
+            dropped.add(3)
+            return True
+        return False
+
+    link = Link(data, {"windowsize": 8, "blksize": 512}, drop=drop)
+    link.run()
+    assert bytes(link.client.data) == data
+    assert link.now == 0.0  # recovered by the client's gap ACK, no timer needed
+    assert data_blocks(link.log).count(3) == 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("ws", [1, 4, 16])
+def test_random_loss_and_duplication(seed, ws):
+    rng = random.Random(seed)
+    data = rng.randbytes(rng.randrange(0, 40_000))
+    link = Link(data, {"windowsize": ws, "blksize": 512, "tsize": 0}, drop=lambda d, pkt: rng.random() < 0.1, dup=lambda d, pkt: rng.random() < 0.05)
+    link.run()
+    assert link.client.failed is None
+    assert bytes(link.client.data) == data
+    assert link.server.state is p.State.DONE
+
+
+# -- timers -----------------------------------------------------------------------------
+
+
+def test_retransmit_only_at_deadline_and_give_up_after_retries():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(3000)), timeout=2.0, retries=3)
+    out, _ = t.start(10.0)
+    first = out[0]
+    assert t.next_deadline == 12.0
+    assert t.timer(11.999) == ([], ())
+    for i in range(3):
+        out, ev = t.timer(t.next_deadline)
+        assert out == [first] and ev == ()
+    assert t.retransmits == 3
+    assert t.next_deadline == 18.0
+    out, ev = t.timer(18.0)
+    assert out == [] and isinstance(ev[0], p.TransferFailed) and ev[0].reason == "timeout"
+    assert t.state is p.State.FAILED and t.next_deadline is None
+
+
+def test_progress_resets_the_retry_budget():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(5000)), timeout=1.0, retries=1)
+    t.start(0.0)
+    out, _ = t.timer(1.0)  # one retransmit of block 1
+    assert len(out) == 1
+    t.datagram(p.encode_ack(1), 1.5)
+    out, ev = t.timer(2.5)  # budget fresh again: retransmit block 2, not fail
+    assert len(out) == 1 and ev == ()
+    assert out[0][2:4] == b"\x00\x02"
+
+
+def test_oack_is_retransmitted():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"tsize": "0"}), MemoryFile("f", b"abc"))
+    out, _ = t.start(0.0)
+    again, _ = t.timer(1.0)
+    assert again == out and out[0] == p.encode_oack({"tsize": "3"})
+
+
+def test_negotiated_timeout_sets_the_deadline():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"timeout": "7"}), MemoryFile("f", b"abc"), timeout=1.0)
+    t.start(100.0)
+    assert t.next_deadline == 107.0
+    assert t.negotiated.oack == {"timeout": "7"}
+
+
+# -- errors from the peer -------------------------------------------------------------
+
+
+def test_two_byte_error_ends_the_transfer():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(3000)))
+    t.start(0.0)
+    out, ev = t.datagram(b"\x00\x05", 0.0)
+    assert out == [] and ev[0].reason == "aborted"
+    assert t.finished and t.next_deadline is None
+    assert t.datagram(p.encode_ack(1), 0.0) == ([], ())  # terminal: ignored
+
+
+def test_error_with_huge_message_is_truncated():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(3000)))
+    t.start(0.0)
+    _, ev = t.datagram(b"\x00\x05\x00\x08" + b"A" * 60000, 0.0)
+    assert ev[0].code == 8 and ev[0].message == "A" * p.MAX_PEER_MESSAGE
+
+
+def test_unexpected_opcodes_raise_remote_error_and_change_nothing():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(3000)))
+    t.start(0.0)
+    for junk in [b"", b"\x00", b"\x00\x04\x00", p.encode_data(1, b"x"), p.encode_request("f"), b"\x00\x09abc", b"\xff\xff"]:
+        with pytest.raises(p.RemoteProtocolError):
+            t.datagram(junk, 0.0)
+    assert t.state is p.State.SENDING and t.acked == 0
+
+
+def test_api_misuse_is_local_protocol_error():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", b""))
+    with pytest.raises(p.LocalProtocolError):
+        t.datagram(p.encode_ack(1), 0.0)
+    t.start(0.0)
+    with pytest.raises(p.LocalProtocolError):
+        t.start(0.0)
+    with pytest.raises(p.LocalProtocolError):
+        p.negotiate({}, tsize=None, blksize_max=7)
+    with pytest.raises(p.LocalProtocolError):
+        p.negotiate({}, tsize=None, windowsize_max=0)
+
+
+# -- option negotiation edge cases ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, cap, expect",
+    [
+        ("0", 1468, None),  # below RFC 2348's 8: ignored, 512 applies
+        ("7", 1468, None),
+        ("8", 1468, 8),
+        ("512", 1468, 512),
+        ("1468", 1468, 1468),
+        ("9000", 1468, 1468),  # capped by the path-MTU default
+        ("65464", 65464, 65464),
+        ("65465", 65464, 65464),  # above the range: clamped (server may answer smaller)
+        ("99999999999", 65464, None),  # more than 10 digits: not a number we parse
+        ("-1", 1468, None),
+        ("abc", 1468, None),
+        ("", 1468, None),
+        (" 512", 1468, None),
+        ("+512", 1468, None),
+        ("5_12", 1468, None),
+        ("\u0665\u0661\u0662", 1468, None),  # Arabic-Indic digits: int() would take them
+    ],
+)
+def test_blksize_values(value, cap, expect):
+    n = p.negotiate({"blksize": value}, tsize=None, blksize_max=cap)
+    if expect is None:
+        assert "blksize" not in n.oack and n.blksize == 512
+    else:
+        assert n.oack["blksize"] == str(expect) and n.blksize == expect
+
+
+@pytest.mark.parametrize("value, expect", [("0", None), ("1", 1), ("255", 255), ("256", None), ("abc", None), ("-5", None)])
+def test_timeout_values(value, expect):
+    n = p.negotiate({"timeout": value}, tsize=None)
+    assert n.timeout == expect
+    assert n.oack.get("timeout") == (None if expect is None else value)
+
+
+@pytest.mark.parametrize("value, cap, expect", [("0", 64, None), ("1", 64, 1), ("16", 64, 16), ("65", 64, 64), ("65535", 65535, 65535), ("65536", 65535, 65535), ("65536", 64, 64), ("x", 64, None)])
+def test_windowsize_values(value, cap, expect):
+    n = p.negotiate({"windowsize": value}, tsize=None, windowsize_max=cap, client_rcvbuf=None)
+    if expect is None:
+        assert "windowsize" not in n.oack and n.windowsize == 1
+    else:
+        assert n.windowsize == expect and n.oack["windowsize"] == str(expect)
+
+
+@pytest.mark.parametrize("order", ["windowsize-first", "blksize-first"])
+def test_window_is_capped_to_fit_the_client_buffer_whatever_the_option_order(order):
+    opts = {"windowsize": "64", "blksize": "8192"}
+    if order == "blksize-first":
+        opts = {"blksize": "8192", "windowsize": "64"}
+    n = p.negotiate(opts, tsize=None, blksize_max=8192, windowsize_max=64)
+    assert n.windowsize == p.CLIENT_RCVBUF // p.datagram_cost(8192) == 9
+    assert list(n.oack) == list(opts) and n.oack["windowsize"] == "9"
+    assert p.negotiate(opts, tsize=None, blksize_max=65464, client_rcvbuf=1000).windowsize == 1
+    assert p.negotiate(opts, tsize=None, blksize_max=8192, client_rcvbuf=None).windowsize == 64
+    # The path-MTU default block size keeps a 64-block window.
+    assert p.negotiate({"windowsize": "64", "blksize": "1468"}, tsize=None).windowsize == 64
+
+
+def test_tsize_answers_the_size_and_ignores_non_numbers():
+    assert p.negotiate({"tsize": "0"}, tsize=1234).oack == {"tsize": "1234"}
+    assert p.negotiate({"tsize": "99"}, tsize=1234).oack == {"tsize": "1234"}
+    assert p.negotiate({"tsize": "zero"}, tsize=1234).oack == {}
+    assert p.negotiate({"tsize": "0"}, tsize=None).oack == {}
+    assert p.negotiate({"tsize": "0"}, tsize=0).oack == {}  # curl rejects "tsize 0"
+
+
+def test_oack_keeps_client_order_and_drops_unknown():
+    n = p.negotiate({"windowsize": "4", "foo": "1", "tsize": "0", "blksize": "1024"}, tsize=10)
+    assert list(n.oack.items()) == [("windowsize", "4"), ("tsize", "10"), ("blksize", "1024")]
+
+
+def test_duplicate_options_first_wins_and_names_are_case_insensitive():
+    req = p.parse_packet(b"\x00\x01f\x00octet\x00BlkSize\x001024\x00blksize\x00512\x00TSIZE\x000\x00")
+    assert req.options == {"blksize": "1024", "tsize": "0"}
+    n = p.negotiate(req.options, tsize=5)
+    assert n.blksize == 1024 and n.oack == {"blksize": "1024", "tsize": "5"}
+
+
+# -- request parsing ---------------------------------------------------------------------
+
+
+def test_parse_well_formed_request():
+    req = p.parse_packet(b"\x00\x01pxelinux.0\x00OcTeT\x00tsize\x000\x00")
+    assert req == p.ReadRequest("pxelinux.0", "octet", {"tsize": "0"})
+    assert p.parse_packet(p.encode_request("a/b", "netascii", {"blksize": 8})) == p.ReadRequest("a/b", "netascii", {"blksize": "8"})
+    assert isinstance(p.parse_packet(p.encode_request("x", write=True)), p.WriteRequest)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x00\x01",  # nothing at all
+        b"\x00\x01file",  # no NUL anywhere
+        b"\x00\x01file\x00octet",  # mode not NUL-terminated
+        b"\x00\x01file\x00",  # missing mode
+        b"\x00\x01\x00octet\x00",  # empty name
+        b"\x00\x01f\x00oct\xffet\x00",  # non-ASCII mode
+    ],
+)
+def test_malformed_requests(raw):
+    with pytest.raises(p.RemoteProtocolError) as e:
+        p.parse_packet(raw)
+    assert e.value.error_code == p.ERR_ILLEGAL_OPERATION
+
+
+@pytest.mark.parametrize(
+    "raw, options",
+    [
+        (b"\x00\x01f\x00octet\x00blksize\x00", {}),  # dangling option name
+        (b"\x00\x01f\x00octet\x00blksize\x001024", {}),  # value without NUL
+        (b"\x00\x01f\x00octet\x00tsize\x000\x00blksize\x00", {"tsize": "0"}),
+        (b"\x00\x01f\x00octet\x00\x00\x00", {}),  # empty name, empty value
+        (b"\x00\x01f\x00octet\x00\xff\xfe\x001\x00", {}),  # non-ASCII option name
+        (b"\x00\x01f\x00octet\x00a\x00b\x00c\x00", {"a": "b"}),
+    ],
+)
+def test_odd_option_tokens_are_ignored_not_fatal(raw, options):
+    req = p.parse_packet(raw)
+    assert req.filename == "f" and req.mode == "octet"
+    assert dict(req.options) == options
+
+
+@pytest.mark.parametrize("mode", ["mail", "binary", "", "octet2"])
+def test_unknown_modes_refused(mode):
+    with pytest.raises(p.RemoteProtocolError) as e:
+        p.ReadTransfer(p.ReadRequest("f", mode, {}), MemoryFile("f", b""))
+    assert e.value.error_code == p.ERR_ILLEGAL_OPERATION
+
+
+def test_codec_round_trips():
+    assert p.parse_packet(p.encode_ack(70000)) == p.Ack(70000 & 0xFFFF)
+    assert p.parse_packet(p.encode_data(3, b"xyz")) == p.Data(3, b"xyz")
+    assert p.parse_packet(p.encode_error(1)) == p.Error(1, "File not found")
+    assert p.parse_packet(p.encode_error(0, "a\x00b")) == p.Error(0, "a b")
+    assert p.parse_packet(p.encode_oack({"tsize": "9"})) == p.OptionAck({"tsize": "9"})
+    assert p.parse_packet(b"\x00\x04\x00\x07junk") == p.Ack(7)  # lenient about padding
+    with pytest.raises(p.RemoteProtocolError):
+        p.parse_packet(b"\x00\x07")
+
+
+# -- netascii ----------------------------------------------------------------------------
+
+
+def test_netascii_encode_decode():
+    assert p.netascii_encode(b"a\nb\rc\r\n") == b"a\r\nb\r\x00c\r\x00\r\n"
+    assert p.netascii_decode(p.netascii_encode(b"a\nb\rc\r\n")) == b"a\nb\rc\r\n"
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("blksize", [8, 9, 512])
+def test_netascii_transfer_with_boundary_splits(seed, blksize):
+    rng = random.Random(seed)
+    # Lots of CR and LF so two-byte expansions straddle block boundaries.
+    text = bytes(rng.choice(b"ab\r\n") for _ in range(rng.randrange(0, 3000)))
+    link = Link(text, {"tsize": 0, "blksize": blksize, "windowsize": 3}, mode="netascii", drop=lambda d, pkt: rng.random() < 0.05)
+    link.run()
+    expected = p.netascii_encode(text)
+    assert bytes(link.client.data) == expected
+    assert link.client.tsize == (len(expected) or None)  # tsize is the converted size
+    assert p.netascii_decode(bytes(link.client.data)) == text
+
+
+def test_netascii_split_at_exact_boundary():
+    # blksize 8: "abcdefg\n" -> "abcdefg\r" | "\n..." (LF's CR ends block 1).
+    link = Link(b"abcdefg\nxy", {"blksize": 8}, mode="netascii")
+    link.run()
+    payloads = [pkt[4:] for d, pkt in link.log if d == "s2c" and pkt[:2] == b"\x00\x03"]
+    assert payloads == [b"abcdefg\r", b"\nxy"]
+
+
+def test_netascii_source_refuses_reads_off_boundaries():
+    src = p.NetasciiSource(MemoryFile("f", b"a\n" * 100), 8)
+    assert src.size == 300
+    assert src.pread(0, 16) == b"a\r\na\r\na\r\na\r\na\r\na"
+    with pytest.raises(p.LocalProtocolError):
+        src.pread(3, 8)
+
+
+# -- the client side (used by other tests; keep it honest) --------------------------
+
+
+def test_client_rejects_oack_for_options_it_did_not_ask():
+    c = p.ReadClient("f", "octet", {"tsize": 0})
+    c.start(0.0)
+    out, ev = c.datagram(p.encode_oack({"blksize": "1024"}), 0.0)
+    assert out[0][:4] == b"\x00\x05\x00\x08" and isinstance(ev[0], p.DownloadFailed)
