@@ -242,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     hi = plan_cmd("history", "every stage change and action (who, when, why, result) from the journal", cmd_status)
     hi.add_argument("nodes", nargs="?", metavar="NODES", help="node set (default: all)")
 
+    lb = sub.add_parser("lab", help="the virtual lab cluster: up|down|status PLAN (QEMU VMs in a network namespace)",
+                        description="Bring the plan's virtual lab up (namespace, bridge, one paused QEMU VM per node, WoL "
+                                    "listener, Redfish BMC), show it, or take it down.")
+    from orchestrator.lab import lab as _lab
+
+    _lab.add_arguments(lb)
+    lb.set_defaults(func=_lab.run)
+
     im = sub.add_parser("image", help="build a plan's boot files: kernel, RAM-disk root (busybox + dropbear), pxelinux",
                         description="Build each profile's kernel and RAM-disk root and place pxelinux into the plan's boot root.")
     from orchestrator import image as _image

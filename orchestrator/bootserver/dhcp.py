@@ -70,6 +70,7 @@ class StaticPolicy:
         ipxe_script: str | None = None,
         ipxe_script_for: dict[str, str] | None = None,
         gate_unknown: bool = False,
+        ipxe_gets_loader: bool = False,
     ) -> None:
         self._res = {m.lower(): r for m, r in reservations.items()}
         self._ips = {r.ip for r in self._res.values()}
@@ -78,6 +79,7 @@ class StaticPolicy:
         self.ipxe_script = ipxe_script
         self.ipxe_script_for = ipxe_script_for or {}
         self.gate_unknown = gate_unknown
+        self.ipxe_gets_loader = ipxe_gets_loader
         self.gated: set[str] = set()
 
     def reservation(self, mac: str) -> Reservation | None:
@@ -90,8 +92,11 @@ class StaticPolicy:
         if mac in self.gated or (self.gate_unknown and mac not in self._res):
             return None
         if kind == ClientKind.IPXE:
-            script = self.ipxe_script_for.get(mac, self.ipxe_script)
-            return BootAnswer(script, self.next_server) if script else None
+            if self.ipxe_gets_loader:
+                kind = ClientKind.BIOS  # iPXE runs pxelinux.0 like a PXE ROM would
+            else:
+                script = self.ipxe_script_for.get(mac, self.ipxe_script)
+                return BootAnswer(script, self.next_server) if script else None
         name = self.loaders.get(kind)
         return BootAnswer(name, self.next_server) if name else None
 
@@ -114,6 +119,7 @@ def plan_policy(lp) -> StaticPolicy:  # lp: orchestrator.plan.LoadedPlan (import
         loaders={ClientKind.BIOS: plan.boot.loaders.bios, ClientKind.UEFI: plan.boot.loaders.uefi},
         ipxe_script=f"{base}/boot.ipxe",
         ipxe_script_for={n.mac: f"{base}/{ipxe_script_name(n.mac)}" for n in lp.nodes},
+        ipxe_gets_loader=plan.boot.ipxe == "loader",
     )
 
 

@@ -205,7 +205,7 @@ class NetLab:
         except ValueError:  # not the main thread
             old = None
         try:
-            for p in reversed(self.procs):
+            for p in list(reversed(self.procs)):
                 self.kill(p)
             for dev in self.root_devices:
                 _run(["ip", "link", "del", dev], check=False)
@@ -292,16 +292,18 @@ class NetLab:
 
     def impaired_link(
         self, a: Namespace, b: Namespace, *, delay_ms: float = 0.0, loss_pct: float = 0.0,
-        mechanism: str = "auto", seed: int | None = None,
+        mechanism: str = "auto", seed: int | None = None, mtu: int = 1500,
     ) -> ImpairedLink:
         """A link between two of our namespaces with ``delay_ms`` one-way delay and
         ``loss_pct`` random loss *in each direction*.
 
         ``mechanism``: ``"netem"`` (veth + tc netem on both ends), ``"tun"`` (the
-        user-space emulator) or ``"auto"`` (netem when the kernel has it).
+        user-space emulator) or ``"auto"`` (netem when the kernel has it). Loss
+        applies per packet on the wire, so a datagram larger than ``mtu`` is lost
+        when any of its fragments is.
         """
         if mechanism in ("auto", "netem"):
-            link = self.veth(a, b)
+            link = self.veth(a, b, mtu=mtu)
             try:
                 if delay_ms or loss_pct:
                     self.netem(a, link.a_dev, delay_ms=delay_ms, loss_pct=loss_pct)
@@ -311,9 +313,10 @@ class NetLab:
                 if mechanism == "netem":
                     raise
                 # The veth stays (harmless, unused); the emulator gets its own /30.
-        return self._tun_link(a, b, delay_ms=delay_ms, loss_pct=loss_pct, seed=seed)
+        return self._tun_link(a, b, delay_ms=delay_ms, loss_pct=loss_pct, seed=seed, mtu=mtu)
 
-    def _tun_link(self, a: Namespace, b: Namespace, *, delay_ms: float, loss_pct: float, seed: int | None) -> ImpairedLink:
+    def _tun_link(self, a: Namespace, b: Namespace, *, delay_ms: float, loss_pct: float, seed: int | None,
+                  mtu: int) -> ImpairedLink:
         net = self._next_subnet(avoid_host=False)
         a_dev, b_dev = self._dev("t"), self._dev("u")
         a_ip, b_ip = (str(h) for h in net.hosts())
@@ -332,10 +335,22 @@ class NetLab:
         self.root_devices.extend([a_dev, b_dev])  # until moved; deleting a moved one just fails quietly
         for ns, dev, ip, peer in ((a, a_dev, a_ip, b_ip), (b, b_dev, b_ip, a_ip)):
             _run(["ip", "link", "set", dev, "netns", ns.name])
-            _run(["ip", "-n", ns.name, "link", "set", dev, "mtu", "1500", "up"])
+            _run(["ip", "-n", ns.name, "link", "set", dev, "mtu", str(mtu), "up"])
             _run(["ip", "-n", ns.name, "addr", "add", ip, "peer", f"{peer}/32", "dev", dev])
         return ImpairedLink(a, b, a_dev, b_dev, a_ip, b_ip, 32, kind="tun-emulator",
                             delay_ms=delay_ms, loss_pct=loss_pct, emulator_pid=emu.pid)
+
+    def drop_link(self, link: Link) -> None:
+        """Remove a link before :meth:`close` (stops its emulator, deletes its veth)."""
+        if isinstance(link, ImpairedLink) and link.emulator_pid is not None:
+            for p in list(self.procs):
+                if p.pid == link.emulator_pid:
+                    self.kill(p)  # non-persistent TUN devices vanish with their fds
+            return
+        pre = ["ip"] if link.a is None else ["ip", "-n", link.a.name]
+        _run([*pre, "link", "del", link.a_dev], check=False)
+        if link.a_dev in self.root_devices:
+            self.root_devices.remove(link.a_dev)
 
     # -- processes -----------------------------------------------------------------
 

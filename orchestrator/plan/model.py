@@ -185,6 +185,11 @@ class Boot(Strict):
     config_names: list[Literal["mac", "ip"]] = ["mac"]
     #: Profile rendered as pxelinux.cfg/default (for unknown clients from the pool).
     default_profile: str | None = None
+    #: What a client already running iPXE (user class "iPXE") is given: "script", its
+    #: HTTP iPXE script (kernel and initrd over HTTP, no chainload loop); or "loader",
+    #: the BIOS/UEFI loader over TFTP like any PXE ROM (QEMU's NIC ROMs are iPXE:
+    #: this makes the lab walk the seed's pxelinux path).
+    ipxe: Literal["script", "loader"] = "script"
 
     @field_validator("config_names")
     @classmethod
@@ -443,6 +448,13 @@ class Lab(Strict):
     bmc_port: Port = 9200
 
 
+class LogSource(Strict):
+    """A log file of a site's own boot server, followed like ``tail -F`` for evidence."""
+
+    source: Literal["dnsmasq", "iscdhcpd", "tftp-hpa", "kea", "syslog"]
+    path: Path
+
+
 class Plan(Strict):
     """A whole plan file."""
 
@@ -461,6 +473,8 @@ class Plan(Strict):
     readiness: Readiness = Readiness()
     metrics: Metrics = Metrics()
     lab: Lab = Lab()
+    #: Logs of a site's own DHCP/TFTP servers to follow (dhcp.mode external, or beside ours).
+    logs: list[LogSource] = []
 
     @field_validator("version")
     @classmethod

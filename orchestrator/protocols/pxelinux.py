@@ -145,10 +145,12 @@ def render_ipxe(entry: BootEntry, base_url: str) -> bytes:
     if entry.comment:
         lines += [f"# {line}" for line in entry.comment.splitlines()]
     args = entry.append
-    for f in entry.initrd:
-        lines.append(f"initrd {base}/{f.lstrip('/')}")
     if entry.initrd:
         args = " ".join(f"initrd={shlex.quote(f.rsplit('/', 1)[-1])}" for f in entry.initrd) + (" " + args if args else "")
+    # kernel first, then its initrds: the order the files are fetched is the order
+    # the stages are seen (kernel, then initrd).
     lines.append(f"kernel {base}/{entry.kernel.lstrip('/')} {args}".rstrip())
+    for f in entry.initrd:
+        lines.append(f"initrd {base}/{f.lstrip('/')}")
     lines.append("boot")
     return ("\n".join(lines) + "\n").encode()
