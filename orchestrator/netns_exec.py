@@ -52,6 +52,24 @@ def ensure_lab_secret(lp: LoadedPlan) -> None:
             f.write(secrets.token_urlsafe(18) + "\n")
 
 
+def archive_journal(lp: LoadedPlan) -> None:
+    """New VMs, new rollout: the journal of VMs that no longer exist moves aside.
+
+    When the lab was already up (a rollout killed with -9, say), the journal is
+    kept and the rerun resumes from it.
+    """
+    import time
+
+    db = lp.state_dir / "state.db"
+    if db.exists():
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            old = db.with_name(db.name + suffix)
+            if old.exists():
+                old.rename(db.with_name(f"state.{stamp}.db{suffix}"))
+        print(f"bootorch rollout: the lab's VMs are new: previous journal kept as state.{stamp}.db", file=sys.stderr)
+
+
 def rollout_in_namespace(lp: LoadedPlan, args: argparse.Namespace) -> int:
     ns = lp.model.network.namespace
     assert ns
@@ -72,8 +90,11 @@ def rollout_in_namespace(lp: LoadedPlan, args: argparse.Namespace) -> int:
             print(f"bootorch rollout: building boot files ({', '.join(missing)} missing)", file=sys.stderr)
             image.build_images(lp)
         ensure_lab_secret(lp)
+        fresh = not any(lab.qemu_pid(lab.Lab(lp), n) is not None for n in lp.nodes)
         print(f"bootorch rollout: bringing up the lab ({len(lp.nodes)} VMs in namespace {ns})", file=sys.stderr)
         lab.up(lp)
+        if fresh:
+            archive_journal(lp)
     argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", "rollout", str(lp.path)]
     if args.json:
         argv.append("--json")

@@ -32,15 +32,23 @@ def start_server(leases) -> tuple[subprocess.Popen, int]:
     raise AssertionError("dhcp server did not start")
 
 
+def _reply(sock: socket.socket, xid: int, want: int) -> BOOTP:
+    """The next reply for this exchange (stale replies from before a kill are skipped)."""
+    while True:
+        pkt = BOOTP(sock.recv(2048))
+        opts = {o[0]: o[1] for o in pkt[DHCP].options if isinstance(o, tuple)}
+        if pkt.xid == xid and opts.get("message-type") in (want, 6):
+            return pkt
+
+
 def dora(sock: socket.socket, port: int, mac: str, xid: int) -> str | None:
     """One DISCOVER/OFFER/REQUEST/ACK; returns the ACKed address or None (server gone)."""
     try:
         sock.sendto(bytes(BOOTP(op=1, chaddr=mac_bytes(mac), xid=xid) / DHCP(options=[("message-type", "discover"), "end"])), ("127.0.0.1", port))
-        offer = BOOTP(sock.recv(2048))
-        ip = offer.yiaddr
+        ip = _reply(sock, xid, 2).yiaddr
         sock.sendto(bytes(BOOTP(op=1, chaddr=mac_bytes(mac), xid=xid) / DHCP(options=[
             ("message-type", "request"), ("server_id", "10.80.0.1"), ("requested_addr", ip), "end"])), ("127.0.0.1", port))
-        ack = BOOTP(sock.recv(2048))
+        ack = _reply(sock, xid, 5)
     except (TimeoutError, ConnectionRefusedError, OSError):
         return None
     opts = {o[0]: o[1] for o in ack[DHCP].options if isinstance(o, tuple)}

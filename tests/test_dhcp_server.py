@@ -385,6 +385,9 @@ def test_plan_policy_and_config_from_full_plan():
     node = lp.nodes[1]
     assert policy.reservation(node.mac).ip == int(node.ip) and policy.reservation(node.mac).hostname == node.name
     assert policy.boot(node.mac, ClientKind.BIOS).filename == "pxelinux.0"
+    # The lab's plan gives iPXE ROMs pxelinux.0 (boot.ipxe: loader); the default is the node's HTTP script.
+    assert policy.boot(node.mac, ClientKind.IPXE).filename == "pxelinux.0"
+    policy.ipxe_gets_loader = False
     assert policy.boot(node.mac, ClientKind.IPXE).filename == f"http://10.77.0.1:8080/ipxe/{node.mac.replace(':', '-')}.ipxe"
     assert config.subnets[0].pool is None and config.mode == "full" and str(config.server_ip) == "10.77.0.1"
     core = DhcpServerCore(config, policy, LeaseStore(None))

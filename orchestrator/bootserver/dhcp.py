@@ -44,6 +44,8 @@ from orchestrator.protocols.dhcp_server import (
 
 BATCH = 256
 MAX_DATAGRAM = 4096
+RCVBUF = 4 << 20
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 EXPIRE_EVERY = 5.0
 
 
@@ -149,6 +151,12 @@ def open_socket(host: str, port: int, interface: str | None) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        # A boot storm is a burst: 1 000 DISCOVERs must fit in the receive buffer
+        # (the default ~208 KiB holds about 160). FORCE works past rmem_max as root.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         if interface:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode() + b"\0")
@@ -230,34 +238,57 @@ async def _serve_socket(
     events: trio.MemorySendChannel[BootEvent] | None,
     stats: DhcpStats,
 ) -> None:
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        now = trio.current_time()
-        wall = time.time()
-        replies: list[tuple[Reply, tuple[str, int]]] = []
-        dirty = False
-        for _ in range(BATCH):
-            try:
-                data, src = sock.recvfrom(MAX_DATAGRAM)
-            except BlockingIOError:
-                break
-            except OSError:
-                continue  # e.g. ICMP errors surfacing on the socket
-            out = core.receive(data, src, now, wall, logical_port)
-            dirty |= out.dirty
-            replies.extend((r, src) for r in out.replies)
-            if events is not None:
-                for ev in out.events:
-                    try:
-                        events.send_nowait(ev)
-                    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                        stats.events_dropped += 1
-        if dirty:
-            # Group commit: fsync once for the batch, before any ACK leaves.
+    """Receive and answer; replies that wait for a lease go through the committer.
+
+    Replies whose packet changed the lease store (ACKs, mostly) are held until
+    the store's commit has returned; everything else (OFFERs, NAKs) goes at
+    once. The commit runs in a worker thread while this task keeps draining
+    the socket, so an fsync never stalls reception (a stalled receiver
+    overflows the socket buffer under a burst and the ROMs retry 4 s later).
+    """
+    held: list[tuple[Reply, tuple[str, int]]] = []
+    more = trio.Event()
+
+    async def committer() -> None:
+        nonlocal more
+        while True:
+            await more.wait()
+            more = trio.Event()
+            batch = held[:]
+            del held[:]
+            # Group commit: one fsync covers every change staged so far.
             await trio.to_thread.run_sync(core.leases.commit)
-        stats.batches += 1
-        _send_all(sock, replies, may_broadcast, stats)
-        await trio.lowlevel.checkpoint()
+            _send_all(sock, batch, may_broadcast, stats)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer)
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            wall = time.time()
+            now_replies: list[tuple[Reply, tuple[str, int]]] = []
+            for _ in range(BATCH):
+                try:
+                    data, src = sock.recvfrom(MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue  # e.g. ICMP errors surfacing on the socket
+                out = core.receive(data, src, now, wall, logical_port)
+                if out.dirty:
+                    held.extend((r, src) for r in out.replies)
+                    more.set()
+                else:
+                    now_replies.extend((r, src) for r in out.replies)
+                if events is not None:
+                    for ev in out.events:
+                        try:
+                            events.send_nowait(ev)
+                        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                            stats.events_dropped += 1
+            stats.batches += 1
+            _send_all(sock, now_replies, may_broadcast, stats)
+            await trio.lowlevel.checkpoint()
 
 
 def _send_all(sock: socket.socket, replies: Iterable[tuple[Reply, tuple[str, int]]], may_broadcast: bool, stats: DhcpStats) -> None:
