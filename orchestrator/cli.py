@@ -150,7 +150,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ports = Ports(host=args.listen, dhcp=args.dhcp_port, pxe=args.pxe_port, tftp=args.tftp_port,
                   http=args.http_port, interface=args.interface)
     try:
-        trio.run(lambda: run_serve(lp, ports, dhcp=not args.no_dhcp, as_json=args.json, events_too=args.events))
+        metrics_port = None if args.metrics_port is None else (False if args.metrics_port < 0 else args.metrics_port)
+        trio.run(lambda: run_serve(lp, ports, dhcp=not args.no_dhcp, as_json=args.json, events_too=args.events,
+                                   metrics_port=metrics_port))
     except BaseException as e:  # trio wraps start-up failures in exception groups
         leaf = _single_leaf(e)
         if isinstance(leaf, DhcpPrivilegeError):
@@ -233,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--interface", help="interface for DHCP (default: network.interface; '' = none, loopback tests)")
     sv.add_argument("--no-dhcp", action="store_true", help="serve files only (the site runs its own DHCP)")
     sv.add_argument("--events", action="store_true", help="print every request, not only stage changes")
-    for name, what in (("tftp", "TFTP"), ("http", "HTTP"), ("dhcp", "DHCP"), ("pxe", "PXE boot server (4011)")):
+    for name, what in (("tftp", "TFTP"), ("http", "HTTP"), ("dhcp", "DHCP"), ("pxe", "PXE boot server (4011)"),
+                       ("metrics", "Prometheus metrics (on metrics.listen's host)")):
         sv.add_argument(f"--{name}-port", type=int, metavar="N", help=f"{what} port (default from the plan; 0 = any free port; -1 = off)")
 
     st = plan_cmd("status", "each node's stage, time in stage, attempts, last evidence and action; the worst first", cmd_status)

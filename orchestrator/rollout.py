@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import trio
 
 from orchestrator.bootserver.serve import Ports, serve_plan
+from orchestrator.metrics import Metrics, serve_metrics, split_listen
 from orchestrator.plan import LoadedPlan
 from orchestrator.power.drivers import plan_drivers
 from orchestrator.readiness import Readiness
@@ -112,15 +113,27 @@ async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool
     wake, bmc = plan_drivers(lp)
     readiness = Readiness.from_plan(lp)
     send, recv = trio.open_memory_channel(65536)
+    metrics = Metrics().attach(tracker=tracker, wake=wake, timeouts=plan_timeouts(lp))
+
+    def on_change(ts: list[Transition]) -> None:
+        progress.transitions(ts)
+        metrics.observe_transitions(ts)
+
     try:
         async with trio.open_nursery() as nursery:
+            if lp.model.metrics.listen:
+                host, port = split_listen(lp.model.metrics.listen)
+                mhost, mport = await nursery.start(serve_metrics, metrics, host, port)
+                progress.line(f"metrics on http://{mhost}:{mport}/metrics")
             load = None
             if serve and lp.model.dhcp.mode != "external":
                 running = await nursery.start(lambda task_status: serve_plan(lp, ports or Ports(), events=send, task_status=task_status))
+                metrics.attach(running=running)
                 progress.line(f"boot server up: tftp :{running.tftp}, http :{running.http}, dhcp :{running.dhcp}")
                 load = lambda: running.admission.load(trio.current_time())  # noqa: E731
             sched = Scheduler(lp, tracker, store, wake=wake, bmc=bmc, readiness=readiness, load=load,
-                              clock=time.time, log=progress.line, on_change=progress.transitions)
+                              clock=time.time, log=progress.line, on_change=on_change)
+            metrics.attach(scheduler=sched)
             if isinstance(progress, LiveProgress):
                 progress.tracker = tracker
                 nursery.start_soon(progress.refresher)

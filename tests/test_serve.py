@@ -82,7 +82,7 @@ def test_serve_cli_prints_stage_changes_and_resumes_from_journal(tmp_path):
     node = lp.nodes[0]
     exe = str(REPO / ".venv" / "bin" / "bootorch")
     args = [exe, "serve", str(lp.path), "--listen", "127.0.0.1", "--interface", "", "--tftp-port", "0",
-            "--http-port", "0", "--dhcp-port", "0", "--pxe-port", "-1"]
+            "--http-port", "0", "--dhcp-port", "0", "--pxe-port", "-1", "--metrics-port", "0"]
 
     def start():
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

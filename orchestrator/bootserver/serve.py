@@ -124,7 +124,8 @@ def format_transition(t) -> str:
     return f"{t.node} {t.from_stage.value} -> {t.to_stage.value} (attempt {t.attempt}){flags}: {t.evidence}"
 
 
-async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, events_too: bool = False) -> None:
+async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, events_too: bool = False,
+                    metrics_port: int | None | bool = None) -> None:
     """Serve, track every node's stage from the servers' evidence, journal and print each change.
 
     The journal (``<state_dir>/state.db``) is restored first, so a restarted
@@ -136,14 +137,22 @@ async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, 
     from orchestrator.store import Store
     from orchestrator.tracker import Tracker, plan_nodes, plan_timeouts
 
+    from orchestrator.metrics import Metrics, serve_metrics, split_listen
+
     lp.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(lp.state_dir / "state.db")
     tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
     tracker.restore(store.transitions())
+    metrics = Metrics().attach(tracker=tracker, timeouts=plan_timeouts(lp))
     send, recv = trio.open_memory_channel[BootEvent](4096)
     try:
         async with trio.open_nursery() as nursery:
+            if lp.model.metrics.listen and metrics_port is not False:
+                host, port = split_listen(lp.model.metrics.listen)
+                mhost, mport = await nursery.start(serve_metrics, metrics, host, port if metrics_port is None else metrics_port)
+                print(f"metrics on http://{mhost}:{mport}/metrics", file=sys.stderr, flush=True)
             run: Running = await nursery.start(lambda task_status: serve_plan(lp, ports, events=send, dhcp=dhcp, task_status=task_status))
+            metrics.attach(running=run)
             parts = [f"tftp {run.host}:{run.tftp}" if run.tftp else None, f"http {run.host}:{run.http}" if run.http else None,
                      f"dhcp :{run.dhcp}" if run.dhcp else None, f"pxe :{run.pxe}" if run.pxe else None]
             print("serving " + ", ".join(p for p in parts if p), file=sys.stderr, flush=True)
@@ -152,6 +161,7 @@ async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, 
                 async for ev in recv:
                     changes = tracker.feed(ev)
                     store.append(changes)
+                    metrics.observe_transitions(changes)
                     if as_json:
                         for t in changes:
                             print(json.dumps({"type": "transition", "node": t.node, "mac": t.mac, "from": t.from_stage.value,
