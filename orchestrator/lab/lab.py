@@ -605,11 +605,16 @@ def daemon(lp: LoadedPlan, lab_dir: Path) -> int:
     assert lab.dir == lab_dir, (lab.dir, lab_dir)
     by_mac = {n.mac: n for n in lp.nodes}
     locks = {n.name: threading.Lock() for n in lp.nodes}
+    wol_disabled = set(lp.model.lab.wol_disabled)
 
     def on_magic(mac: str, how: str, peer: str, password: bytes) -> None:
         node = by_mac.get(mac)
         if node is None:
             log.info("magic packet for %s (%s from %s): not a lab node", mac, how, peer)
+            return
+        if node.name in wol_disabled:
+            log.info("magic packet for %s (%s from %s): Wake-on-LAN disabled on this NIC (lab.wol_disabled), ignored",
+                     node.name, how, peer)
             return
         if secureon and password != secureon:
             log.info("magic packet for %s (%s from %s): wrong or missing SecureOn password, ignored",

@@ -446,6 +446,9 @@ class Lab(Strict):
     nic_model: str = "e1000"
     #: Port of the lab's Redfish BMC endpoint, on network.server inside the namespace.
     bmc_port: Port = 9200
+    #: Fault injection: nodes whose NIC ignores magic packets (Wake-on-LAN off in
+    #: the BIOS); only a BMC power action starts them. Tests the escalation ladder.
+    wol_disabled: list[str] = []
 
 
 class LogSource(Strict):

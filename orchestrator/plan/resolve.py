@@ -399,6 +399,10 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
                 break
             in_wave.setdefault(x, w.name)
 
+    unknown_lab = [x for x in plan.lab.wol_disabled if x not in lp.by_name]
+    if unknown_lab:
+        out.append(Problem(*at("lab", "wol_disabled"), f"lab.wol_disabled names nodes the plan does not define: {', '.join(unknown_lab)}"))
+
     budget = plan.rollout.failure_budget
     if isinstance(budget, int) and lp.nodes and budget >= len(lp.nodes):
         out.append(Problem(*at("rollout", "failure_budget"), f"failure_budget {budget} is not less than the {len(lp.nodes)} nodes: the rollout could never fail", "warning"))

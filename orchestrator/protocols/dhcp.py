@@ -31,6 +31,7 @@ ended up in logs and shell hooks of other servers).
 from __future__ import annotations
 
 import enum
+import socket
 import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -110,7 +111,7 @@ class MalformedPacket(RemoteProtocolError):
 
 
 def mac_str(chaddr: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in chaddr[:6])
+    return chaddr[:6].hex(":")
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -118,11 +119,14 @@ def mac_bytes(mac: str) -> bytes:
 
 
 def ip_int(ip: str | IPv4Address) -> int:
-    return int(IPv4Address(ip))
+    if isinstance(ip, str):
+        return int.from_bytes(socket.inet_aton(ip), "big") if ip.count(".") == 3 else int(IPv4Address(ip))
+    return int(ip)
 
 
 def ip_str(v: int) -> str:
-    return str(IPv4Address(v))
+    # inet_ntoa: ~10x cheaper than str(IPv4Address(v)) on the per-packet path.
+    return socket.inet_ntoa(v.to_bytes(4, "big"))
 
 
 @dataclass(slots=True)

@@ -50,6 +50,7 @@ from orchestrator.protocols.dhcp import (
     Packet,
     encode,
     encode_suboptions,
+    ip_int,
     ip_str,
     parse,
     sanitize_hostname,
@@ -327,7 +328,7 @@ class DhcpServerCore:
             return res.ip if res.ip in subnet else None
         lease = self.leases.by_mac(mac)
         if lease is not None and lease.state == "bound" and lease.expires > wall:
-            ip = int(IPv4Address(lease.ip))
+            ip = ip_int(lease.ip)
             if ip in subnet:
                 return ip
         offer = self._offers.get(mac)
