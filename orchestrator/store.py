@@ -111,6 +111,21 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return len(rows)
 
+    def append_with_offset(self, transitions: Iterable[Transition], key: str, offset: dict[str, Any]) -> None:
+        """Transitions and the log position that produced them, in one transaction.
+
+        After a crash either both are in the journal or neither is: a restart
+        re-reads exactly the lines whose effects were lost.
+        """
+        rows = [(t.mac, t.node, t.from_stage.value, t.to_stage.value, t.time, t.attempt, t.evidence, t.source, ",".join(t.flags))
+                for t in transitions]
+        with self._tx():
+            if rows:
+                self.db.executemany(
+                    "INSERT INTO transitions (mac, node, from_stage, to_stage, time, attempt, evidence, source, flags)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.execute("INSERT OR REPLACE INTO offsets (key, value) VALUES (?, ?)", (key, json.dumps(offset)))
+
     def transitions(self, mac: str | None = None) -> list[Transition]:
         q = "SELECT mac, node, from_stage, to_stage, time, attempt, evidence, source, flags FROM transitions"
         args: tuple[Any, ...] = ()

@@ -178,6 +178,17 @@ async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, 
                             print(format_transition(t), flush=True)
 
             nursery.start_soon(consume)
+            if lp.model.logs:
+                from orchestrator.logwatch.watch import track_logs
+
+                def show(changes) -> None:
+                    metrics.observe_transitions(changes)
+                    for t in changes:
+                        print(format_transition(t), flush=True)
+
+                nursery.start_soon(lambda: track_logs(lp, store, tracker, on_change=show))
+                print(f"following {len(lp.model.logs)} log(s): " + ", ".join(f"{e.source} {e.path}" for e in lp.model.logs),
+                      file=sys.stderr, flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                 async for _ in sigs:
                     nursery.cancel_scope.cancel()
