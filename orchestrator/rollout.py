@@ -106,6 +106,28 @@ class LiveProgress(Progress):
                 await trio.sleep(0.5)
 
 
+class NetbootGate:
+    """``boot.gate_after_ready``: ready nodes get no boot file; our own wake reopens the gate."""
+
+    def __init__(self) -> None:
+        self.policy = None
+
+    def attach(self, policy, current=()) -> None:
+        self.policy = policy
+        for c in current:  # ready before a restart: still gated
+            if c.stage == Stage.READY:
+                policy.close_gate(c.mac)
+
+    def __call__(self, ts: list[Transition]) -> None:
+        if self.policy is None:
+            return
+        for t in ts:
+            if t.to_stage == Stage.READY:
+                self.policy.close_gate(t.mac)
+            elif t.to_stage == Stage.WAKING:
+                self.policy.open_gate(t.mac)
+
+
 async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool = True, progress: Progress | None = None) -> tuple[Summary, Tracker]:
     progress = progress or (LiveProgress() if sys.stderr.isatty() else Progress())
     store = Store(lp.state_dir / "state.db")
@@ -115,9 +137,12 @@ async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool
     send, recv = trio.open_memory_channel(65536)
     metrics = Metrics().attach(tracker=tracker, wake=wake, timeouts=plan_timeouts(lp))
 
+    gate = NetbootGate()
+
     def on_change(ts: list[Transition]) -> None:
         progress.transitions(ts)
         metrics.observe_transitions(ts)
+        gate(ts)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -129,6 +154,8 @@ async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool
             if serve and lp.model.dhcp.mode != "external":
                 running = await nursery.start(lambda task_status: serve_plan(lp, ports or Ports(), events=send, task_status=task_status))
                 metrics.attach(running=running)
+                if lp.model.boot.gate_after_ready and running.dhcp_core is not None:
+                    gate.attach(running.dhcp_core.policy, store.current().values())
                 progress.line(f"boot server up: tftp :{running.tftp}, http :{running.http}, dhcp :{running.dhcp}")
                 load = lambda: running.admission.load(trio.current_time())  # noqa: E731
             sched = Scheduler(lp, tracker, store, wake=wake, bmc=bmc, readiness=readiness, load=load,

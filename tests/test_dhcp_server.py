@@ -406,3 +406,17 @@ def test_privileged_port_error_is_clear():
     else:
         with pytest.raises(DhcpPrivilegeError, match="CAP_NET_BIND_SERVICE"):
             open_socket("0.0.0.0", 67, None)
+
+
+def test_netboot_gate_follows_stages():
+    """boot.gate_after_ready: ready closes the gate, a wake opens it (rollout's NetbootGate)."""
+    from orchestrator.rollout import NetbootGate
+    from orchestrator.tracker import Stage, Transition
+
+    core, policy = make_core()
+    gate = NetbootGate()
+    gate.attach(policy)
+    gate([Transition(NODE_MAC, "node10", Stage.SSH, Stage.READY, 1.0, 1, "checks passed")])
+    assert BOOTP(one_reply(core, req("discover", NODE_MAC, *pxe()))[0].data).file.rstrip(b"\0") == b""
+    gate([Transition(NODE_MAC, "node10", Stage.READY, Stage.WAKING, 2.0, 2, "woken")])
+    assert BOOTP(one_reply(core, req("discover", NODE_MAC, *pxe()))[0].data).file.rstrip(b"\0") == b"pxelinux.0"

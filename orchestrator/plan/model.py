@@ -190,6 +190,9 @@ class Boot(Strict):
     #: the BIOS/UEFI loader over TFTP like any PXE ROM (QEMU's NIC ROMs are iPXE:
     #: this makes the lab walk the seed's pxelinux path).
     ipxe: Literal["script", "loader"] = "script"
+    #: Netboot gate: once a node is ready, stop offering it a boot file (it boots
+    #: from what it has; no boot loops). A wake or power cycle opens it again.
+    gate_after_ready: bool = False
 
     @field_validator("config_names")
     @classmethod
