@@ -420,3 +420,12 @@ def test_netboot_gate_follows_stages():
     assert BOOTP(one_reply(core, req("discover", NODE_MAC, *pxe()))[0].data).file.rstrip(b"\0") == b""
     gate([Transition(NODE_MAC, "node10", Stage.READY, Stage.WAKING, 2.0, 2, "woken")])
     assert BOOTP(one_reply(core, req("discover", NODE_MAC, *pxe()))[0].data).file.rstrip(b"\0") == b"pxelinux.0"
+
+
+def test_backlog_order_puts_discovers_last():
+    from orchestrator.bootserver.dhcp import _discover_last
+
+    batch = [(req("discover", "02:00:00:00:00:01"), ("a", 1)), (req("request", "02:00:00:00:00:02"), ("b", 1)),
+             (req("discover", "02:00:00:00:00:03"), ("c", 1)), (req("release", "02:00:00:00:00:04"), ("d", 1))]
+    batch.sort(key=_discover_last)  # stable: arrival order kept within each class
+    assert [src[0] for _, src in batch] == ["b", "d", "a", "c"]
