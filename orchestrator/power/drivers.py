@@ -183,7 +183,23 @@ async def _run(argv: list[str], env: dict[str, str] | None, timeout: float) -> t
     return None, f"{argv[0]} timed out after {timeout:g}s"
 
 
-class IpmiDriver:
+class _ActionDriver:
+    """on/off/cycle as one ``_act(target, action)``: for drivers whose actions differ only by a word."""
+
+    async def _act(self, t: Target, action: str) -> PowerResult:
+        raise NotImplementedError
+
+    async def on(self, t: Target) -> PowerResult:
+        return await self._act(t, "on")
+
+    async def off(self, t: Target) -> PowerResult:
+        return await self._act(t, "off")
+
+    async def cycle(self, t: Target) -> PowerResult:
+        return await self._act(t, "cycle")
+
+
+class IpmiDriver(_ActionDriver):
     """``ipmitool -I lanplus -H HOST -U USER -E chassis power ...``.
 
     ``-E`` makes ipmitool read the password from ``IPMI_PASSWORD``: it never
@@ -207,18 +223,9 @@ class IpmiDriver:
         env = {**os.environ, "IPMI_PASSWORD": self.password or ""}
         return await _run(self._argv(t, "chassis", "power", what), env, self.timeout)
 
-    async def _act(self, t: Target, what: str) -> PowerResult:
-        code, out = await self._power(t, what)
-        return PowerResult(code == 0, f"ipmitool chassis power {what}: {out or code}")
-
-    async def on(self, t: Target) -> PowerResult:
-        return await self._act(t, "on")
-
-    async def off(self, t: Target) -> PowerResult:
-        return await self._act(t, "off")
-
-    async def cycle(self, t: Target) -> PowerResult:
-        return await self._act(t, "cycle")
+    async def _act(self, t: Target, action: str) -> PowerResult:
+        code, out = await self._power(t, action)
+        return PowerResult(code == 0, f"ipmitool chassis power {action}: {out or code}")
 
     async def status(self, t: Target) -> str | None:
         code, out = await self._power(t, "status")
@@ -227,7 +234,7 @@ class IpmiDriver:
         return "on" if out.rstrip().endswith("on") else "off" if out.rstrip().endswith("off") else None
 
 
-class CommandDriver:
+class CommandDriver(_ActionDriver):
     """A site's own tool: ``command: "pdu-ctl {action} {name}"``; exit 0 means done.
 
     The template is split like a shell would (``shlex``) and each word filled in
@@ -244,15 +251,6 @@ class CommandDriver:
         argv = [fill(w, t).replace("{action}", action) for w in self.words]
         code, out = await _run(argv, None, self.timeout)
         return PowerResult(code == 0, f"{shlex.join(argv)}: {'ok' if code == 0 else out or code}")
-
-    async def on(self, t: Target) -> PowerResult:
-        return await self._act(t, "on")
-
-    async def off(self, t: Target) -> PowerResult:
-        return await self._act(t, "off")
-
-    async def cycle(self, t: Target) -> PowerResult:
-        return await self._act(t, "cycle")
 
     async def status(self, t: Target) -> str | None:
         return None
