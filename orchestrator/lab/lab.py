@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from orchestrator.lab import qmp as q
-from orchestrator.lab.netns import NetnsError, require_root
+from orchestrator.lab.netns import NetnsError, require_root, run_checked
 from orchestrator.plan import LoadedPlan, Node, PlanError, load_plan
 
 log = logging.getLogger("bootorch.lab")
@@ -167,13 +167,7 @@ class Lab:
 
 
 def _run(argv: Sequence[str], *, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
-    try:
-        cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise LabError(f"timed out after {timeout}s: {' '.join(argv)}") from e
-    if check and cp.returncode != 0:
-        raise LabError(f"{' '.join(argv)} exited {cp.returncode}: {cp.stderr.strip()}")
-    return cp
+    return run_checked(argv, timeout=timeout, check=check, error=LabError)
 
 
 def namespace_exists(name: str) -> bool:

@@ -91,14 +91,19 @@ def require_root() -> None:
         raise NetnsError("iproute2 ('ip') is not installed")
 
 
-def _run(argv: Sequence[str], *, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_checked(argv: Sequence[str], *, timeout: float = 30, check: bool = True,
+                error: type[Exception] = NetnsError) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` (no shell); a timeout or, with ``check``, a non-zero exit raises ``error``."""
     try:
         cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise NetnsError(f"timed out after {timeout}s: {' '.join(argv)}") from e
+        raise error(f"timed out after {timeout}s: {' '.join(argv)}") from e
     if check and cp.returncode != 0:
-        raise NetnsError(f"{' '.join(argv)} exited {cp.returncode}: {cp.stderr.strip()}")
+        raise error(f"{' '.join(argv)} exited {cp.returncode}: {cp.stderr.strip()}")
     return cp
+
+
+_run = run_checked
 
 
 def _host_networks() -> list[ipaddress.IPv4Network]:
