@@ -166,6 +166,13 @@ def render_dhcpd(lp: LoadedPlan) -> str:
         "# RFC 4578: client system architecture (0 BIOS, 7/9 x86-64 UEFI).",
         "option arch code 93 = unsigned integer 16;",
         "",
+        "# Evidence for bootorch's log watcher: dhcpd does not log the vendor class by",
+        "# default, and without it a PXE ROM's DHCP cannot be told from the OS's.",
+        'log(info, concat("bootorch-pxe mac ", binary-to-ascii(16, 8, ":", substring(hardware, 1, 6)),',
+        '                 " arch ", pick-first-value(binary-to-ascii(10, 16, "", option arch), "-"),',
+        '                 " user-class ", pick-first-value(binary-to-ascii(16, 8, ":", option user-class), "-"),',
+        '                 " vendor-class ", pick-first-value(option vendor-class-identifier, "-")));',
+        "",
         f"subnet {net.subnet.network_address} netmask {net.subnet.netmask} {{",
     ]
     if net.gateway:

@@ -106,6 +106,7 @@ def test_dhcpd_conf_has_pxe_class_hosts_and_no_pool():
     assert conf.count("host node") == 64
     assert "hardware ethernet fe:ed:fa:ce:de:ad;" in conf and "fixed-address 192.168.1.2;" in conf
     assert "range " not in conf  # no pool: deny unknown clients
+    assert 'log(info, concat("bootorch-pxe mac "' in conf  # evidence the iscdhcpd log parser reads
 
 
 def dhcpd_check(path: Path) -> subprocess.CompletedProcess[str]:
