@@ -101,14 +101,11 @@ class Store:
     # ---------------------------------------------------------------- transitions
 
     def append(self, transitions: Iterable[Transition]) -> int:
-        rows = [(t.mac, t.node, t.from_stage.value, t.to_stage.value, t.time, t.attempt, t.evidence, t.source, ",".join(t.flags))
-                for t in transitions]
+        rows = _rows(transitions)
         if not rows:
             return 0
         with self._tx():
-            self.db.executemany(
-                "INSERT INTO transitions (mac, node, from_stage, to_stage, time, attempt, evidence, source, flags)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany(_INSERT_TRANSITION, rows)
         return len(rows)
 
     def append_with_offset(self, transitions: Iterable[Transition], key: str, offset: dict[str, Any]) -> None:
@@ -117,13 +114,10 @@ class Store:
         After a crash either both are in the journal or neither is: a restart
         re-reads exactly the lines whose effects were lost.
         """
-        rows = [(t.mac, t.node, t.from_stage.value, t.to_stage.value, t.time, t.attempt, t.evidence, t.source, ",".join(t.flags))
-                for t in transitions]
+        rows = _rows(transitions)
         with self._tx():
             if rows:
-                self.db.executemany(
-                    "INSERT INTO transitions (mac, node, from_stage, to_stage, time, attempt, evidence, source, flags)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self.db.executemany(_INSERT_TRANSITION, rows)
             self.db.execute("INSERT OR REPLACE INTO offsets (key, value) VALUES (?, ?)", (key, json.dumps(offset)))
 
     def transitions(self, mac: str | None = None) -> list[Transition]:
@@ -183,6 +177,15 @@ class Store:
 
     def _tx(self):
         return _Tx(self.db)
+
+
+_INSERT_TRANSITION = ("INSERT INTO transitions (mac, node, from_stage, to_stage, time, attempt, evidence, source, flags)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _rows(transitions: Iterable[Transition]) -> list[tuple[Any, ...]]:
+    return [(t.mac, t.node, t.from_stage.value, t.to_stage.value, t.time, t.attempt, t.evidence, t.source, ",".join(t.flags))
+            for t in transitions]
 
 
 class _Tx:

@@ -28,41 +28,35 @@ def timeline(store):
     return [(t.mac, t.from_stage, t.to_stage, t.time, t.attempt, t.evidence) for t in store.transitions()]
 
 
-async def feed_and_follow(lp, db, log, lines, *, stop_at=None, rotate_at=None):
-    """Append ``lines`` to the log while following it; cancel abruptly after ``stop_at`` lines."""
+async def feed_and_follow(lp, db, log, lines, *, stop_at=None, rotate_at=None, expected=10_000):
+    """Append ``lines`` to the log while following it; cancel abruptly after ``stop_at`` lines,
+    else wait (bounded) until the journal holds ``expected`` transitions."""
     store = Store(db)
     tracker = Tracker(plan_nodes(lp))
     tracker.restore(store.transitions())
-    done = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: track_logs(lp, store, tracker, poll=0.01))
-            with open(log, "ab") as f:
-                for i, line in enumerate(lines):
-                    if rotate_at is not None and i == rotate_at:
-                        f.close()
-                        log.rename(log.with_name(log.name + ".1"))  # rename rotation mid-stream
-                        f = open(log, "ab")
-                    f.write(line)
-                    f.flush()
-                    if i % 25 == 0:
-                        await trio.sleep(0.02)
-                    if stop_at is not None and i == stop_at:
-                        await trio.sleep(0.05)
-                        nursery.cancel_scope.cancel()  # "kill": whatever was not committed is lost
-                        return store
-                f.close()
-            # let the follower catch up, then stop
-            with trio.move_on_after(5):
-                while len(store.transitions()) < expected_count[0]:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: track_logs(lp, store, tracker, poll=0.01))
+        with open(log, "ab") as f:
+            for i, line in enumerate(lines):
+                if rotate_at is not None and i == rotate_at:
+                    f.close()
+                    log.rename(log.with_name(log.name + ".1"))  # rename rotation mid-stream
+                    f = open(log, "ab")
+                f.write(line)
+                f.flush()
+                if i % 25 == 0:
+                    await trio.sleep(0.02)
+                if stop_at is not None and i == stop_at:
                     await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
-    finally:
-        done.set()
+                    nursery.cancel_scope.cancel()  # "kill": whatever was not committed is lost
+                    return store
+            f.close()
+        # let the follower catch up, then stop
+        with trio.move_on_after(5):
+            while len(store.transitions()) < expected:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
     return store
-
-
-expected_count = [0]
 
 
 async def test_restart_mid_stream_gives_identical_timeline(tmp_path):
@@ -74,13 +68,11 @@ async def test_restart_mid_stream_gives_identical_timeline(tmp_path):
 
     with trio.fail_after(60):
         # Reference: one uninterrupted run (with the same rotation).
-        expected_count[0] = 10_000
         ref = await feed_and_follow(lp_a, tmp_path / "a" / "state.db", log_a, lines, rotate_at=len(lines) // 2)
         reference = timeline(ref)
         ref.close()
         assert [t[2].value for t in reference if t[0] == "52:54:00:88:00:05"] == [
             "pxe_dhcp", "loader", "config", "kernel", "initrd", "os_dhcp"]
-        expected_count[0] = len(reference)
 
         # Interrupted: killed a third of the way in, restarted, the rest written (and rotated) while it runs.
         cut = len(lines) // 3
@@ -93,7 +85,7 @@ async def test_restart_mid_stream_gives_identical_timeline(tmp_path):
         assert saved is not None and 0 < saved["position"] <= log_b.stat().st_size
         assert saved["inode"] == log_b.stat().st_ino
         second = await feed_and_follow(lp_b, tmp_path / "b" / "state.db", log_b, lines[cut + 1:],
-                                       rotate_at=len(lines) // 2 - cut - 1)
+                                       rotate_at=len(lines) // 2 - cut - 1, expected=len(reference))
         resumed = timeline(second)
         second.close()
     assert resumed == reference

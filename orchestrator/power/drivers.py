@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import trio
 
-from orchestrator.power import PowerResult, SecretError, Target, fill, resolve_secret  # noqa: F401 (re-export)
+from orchestrator.power import PowerResult, Target, fill, resolve_secret
 
 # --------------------------------------------------------------------------- wol
 
@@ -315,4 +315,4 @@ def target(node) -> Target:
     return Target(node.name, node.mac, str(node.ip), node.index, node.bmc)
 
 
-__all__ = ["CommandDriver", "IpmiDriver", "RedfishDriver", "SecretError", "SshPowerDriver", "WolDriver", "plan_drivers", "target"]
+__all__ = ["CommandDriver", "IpmiDriver", "RedfishDriver", "SshPowerDriver", "WolDriver", "plan_drivers", "target"]
