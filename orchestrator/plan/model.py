@@ -301,7 +301,8 @@ class Wol(Strict):
 class Bmc(Strict):
     """Out-of-band power control for power cycles."""
 
-    driver: Literal["none", "redfish", "ipmi", "command"] = "none"
+    #: sim: the simulator's control socket (``bootorch sim``); address is its path.
+    driver: Literal["none", "redfish", "ipmi", "command", "sim"] = "none"
     #: Template: {name}, {ip}, {mac}, {index}, or a node's own bmc: value.
     address: str | None = None
     username: str | None = None
@@ -314,6 +315,9 @@ class Bmc(Strict):
     def _needs(self) -> "Bmc":
         if self.driver in ("redfish", "ipmi") and not self.address:
             raise ValueError(f"driver {self.driver} needs address: (a template such as '{{name}}-bmc')")
+        if self.driver == "sim" and not self.address:
+            raise ValueError("driver sim needs address: (the path of the simulator's control socket, "
+                             "e.g. /run/bootorch-sim.sock, as `bootorch sim up` prints it)")
         if self.driver == "command" and not self.command:
             raise ValueError("driver command needs command: (e.g. 'pdu-ctl {action} {name}')")
         return self
@@ -454,6 +458,33 @@ class Lab(Strict):
     wol_disabled: list[str] = []
 
 
+class Control(Strict):
+    """The on-call control API of a running ``rollout``/``serve`` (``bootorch wake|reboot|slurm`` use it)."""
+
+    #: Unix socket (mode 0600, in a 0700 directory); relative paths are relative to state_dir.
+    socket: Path = Path("control/control.sock")
+    #: Optional TCP listener ``host:port`` for remote on-call tools; "" = none. Needs ``token``.
+    listen: str = ""
+    #: Shared secret a TCP client must present ({env: NAME} or {file: PATH}).
+    token: Secret | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if v == "":
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{v!r}: write host:port, e.g. 127.0.0.1:9811 (or '' for the Unix socket only)")
+        return v
+
+    @model_validator(mode="after")
+    def _token(self) -> "Control":
+        if self.listen and self.token is None:
+            raise ValueError("control.listen needs control.token ({env: NAME} or {file: PATH}): a TCP control port without a secret lets anyone reboot nodes")
+        return self
+
+
 class LogSource(Strict):
     """A log file of a site's own boot server, followed like ``tail -F`` for evidence."""
 
@@ -479,6 +510,8 @@ class Plan(Strict):
     readiness: Readiness = Readiness()
     metrics: Metrics = Metrics()
     lab: Lab = Lab()
+    #: The on-call control API (``bootorch wake``/``reboot``/``slurm`` talk to a running orchestrator).
+    control: Control = Control()
     #: Logs of a site's own DHCP/TFTP servers to follow (dhcp.mode external, or beside ours).
     logs: list[LogSource] = []
 

@@ -308,6 +308,10 @@ def plan_drivers(lp) -> tuple[WolDriver, Any | None]:
                                    verify_tls=b.verify_tls)
     if b.driver == "ipmi":
         return wake, IpmiDriver(address=b.address or "", username=b.username, password=resolve_secret(b.password, base))
+    if b.driver == "sim":
+        from orchestrator.sim.power import SimPowerDriver
+
+        return wake, SimPowerDriver(lp.resolve_path(b.address or ""))
     return wake, CommandDriver(command=b.command or "")
 
 
