@@ -127,14 +127,14 @@ class Store:
             q += " WHERE mac = ?"
             args = (mac,)
         q += " ORDER BY id"
-        return [Transition(m, n, Stage(f), Stage(t), tm, a, e, s, tuple(x for x in fl.split(",") if x))
+        return [Transition(m, n, _stage(f), _stage(t), tm, a, e, s, _flags(fl))
                 for m, n, f, t, tm, a, e, s, fl in self.db.execute(q, args)]
 
     def current(self) -> dict[str, Current]:
         """Each node's latest transition."""
         q = """SELECT t.mac, t.node, t.to_stage, t.time, t.attempt, t.evidence, t.flags FROM transitions t
                JOIN (SELECT mac, MAX(id) AS id FROM transitions GROUP BY mac) last ON t.id = last.id"""
-        return {m: Current(m, n, Stage(s), tm, a, e, tuple(x for x in fl.split(",") if x))
+        return {m: Current(m, n, _stage(s), tm, a, e, _flags(fl))
                 for m, n, s, tm, a, e, fl in self.db.execute(q)}
 
     # ---------------------------------------------------------------- actions (audit)
@@ -177,6 +177,19 @@ class Store:
 
     def _tx(self):
         return _Tx(self.db)
+
+
+_STAGES = {s.value: s for s in Stage}
+
+
+def _stage(value: str) -> Stage:
+    """``Stage(value)`` by a dict lookup (the enum call costs ~1 us: twice per row of a 10 000-node journal)."""
+    s = _STAGES.get(value)
+    return s if s is not None else Stage(value)  # an unknown value raises as before
+
+
+def _flags(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x) if text else ()
 
 
 _INSERT_TRANSITION = ("INSERT INTO transitions (mac, node, from_stage, to_stage, time, attempt, evidence, source, flags)"

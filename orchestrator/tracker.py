@@ -41,6 +41,8 @@ cycle, give up) is the scheduler's business.
 from __future__ import annotations
 
 import enum
+import heapq
+import math
 import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
@@ -220,10 +222,20 @@ class Tracker:
         self.nodes: dict[str, NodeState] = {}
         self.ip_to_mac: dict[str, str] = {}
         self._classifiers: dict[str, Classifier] = {}
+        self._by_files: dict[BootFilesOf, Classifier] = {}
         self._generic = Classifier()
         self.unmatched = 0
+        # Indexes kept as stages change, so that a query costs O(1) (counts) or
+        # O(log n) (deadlines) rather than a pass over every node: at 10 000
+        # nodes the scheduler asks after every transition. See _reindex.
+        self._stage_count: dict[Stage, int] = {s: 0 for s in Stage}
+        self._order: dict[str, int] = {}  # mac -> creation index: check_timeouts reports in node order
+        self._gen: dict[str, int] = {}  # mac -> the sequence number of its live heap entry
+        self._seq = 0
+        self._heap: list[tuple[float, int, str]] = []  # (since + timeout, seq, mac); stale entries dropped lazily
+        self._heap_limits: dict[Stage, float] = dict(self.timeouts)
         for mac, info in self.info.items():
-            self.nodes[mac] = NodeState(mac, info.name, info.ip)
+            self._add(NodeState(mac, info.name, info.ip))
             if info.ip:
                 self.ip_to_mac[info.ip] = mac
 
@@ -285,6 +297,7 @@ class Tracker:
         t = Transition(st.mac, st.node, st.stage, st.stage, now, st.attempt, evidence, source, tuple(sorted(st.flags)))
         st.since, st.last_evidence, st.last_evidence_time = now, evidence, now
         st.stuck_reported = False
+        self._touch(st)
         st.history.append(t)
         return [t]
 
@@ -294,36 +307,75 @@ class Tracker:
             return []
         return [self._move(st, Stage.FAILED, now, reason, "scheduler")]
 
+    def powered_off(self, mac: str, now: float, evidence: str) -> list[Transition]:
+        """Powered off on purpose (``slurm suspend``/``fail``): back to ``pending``, a new attempt."""
+        st = self.nodes.get(mac.lower())
+        if st is None:
+            return []
+        return [self._move(st, Stage.PENDING, now, evidence, "scheduler", new_attempt=True)]
+
     # ---------------------------------------------------------------- timeouts
 
     def check_timeouts(self, now: float) -> list[Stuck]:
-        """Nodes that overstayed their stage; each reported once per stage entry."""
+        """Nodes that overstayed their stage; each reported once per stage entry, in node order.
+
+        Only the nodes whose deadline (``since + timeout``, a heap) has come are
+        looked at; each is then judged by the exact test ``now - since >= timeout``.
+        """
+        self._sync()
+        heap, gen, found, keep = self._heap, self._gen, [], []
+        # Candidates: deadline <= now, with a margin for rounding (since + t <= now and
+        # now - since >= t can disagree in the last bit); each is checked exactly below.
+        bound = now + 8 * 2.2205e-16 * (abs(now) + self._max_limit)
+        while heap and heap[0][0] <= bound:
+            entry = heapq.heappop(heap)
+            st = self.nodes.get(entry[2])
+            if st is None or gen.get(entry[2]) != entry[1]:
+                continue  # stale: the node moved (or was reported) since this entry was pushed
+            if st.stage != Stage.PENDING and now - st.since >= self.timeouts[st.stage]:
+                found.append(st)
+            else:
+                keep.append(entry)
+        for entry in keep:
+            heapq.heappush(heap, entry)
+        found.sort(key=lambda st: self._order[st.mac])
         out = []
-        for st in self.nodes.values():
-            if st.stage in TERMINAL or st.stage == Stage.PENDING or st.stuck_reported:
-                continue
-            limit = self.timeouts.get(st.stage)
-            if limit is not None and now - st.since >= limit:
-                st.stuck_reported = True
-                out.append(Stuck(st.mac, st.node, st.stage, st.since, limit, st.attempt))
+        for st in found:
+            st.stuck_reported = True
+            self._touch(st)
+            out.append(Stuck(st.mac, st.node, st.stage, st.since, self.timeouts[st.stage], st.attempt))
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest time :meth:`check_timeouts` could report something."""
-        times = [st.since + self.timeouts[st.stage] for st in self.nodes.values()
-                 if st.stage in self.timeouts and st.stage not in TERMINAL and not st.stuck_reported]
-        return min(times) if times else None
+        """The earliest time :meth:`check_timeouts` could report something.
+
+        That is ``since + timeout``, except where that sum rounds below the time
+        at which ``now - since >= timeout`` holds (e.g. 12.05 + 20.0 = 32.05 but
+        32.05 - 12.05 < 20.0): then the next float up, so that a loop sleeping
+        until the deadline and then checking never finds nothing and spins.
+        """
+        self._sync()
+        heap, gen = self._heap, self._gen
+        while heap:
+            deadline, seq, mac = heap[0]
+            if gen.get(mac) == seq:
+                return deadline
+            heapq.heappop(heap)
+        return None
 
     # ---------------------------------------------------------------- queries
 
     def counts(self) -> dict[Stage, int]:
-        out = {s: 0 for s in Stage}
-        for st in self.nodes.values():
-            out[st.stage] += 1
-        return out
+        self._sync()
+        return dict(self._stage_count)
+
+    def count(self, stages: Iterable[Stage]) -> int:
+        """Nodes in any of ``stages`` (O(stages), not O(nodes))."""
+        self._sync()
+        return sum(self._stage_count[s] for s in stages)
 
     def downloading(self) -> int:
-        return sum(1 for st in self.nodes.values() if st.stage in DOWNLOADING)
+        return self.count(DOWNLOADING)
 
     # ---------------------------------------------------------------- restore
 
@@ -332,7 +384,7 @@ class Tracker:
         for t in transitions:
             st = self.nodes.get(t.mac)
             if st is None:
-                st = self.nodes[t.mac] = NodeState(t.mac, t.node)
+                st = self._add(NodeState(t.mac, t.node))
             st.stage, st.since, st.attempt = t.to_stage, t.time, t.attempt
             st.last_evidence, st.last_evidence_time = t.evidence, t.time
             st.flags = set(t.flags)
@@ -342,6 +394,7 @@ class Tracker:
             if t.to_stage == Stage.PXE_DHCP:
                 st.pxe_seen = True
             st.history.append(t)
+        self._reindex()
 
     # ---------------------------------------------------------------- internals
 
@@ -354,7 +407,7 @@ class Tracker:
         if mac not in self.nodes:
             if not self.track_unknown or ev.kind != EventKind.DHCP:
                 return None
-            self.nodes[mac] = NodeState(mac, mac)
+            self._add(NodeState(mac, mac))
         return mac
 
     def _learn_ip(self, mac: str, ip: str) -> None:
@@ -370,7 +423,11 @@ class Tracker:
             return self._generic
         c = self._classifiers.get(mac)
         if c is None:
-            c = self._classifiers[mac] = Classifier(info.files)
+            # One classifier per distinct set of boot files (a profile), shared by its nodes.
+            c = self._by_files.get(info.files)
+            if c is None:
+                c = self._by_files[info.files] = Classifier(info.files)
+            self._classifiers[mac] = c
         return c
 
     def _advance(self, st: NodeState, stage: Stage, now: float, evidence: str, source: str) -> list[Transition]:
@@ -390,11 +447,63 @@ class Tracker:
             st.done.clear()
             st.flags.discard("booted_without_netboot")
         t = Transition(st.mac, st.node, st.stage, to, now, st.attempt, evidence, source, tuple(sorted(st.flags)))
+        counts = self._stage_count
+        counts[st.stage] -= 1
+        counts[to] += 1
         st.stage, st.since = to, now
         st.last_evidence, st.last_evidence_time = evidence, now
         st.stuck_reported = False
+        self._touch(st)
         st.history.append(t)
         return t
+
+    # -- indexes (stage counts, the deadline heap) ------------------------------------------
+    #
+    # Every change of a node's stage, ``since`` or ``stuck_reported`` goes through
+    # _move, restart_stage, check_timeouts or restore, which keep them. _sync
+    # rebuilds them (O(n)) if nodes were added behind the tracker's back or the
+    # timeouts were changed, so a query never answers from a stale index.
+
+    def _add(self, st: NodeState) -> NodeState:
+        self.nodes[st.mac] = st
+        self._order[st.mac] = len(self._order)
+        self._stage_count[st.stage] += 1
+        self._touch(st)
+        return st
+
+    def _touch(self, st: NodeState) -> None:
+        """The node's deadline may have changed: supersede its heap entry."""
+        self._seq += 1
+        self._gen[st.mac] = self._seq
+        stage = st.stage
+        if stage in self.timeouts and stage not in TERMINAL and not st.stuck_reported:
+            limit, since = self.timeouts[stage], st.since
+            deadline = since + limit
+            while deadline - since < limit and deadline < math.inf:  # rounded low: see next_deadline
+                deadline = math.nextafter(deadline, math.inf)
+            heapq.heappush(self._heap, (deadline, self._seq, st.mac))
+            if len(self._heap) > 2 * len(self.nodes) + 1024:
+                self._heap = [e for e in self._heap if self._gen.get(e[2]) == e[1]]
+                heapq.heapify(self._heap)
+
+    @property
+    def _max_limit(self) -> float:
+        return max((abs(v) for v in self._heap_limits.values()), default=0.0)
+
+    def _sync(self) -> None:
+        if len(self._order) != len(self.nodes) or self._heap_limits != self.timeouts:
+            self._reindex()
+
+    def _reindex(self) -> None:
+        self._order = {mac: i for i, mac in enumerate(self.nodes)}
+        counts = {s: 0 for s in Stage}
+        for st in self.nodes.values():
+            counts[st.stage] += 1
+        self._stage_count = counts
+        self._heap_limits = dict(self.timeouts)
+        self._gen, self._heap = {}, []
+        for st in self.nodes.values():
+            self._touch(st)
 
 
 def plan_nodes(lp) -> dict[str, NodeInfo]:
