@@ -17,6 +17,7 @@ from orchestrator import __version__
 from orchestrator.plan import LoadedPlan, PlanError, Problem, load_plan
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SLURM_ACTIONS = ("resume", "suspend", "fail")
 
 
 def _problem_json(p: Problem) -> dict[str, Any]:
@@ -129,11 +130,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     if netns_exec.needs_reexec(lp):
         return netns_exec.rollout_in_namespace(lp, args)
+    from orchestrator.control import Busy
     from orchestrator.rollout import main_rollout
 
     try:
         return main_rollout(lp, as_json=args.json)
-    except SecretError as e:
+    except (SecretError, Busy) as e:
         print(f"bootorch rollout: {e}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -155,7 +157,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    metrics_port=metrics_port))
     except BaseException as e:  # trio wraps start-up failures in exception groups
         leaf = _single_leaf(e)
-        if isinstance(leaf, DhcpPrivilegeError):
+        from orchestrator.control import Busy
+        from orchestrator.power import SecretError
+
+        if isinstance(leaf, (DhcpPrivilegeError, Busy, SecretError)):
             print(f"bootorch serve: {leaf}", file=sys.stderr)
             return EXIT_FAILED
         if isinstance(leaf, OSError):
@@ -184,6 +189,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     if lp is None:
         return EXIT_FAILED
     return (run_status if args.command == "status" else run_history)(lp, args)
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    from orchestrator.oncall import run_action
+    from orchestrator.power import SecretError
+
+    lp = _load(args.plan, args.json)
+    if lp is None:
+        return EXIT_FAILED
+    try:
+        return run_action(lp, args, "wake" if args.command == "wake" else "reboot")
+    except SecretError as e:
+        print(f"bootorch {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from orchestrator.oncall import run_slurm
+    from orchestrator.power import SecretError
+
+    try:
+        return run_slurm(args)
+    except SecretError as e:
+        print(f"bootorch slurm: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -245,6 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     hi = plan_cmd("history", "every stage change and action (who, when, why, result) from the journal", cmd_status)
     hi.add_argument("nodes", nargs="?", metavar="NODES", help="node set (default: all)")
 
+    for name, help in (
+        ("wake", "power NODES on (magic packet, then the plan's escalation ladder) and wait until they are ready"),
+        ("reboot", "reboot NODES the gentlest way that works (SSH reboot, else BMC power cycle, else magic packet), "
+                   "under the plan's admission limits, and wait until they are ready again"),
+    ):
+        ac = plan_cmd(name, help, cmd_action, json_help="print the result as one JSON object on stdout")
+        ac.add_argument("nodes", metavar="NODES", help="node set in ClusterShell syntax: node[01-04], @rack1, node1,node7")
+        ac.add_argument("--reason", metavar="TEXT", help="why (audited in the journal, shown by `bootorch history`)")
+        ac.add_argument("--no-wait", action="store_true", help="return once the power action is done; do not wait for ready")
+        if name == "reboot":
+            ac.add_argument("--hard", action="store_true", help="skip the SSH reboot: BMC power cycle straight away")
+        ac.epilog = ("A running `bootorch rollout` or `serve` for the plan does the work (through its control socket); "
+                     "otherwise this command runs the boot server and tracker itself until the nodes are ready. "
+                     "Exit 0 when every node is ready, 1 when one failed or is busy with another request.")
+
+    sl = sub.add_parser("slurm", help="Slurm power saving: resume|suspend|fail HOSTLIST (ResumeProgram, SuspendProgram, ResumeFailProgram)",
+                        description="Programs for Slurm's power saving. resume boots the nodes and waits until ready; "
+                                    "suspend powers them off cleanly (SSH poweroff, else BMC); fail powers them off hard "
+                                    "(BMC). Exit 0 when every node reached that state, else 1. See docs/oncall.md "
+                                    "for the slurm.conf lines.")
+    sl.add_argument("action", choices=sorted(SLURM_ACTIONS), help="what Slurm asks for")
+    sl.add_argument("hostlist", metavar="HOSTLIST", help="Slurm hostlist, e.g. node[01-04],gpu7")
+    sl.add_argument("--plan", metavar="PLAN", help="plan file (default: $BOOTORCH_PLAN; Slurm passes only the hostlist)")
+    sl.add_argument("--log", metavar="FILE", help="append what happens here (default: <state_dir>/slurm.log)")
+    sl.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    sl.set_defaults(func=cmd_slurm)
+
     lb = sub.add_parser("lab", help="the virtual lab cluster: up|down|status PLAN (QEMU VMs in a network namespace)",
                         description="Bring the plan's virtual lab up (namespace, bridge, one paused QEMU VM per node, WoL "
                                     "listener, Redfish BMC), show it, or take it down.")
@@ -259,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _image.add_arguments(im)
     im.set_defaults(func=_image.run)
+
+    sm = sub.add_parser("sim", help="the boot-storm simulator: N simulated PXE clients (DHCP, TFTP, pxelinux lookups, OS DHCP, SSH banner)",
+                        description="Simulated PXE clients that power on at a magic packet (or the sim power driver) and boot "
+                                    "from the plan's boot server over a bandwidth-limited link, like ROMs that time out and give up.")
+    from orchestrator.sim import cli as _sim_cli
+
+    _sim_cli.add_arguments(sm)
+    sm.set_defaults(func=_sim_cli.run)
 
     rp = sub.add_parser("replay", help="a boot's post-mortem from dnsmasq / ISC dhcpd / tftp-hpa / Kea logs: each node's stage timeline",
                         description="Parse daemon logs and print each node's (MAC's) stage timeline with the time spent in every stage.")
@@ -285,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to re-execute inside a plan's namespace
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

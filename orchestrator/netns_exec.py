@@ -95,14 +95,40 @@ def rollout_in_namespace(lp: LoadedPlan, args: argparse.Namespace) -> int:
         lab.up(lp)
         if fresh:
             archive_journal(lp)
-    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", "rollout", str(lp.path)]
+    argv = ["rollout", str(lp.path)]
     if args.json:
         argv.append("--json")
     try:
-        return subprocess.call(argv, env={**os.environ, ENV: ns})
-    except KeyboardInterrupt:
-        return 130
+        return reexec_in_namespace(lp, argv)
     finally:
         if lab is not None and not args.keep_lab:
             print("bootorch rollout: taking the lab down (--keep-lab keeps it)", file=sys.stderr)
             lab.down(lp)
+
+
+def reexec_in_namespace(lp: LoadedPlan, argv: list[str]) -> int:
+    """Run ``bootorch ARGV`` again inside the plan's namespace and return its exit code."""
+    ns = lp.model.network.namespace
+    assert ns
+    if os.geteuid() != 0:
+        print(f"bootorch: the plan's boot network is in network namespace {ns}; entering it (ip netns exec) needs root",
+              file=sys.stderr)
+        return 1
+    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", *argv]
+    try:
+        return subprocess.call(cmd, env={**os.environ, ENV: ns})
+    except KeyboardInterrupt:
+        return 130
+
+
+def lab_down_problem(lp: LoadedPlan) -> str | None:
+    """For a managed lab: why an on-call command cannot act (the lab is not up), else None."""
+    if not lp.model.lab.manage:
+        return None
+    from orchestrator.lab import lab as lab_mod
+
+    lab = lab_mod.Lab(lp)
+    if not any(lab_mod.qemu_pid(lab, n) is not None for n in lp.nodes):
+        return (f"the lab is not up (no VM of plan {lp.path} runs): `bootorch rollout {lp.path} --keep-lab` "
+                f"or `bootorch lab up {lp.path}` first")
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import trio
@@ -17,6 +18,7 @@ import trio
 from orchestrator.bootserver.serve import Ports, serve_plan
 from orchestrator.metrics import Metrics, serve_metrics, split_listen
 from orchestrator.plan import LoadedPlan
+from orchestrator.power import resolve_secret
 from orchestrator.power.drivers import plan_drivers
 from orchestrator.readiness import Readiness
 from orchestrator.scheduler import Scheduler, Summary
@@ -128,8 +130,42 @@ class NetbootGate:
                 self.policy.open_gate(t.mac)
 
 
-async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool = True, progress: Progress | None = None) -> tuple[Summary, Tracker]:
-    progress = progress or (LiveProgress() if sys.stderr.isatty() else Progress())
+@dataclass
+class OncallRequest:
+    """``bootorch wake|reboot|slurm`` when no orchestrator runs: this process becomes one for the request."""
+
+    op: str  # wake | reboot | power_off
+    nodes: list[str]
+    reason: str
+    actor: str
+    hard: bool = False
+    wait: bool = True
+    operation: Any = None
+    busy: dict[str, str] = field(default_factory=dict)
+
+
+async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool = True, progress: Progress | None = None,
+                      oncall: OncallRequest | None = None, control: bool = True) -> tuple[Summary, Tracker]:
+    """The whole rollout (or, with ``oncall``, one on-call operation) in one nursery.
+
+    Holds the orchestrator lock for the plan's state directory and answers the
+    control API (:mod:`orchestrator.control`) while it runs.
+    """
+    from orchestrator.control import OrchestratorLock, lock_path
+
+    progress = progress or (LiveProgress() if sys.stderr.isatty() and oncall is None else Progress())
+    lock = OrchestratorLock(lock_path(lp))
+    lock.acquire()  # raises control.Busy
+    try:
+        return await _orchestrate(lp, ports=ports, serve=serve, progress=progress, oncall=oncall, control=control)
+    finally:
+        lock.release()
+
+
+async def _orchestrate(lp: LoadedPlan, *, ports: Ports | None, serve: bool, progress: Progress,
+                       oncall: OncallRequest | None, control: bool) -> tuple[Summary, Tracker]:
+    from orchestrator.control import ControlServer
+
     store = Store(lp.state_dir / "state.db")
     tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
     wake, bmc = plan_drivers(lp)
@@ -159,16 +195,34 @@ async def run_rollout(lp: LoadedPlan, *, ports: Ports | None = None, serve: bool
                 progress.line(f"boot server up: tftp :{running.tftp}, http :{running.http}, dhcp :{running.dhcp}")
                 load = lambda: running.admission.load(trio.current_time())  # noqa: E731
             sched = Scheduler(lp, tracker, store, wake=wake, bmc=bmc, readiness=readiness, load=load,
-                              clock=time.time, log=progress.line, on_change=on_change)
+                              clock=time.time, log=progress.line, on_change=on_change, rollout=oncall is None)
             metrics.attach(scheduler=sched)
+            if control:
+                token = resolve_secret(lp.model.control.token, lp.base)
+                server = ControlServer(lp, sched, mode="rollout" if oncall is None else "oncall", token=token, log=progress.line)
+                await nursery.start(server.serve)
             if isinstance(progress, LiveProgress):
                 progress.tracker = tracker
                 nursery.start_soon(progress.refresher)
+            if oncall is not None:
+                sched.restore()
+                oncall.operation, oncall.busy = sched.submit(oncall.op, oncall.nodes, reason=oncall.reason,
+                                                            actor=oncall.actor, hard=oncall.hard)
+                if not oncall.wait and oncall.operation is not None:
+                    nursery.start_soon(_return_once_acted, sched, oncall.operation, nursery.cancel_scope)
             summary = await sched.run(recv)
             nursery.cancel_scope.cancel()
     finally:
         store.close()
     return summary, tracker
+
+
+async def _return_once_acted(sched: Scheduler, op, scope: trio.CancelScope) -> None:
+    """``--no-wait``: stop once every node of ``op`` got its power action."""
+    runs = [r for r in sched.runs.values() if r.node.name in op.names]
+    while not all(r.op is not op or len(r.actions) > r.op_from for r in runs):
+        await sched.changed.wait()
+    scope.cancel()
 
 
 def summary_json(lp: LoadedPlan, summary: Summary, tracker: Tracker) -> dict[str, Any]:

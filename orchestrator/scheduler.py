@@ -66,9 +66,13 @@ from orchestrator.store import Store
 from orchestrator.tracker import TERMINAL, Stage, Tracker, Transition
 
 #: Stages that count against the admission window: woken and not yet past the downloads.
+#: The wave name of nodes an on-call operation brought into a run.
+ONCALL_WAVE = "on-call"
 IN_FLIGHT = {Stage.WAKING, Stage.PXE_DHCP, Stage.LOADER, Stage.CONFIG, Stage.KERNEL, Stage.INITRD}
 #: From these on, the kernel runs: probe SSH.
 PROBE_FROM = {Stage.INITRD, Stage.OS_DHCP, Stage.SSH}
+#: Most events _consume feeds before it journals their transitions in one transaction.
+CONSUME_BATCH = 512
 
 
 @dataclass(slots=True)
@@ -83,6 +87,65 @@ class NodeRun:
     probe_attempt: int = 0
     probe_scope: trio.CancelScope | None = None
     actions: list[dict[str, Any]] = field(default_factory=list)
+    #: The on-call operation acting on this node now (None: the rollout's own plan).
+    op: "Operation | None" = None
+    #: index into ``actions`` where the current operation's actions start
+    op_from: int = 0
+    #: The scheduler's count of failed plan nodes; kept exact by __setattr__ (see Scheduler.failed_count).
+    tally: _FailedTally | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in ("result", "wave", "tally"):
+            object.__setattr__(self, name, value)
+            return
+        was = _failed_in(self)
+        object.__setattr__(self, name, value)
+        now = _failed_in(self)
+        if was is not now:
+            if was is not None:
+                was.n -= 1
+            if now is not None:
+                now.n += 1
+
+
+class _FailedTally:
+    """How many runs of one scheduler are failed plan nodes (``result == "failed"``, not on-call)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+def _failed_in(run: NodeRun) -> _FailedTally | None:
+    tally = getattr(run, "tally", None)  # unset while __init__ runs
+    if tally is not None and getattr(run, "result", None) == "failed" and getattr(run, "wave", None) != ONCALL_WAVE:
+        return tally
+    return None
+
+
+@dataclass(slots=True)
+class Operation:
+    """An on-call request (``wake``, ``reboot``, ``power_off``) over some nodes.
+
+    While it runs, its nodes are *busy*: a second request for one of them is
+    refused with who holds it, so two actors never cycle one node at once.
+    """
+
+    op: str
+    names: list[str]
+    reason: str
+    actor: str
+    hard: bool
+    started: float
+    done: trio.Event = field(default_factory=trio.Event)
+    #: node name -> {"result": "ready" | "failed" | "off", "reason": str, "path": [actions]}
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: transitions of this operation's nodes are copied here (progress for the requester).
+    listeners: list[trio.MemorySendChannel] = field(default_factory=list)
+
+    def holder(self) -> str:
+        return f"{self.op} by {self.actor} since {time.strftime('%H:%M:%S', time.localtime(self.started))}"
 
 
 @dataclass(slots=True)
@@ -109,6 +172,8 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         log: Callable[[str], None] = lambda s: None,
         on_change: Callable[[list[Transition]], None] = lambda ts: None,
+        rollout: bool = True,
+        ssh_power: Any | None = None,
         adapt_every: float = 2.0,
         retransmit_threshold: float = 5.0,
         probe_every: float = 2.0,
@@ -126,9 +191,21 @@ class Scheduler:
         self.slow_start = True
         self.window_history: list[tuple[float, int]] = []
         self.runs: dict[str, NodeRun] = {}
-        for wave, nodes in lp.waves():
-            for n in nodes:
-                self.runs[n.mac] = NodeRun(n, node_target(n), wave)
+        #: False: no plan waves, only on-call operations (``bootorch reboot`` without a running rollout, ``serve``).
+        self.rollout = rollout
+        if rollout:
+            for wave, nodes in lp.waves():
+                for n in nodes:
+                    self.runs[n.mac] = NodeRun(n, node_target(n), wave)
+        if ssh_power is None and readiness is not None:
+            from orchestrator.power.drivers import SshPowerDriver
+
+            ssh_power = SshPowerDriver(readiness)
+        self.ssh_power = ssh_power
+        #: mac -> the on-call operation holding the node
+        self.ops: dict[str, Operation] = {}
+        self._op_queue: list[NodeRun] = []
+        self._node_locks: dict[str, trio.Lock] = {}
         budget = plan.failure_budget
         self.budget = budget if isinstance(budget, int) else math.floor(len(lp.nodes) * float(budget.rstrip("%")) / 100)
         self.changed = trio.Event()
@@ -136,6 +213,14 @@ class Scheduler:
         self._next_power_on = 0.0
         self._rack_next: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
+        self._failed = _FailedTally()
+        self._tallied = -1
+        self._flight_key: tuple[int, int] = (-1, -1)
+        self._flight_foreign: list[str] | None = None
+        self._started = trio.Event()
+        self._restored = False
+        #: True: run until cancelled (``serve``); False: return when the waves and every operation are done.
+        self.standing = False
 
     # ------------------------------------------------------------------ journal + notify
 
@@ -148,10 +233,18 @@ class Scheduler:
             run = self.runs.get(t.mac)
             if run is None:
                 continue
+            if run.op is not None:
+                for ch in run.op.listeners:
+                    try:
+                        ch.send_nowait(t)
+                    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
             if t.to_stage == Stage.READY:
                 run.result, run.reason = "ready", ""
+                self._op_finished(run)
             elif t.to_stage == Stage.FAILED:
                 run.result, run.reason = "failed", t.evidence
+                self._op_finished(run)
             elif run.result == "failed" and t.to_stage == Stage.PXE_DHCP:
                 run.result = None  # a human (or the node) brought it back
             if t.to_stage in PROBE_FROM:
@@ -162,34 +255,59 @@ class Scheduler:
         self.changed.set()
         self.changed = trio.Event()
 
-    def _action(self, run: NodeRun, action: str, reason: str, result: PowerResult) -> None:
+    def _action(self, run: NodeRun, action: str, reason: str, result: PowerResult, *, actor: str = "bootorch") -> None:
         entry = {"time": self.clock(), "action": action, "reason": reason, "ok": result.ok, "detail": result.detail}
         run.actions.append(entry)
         self.store.record_action(run.node.name, action, reason, "ok" if result.ok else f"failed: {result.detail}",
-                                 detail={"detail": result.detail}, when=entry["time"])
+                                 actor=actor, detail={"detail": result.detail}, when=entry["time"])
         self.log(f"{run.node.name}: {action} ({reason}): {'ok' if result.ok else 'FAILED'} {result.detail}")
 
     # ------------------------------------------------------------------ counts
 
+    # Both run after every transition (the admission loop wakes on each): at 10 000
+    # nodes a pass over every node each time would cost more than the event itself.
+
     def in_flight(self) -> int:
-        return sum(1 for st in self.tracker.nodes.values() if st.stage in IN_FLIGHT and st.mac in self.runs)
+        """Nodes of ours (in ``runs``) woken and not yet past initrd: the tracker's stage counts."""
+        nodes, runs = self.tracker.nodes, self.runs
+        key = (len(nodes), len(runs))  # both only grow: same sizes, same membership
+        if key != self._flight_key:
+            self._flight_key = key
+            foreign = [mac for mac in nodes if mac not in runs]
+            self._flight_foreign = foreign if len(foreign) <= len(runs) else None
+        if self._flight_foreign is None:  # fewer runs than other nodes (on-call only): count the runs
+            return sum(1 for mac in runs if (st := nodes.get(mac)) is not None and st.stage in IN_FLIGHT)
+        return self.tracker.count(IN_FLIGHT) - sum(1 for mac in self._flight_foreign if nodes[mac].stage in IN_FLIGHT)
 
     def failed_count(self) -> int:
-        return sum(1 for r in self.runs.values() if r.result == "failed")
+        """Failed nodes of the rollout's own plan (on-call operations report their own failures)."""
+        if len(self.runs) != self._tallied:  # runs added since: count them in (runs are never removed or replaced)
+            for r in self.runs.values():
+                if r.tally is not self._failed:
+                    r.tally = self._failed
+            self._tallied = len(self.runs)
+        return self._failed.n
 
     # ------------------------------------------------------------------ run
 
-    async def run(self, events: trio.MemoryReceiveChannel[BootEvent] | None = None) -> Summary:
+    def restore(self) -> None:
+        """Rebuild the tracker from the journal (once; :meth:`run` calls it if nobody did)."""
+        if self._restored:
+            return
+        self._restored = True
         self.tracker.restore(self.store.transitions())
         for mac, st in self.tracker.nodes.items():
             run = self.runs.get(mac)
-            if run is None:
+            if run is None or run.op is not None:
                 continue
             run.wakes = sum(1 for t in st.history if t.to_stage == Stage.WAKING and t.attempt == st.attempt)
             if st.stage == Stage.READY:
                 run.result = "ready"
             elif st.stage == Stage.FAILED:
                 run.result, run.reason = "failed", st.last_evidence
+
+    async def run(self, events: trio.MemoryReceiveChannel[BootEvent] | None = None) -> Summary:
+        self.restore()
         self.window_history.append((self.clock(), self.window))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -200,15 +318,23 @@ class Scheduler:
                 nursery.start_soon(self._adapt)
             for run in self.runs.values():
                 st = self.tracker.nodes[run.node.mac]
+                if run.op is not None:
+                    continue
                 if st.stage == Stage.READY:
                     nursery.start_soon(self._reverify, run)
                 elif st.stage in PROBE_FROM:
                     self._start_probe(run)
-            for wave, nodes in self.lp.waves():
-                if self.aborted:
-                    break
-                self.log(f"wave {wave}: {len(nodes)} node(s)")
-                await self._run_wave([self.runs[n.mac] for n in nodes])
+            nursery.start_soon(self._operate)
+            self._started.set()
+            if self.rollout:
+                for wave, nodes in self.lp.waves():
+                    if self.aborted:
+                        break
+                    self.log(f"wave {wave}: {len(nodes)} node(s)")
+                    await self._run_wave([self.runs[n.mac] for n in nodes])
+            if self.standing:
+                await trio.sleep_forever()
+            await self.wait_idle()
             nursery.cancel_scope.cancel()
         ready = [r.node.name for r in self.runs.values() if r.result == "ready"]
         failed = [r.node.name for r in self.runs.values() if r.result == "failed"]
@@ -217,21 +343,30 @@ class Scheduler:
 
     async def _run_wave(self, runs: list[NodeRun]) -> None:
         queue = [r for r in runs if self.tracker.nodes[r.node.mac].stage == Stage.PENDING]
+        first_open = 0  # runs before it had a result when last looked at: all() needs a full pass only at the end
         while True:
             if self.failed_count() > self.budget:
                 if not self.aborted:
                     self.aborted = True
                     self.log(f"failure budget exceeded ({self.failed_count()} failed > {self.budget}): aborting; nothing more is woken")
                 return
-            if all(r.result is not None for r in runs):
-                return
+            while first_open < len(runs) and runs[first_open].result is not None:
+                first_open += 1
+            if first_open == len(runs):
+                if all(r.result is not None for r in runs):
+                    return
+                first_open = 0
             if queue and self.in_flight() < self.window:
                 delay = self._power_on_delay(queue[0])
                 if delay > 0:
                     with trio.move_on_after(delay):
                         await self.changed.wait()
                     continue
-                await self._wake(queue.pop(0), "admitted")
+                run = queue.pop(0)
+                if run.op is not None or self.tracker.nodes[run.node.mac].stage != Stage.PENDING:
+                    continue  # an on-call request took it over meanwhile
+                async with self._lock(run.node.mac):
+                    await self._wake(run, "admitted")
                 continue
             await self.changed.wait()
 
@@ -243,7 +378,7 @@ class Scheduler:
             at = max(at, self._rack_next.get(rack, 0.0))
         return max(0.0, at - now)
 
-    async def _wake(self, run: NodeRun, reason: str, *, again: bool = False) -> None:
+    async def _wake(self, run: NodeRun, reason: str, *, again: bool = False, actor: str = "bootorch") -> None:
         now = self.clock()
         self._next_power_on = now + 1.0 / self.adm.power_on_rate
         if run.node.rack and self.adm.rack_power_on_rate:
@@ -255,13 +390,23 @@ class Scheduler:
             run.wakes = 1
             self._record(self.tracker.wake(run.node.mac, now, f"woken: {reason}"))
         result = await self.wake_driver.on(run.target)
-        self._action(run, "wake", reason, result)
+        self._action(run, "wake", reason, result, actor=actor)
 
     # ------------------------------------------------------------------ evidence
 
     async def _consume(self, events: trio.MemoryReceiveChannel[BootEvent]) -> None:
+        feed = self.tracker.feed
         async for ev in events:
-            self._record(self.tracker.feed(ev))
+            # Whatever else is already waiting goes in the same batch: one journal
+            # transaction and one wake-up of the waiters for all of it.
+            ts = list(feed(ev))
+            for _ in range(CONSUME_BATCH - 1):
+                try:
+                    ev = events.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                ts.extend(feed(ev))
+            self._record(ts)
 
     # ------------------------------------------------------------------ timeouts and escalation
 
@@ -283,7 +428,11 @@ class Scheduler:
                     await self._escalate(run, stuck.stage, stuck.timeout)
 
     async def _escalate(self, run: NodeRun, stage: Stage, timeout: float) -> None:
-        name = run.node.name
+        async with self._lock(run.node.mac):  # never while an on-call action works on the node
+            if run.result is None and self.tracker.nodes[run.node.mac].stage == stage:
+                await self._escalate_locked(run, stage, timeout)
+
+    async def _escalate_locked(self, run: NodeRun, stage: Stage, timeout: float) -> None:
         if stage in (Stage.SSH, Stage.READY):
             return  # the readiness task owns these, with the failing check as the reason
         why = f"stuck in {stage.value} for {timeout:g}s"
@@ -370,3 +519,165 @@ class Scheduler:
                 self.window_history.append((self.clock(), self.window))
                 self.log(f"admission window {old} -> {self.window} (retransmits {load.retransmit_rate:.1f}/s)")
                 self._kick()
+
+    # ------------------------------------------------------------------ on-call operations
+
+    def feed_event(self, ev: BootEvent) -> list[Transition]:
+        """One piece of evidence from outside :meth:`run`'s own channel (``serve`` prints as it feeds)."""
+        ts = self.tracker.feed(ev)
+        self._record(ts)
+        return ts
+
+    def submit(self, op: str, names: list[str], *, reason: str, actor: str, hard: bool = False) -> tuple[Operation | None, dict[str, str]]:
+        """Start an on-call operation; returns it (None when every node was busy) and the busy nodes with their holder.
+
+        ``wake``: power the nodes on (the plan's wake driver, then the ladder);
+        ``reboot``: the gentlest path that can work -- SSH ``reboot`` when the
+        OS answers (not with ``hard``), else a BMC power cycle (power on when
+        the BMC says off), else a magic packet; ``power_off``: SSH ``poweroff``
+        when the OS answers (not with ``hard``), else BMC off. Wakes and
+        reboots queue behind the admission window like a rollout's nodes.
+        """
+        if op not in ("wake", "reboot", "power_off"):
+            raise ValueError(f"unknown operation {op!r}")
+        by_name = {n.name: n for n in self.lp.nodes}
+        busy: dict[str, str] = {}
+        acting: list[NodeRun] = []
+        for name in names:
+            node = by_name[name]
+            held = self.ops.get(node.mac)
+            lock = self._node_locks.get(node.mac)
+            if held is not None:
+                busy[name] = f"busy: {held.holder()}"
+            elif lock is not None and lock.locked():
+                busy[name] = "busy: a power action by the rollout is in progress"
+            else:
+                run = self.runs.get(node.mac)
+                if run is None:
+                    run = self.runs[node.mac] = NodeRun(node, node_target(node), ONCALL_WAVE)
+                acting.append(run)
+        for name, why in busy.items():
+            self.store.record_action(name, f"{op} requested", reason, why, actor=actor, when=self.clock())
+        if not acting:
+            return None, busy
+        operation = Operation(op, [r.node.name for r in acting], reason, actor, hard, self.clock())
+        for run in acting:
+            self._cancel_probe(run)
+            run.op, run.result, run.reason, run.wakes, run.cycles = operation, None, "", 0, 0
+            run.op_from = len(run.actions)
+            self.ops[run.node.mac] = operation
+            self.store.record_action(run.node.name, f"{op} requested", reason, "accepted", actor=actor, when=self.clock())
+            self._op_queue.append(run)
+        self.log(f"{op} {', '.join(operation.names)} ({reason}) for {actor}")
+        self._kick()
+        return operation, busy
+
+    async def wait_idle(self) -> None:
+        """Until no on-call operation is running."""
+        while self.ops:
+            await self.changed.wait()
+
+    def _op_finished(self, run: NodeRun) -> None:
+        op = run.op
+        if op is None:
+            return
+        run.op = None
+        self.ops.pop(run.node.mac, None)
+        op.results[run.node.name] = {"result": run.result, "reason": run.reason,
+                                     "path": [a["action"] for a in run.actions[run.op_from:]]}
+        self.store.record_action(run.node.name, op.op, op.reason, run.result if run.result != "failed" else f"failed: {run.reason}",
+                                 actor=op.actor, when=self.clock())
+        if len(op.results) == len(op.names):
+            for ch in op.listeners:
+                ch.close()
+            op.done.set()
+        self._kick()
+
+    def _lock(self, mac: str) -> trio.Lock:
+        lock = self._node_locks.get(mac)
+        if lock is None:
+            lock = self._node_locks[mac] = trio.Lock()
+        return lock
+
+    async def _operate(self) -> None:
+        """Admit queued on-call nodes under the same window and power-on rate as a rollout."""
+        while True:
+            queue = self._op_queue
+            if queue and queue[0].op is not None and queue[0].op.op == "power_off":
+                self._nursery.start_soon(self._do_op, queue.pop(0))  # type: ignore[union-attr]
+                continue
+            if queue and queue[0].op is None:
+                queue.pop(0)
+                continue
+            if queue and self.in_flight() < self.window:
+                delay = self._power_on_delay(queue[0])
+                if delay > 0:
+                    with trio.move_on_after(delay):
+                        await self.changed.wait()
+                    continue
+                await self._do_op(queue.pop(0))
+                continue
+            await self.changed.wait()
+
+    async def _do_op(self, run: NodeRun) -> None:
+        op = run.op
+        assert op is not None
+        t, name, mac = run.target, run.node.name, run.node.mac
+        why = f"{op.op} by {op.actor}: {op.reason}"
+        async with self._lock(mac):
+            st = self.tracker.nodes[mac]
+            if op.op == "power_off":
+                await self._power_off(run, op, why)
+                return
+            if op.op == "wake":
+                if st.stage == Stage.READY and self.readiness is not None and await self.readiness.port_open(t.ip, timeout=3):
+                    run.actions.append({"time": self.clock(), "action": "none", "reason": why, "ok": True, "detail": "already up"})
+                    run.result, run.reason = "ready", "already up"
+                    self._op_finished(run)
+                    return
+                await self._wake(run, why, actor=op.actor)
+                return
+            # reboot: the gentlest path that can work
+            now_open = (not op.hard and self.ssh_power is not None and self.readiness is not None
+                        and await self.readiness.port_open(t.ip, timeout=3))
+            if now_open:
+                result = await self.ssh_power.cycle(t)
+                self._action(run, "reboot_ssh", why, result, actor=op.actor)
+                if result.ok:
+                    self._after_power(run, f"rebooted over SSH ({why})")
+                    return
+            if self.bmc is not None:
+                state = await self.bmc.status(t)
+                action, result = ("power_on", await self.bmc.on(t)) if state == "off" else ("power_cycle", await self.bmc.cycle(t))
+                self._action(run, action, why, result, actor=op.actor)
+                if result.ok:
+                    run.cycles += 1
+                    self._after_power(run, f"{action.replace('_', ' ')} ({why})")
+                    return
+            if now_open or self.bmc is not None:
+                self.log(f"{name}: falling back to a magic packet")
+            await self._wake(run, why, actor=op.actor)
+
+    def _after_power(self, run: NodeRun, evidence: str) -> None:
+        self._next_power_on = self.clock() + 1.0 / self.adm.power_on_rate
+        run.wakes = 1
+        self._record(self.tracker.wake(run.node.mac, self.clock(), evidence))
+
+    async def _power_off(self, run: NodeRun, op: Operation, why: str) -> None:
+        t = run.target
+        result = None
+        if not op.hard and self.ssh_power is not None and self.readiness is not None and await self.readiness.port_open(t.ip, timeout=3):
+            result = await self.ssh_power.off(t)
+            self._action(run, "poweroff_ssh", why, result, actor=op.actor)
+        if (result is None or not result.ok) and self.bmc is not None:
+            result = await self.bmc.off(t)
+            self._action(run, "power_off", why, result, actor=op.actor)
+        if result is None:
+            result = PowerResult(False, "no way to power it off: the OS does not answer SSH and the plan has no BMC")
+            self._action(run, "power_off", why, result, actor=op.actor)
+        if result.ok:
+            self._record(self.tracker.powered_off(run.node.mac, self.clock(), f"powered off ({why})"))
+            run.result, run.reason = "off", ""
+        else:
+            run.result, run.reason = "failed", result.detail
+        self._op_finished(run)

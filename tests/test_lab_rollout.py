@@ -119,9 +119,13 @@ def test_rollout_ready_rewake_power_cycle_and_failed_check(tmp_path, lab_ready):
     try:
         out_file = open(tmp_path / "rollout.json", "w+")
         p = subprocess.Popen([*EXE, "rollout", str(plan), "--json"], stdout=out_file, stderr=subprocess.PIPE, text=True)
-        err_lines, scrape, port = [], None, None
+        err_lines, scrape, port, stuck = [], None, None, None
         for line in p.stderr:  # ends when the rollout does
             err_lines.append(line)
+            if stuck is None and "node02: wake (stuck in waking" in line:
+                # On-call view mid-rollout: node02's paused VM ignores magic packets.
+                r = subprocess.run([*EXE, "status", str(plan), "--stuck", "--json"], capture_output=True, text=True, timeout=60)
+                stuck = json.loads(r.stdout)["nodes"]
             m = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", line)
             if m:
                 port = int(m.group(1))
@@ -133,6 +137,10 @@ def test_rollout_ready_rewake_power_cycle_and_failed_check(tmp_path, lab_ready):
         out_file.seek(0)
         out = json.loads(out_file.read())
         out_file.close()
+        assert stuck is not None, "node02 was never re-woken"
+        assert [r["node"] for r in stuck] == ["node02"], stuck
+        assert stuck[0]["stage"] == "waking" and stuck[0]["stuck"] and stuck[0]["in_stage_seconds"] >= 25
+        assert stuck[0]["evidence"].startswith("re-wake 1: stuck in waking") and stuck[0]["last_action"]["action"] == "wake"
         assert scrape and "bootorch_nodes{" in scrape
         check = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=30)
         assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
@@ -186,6 +194,68 @@ def test_kill_9_mid_rollout_then_rerun_wakes_nobody_twice(tmp_path, lab_ready):
         wakes = [(a.node, a.reason) for a in s.actions() if a.action == "wake"]
         s.close()
         assert sorted(n for n, _ in wakes) == ["node01", "node02"], wakes  # one wake each, across both runs
+    finally:
+        lab_down(plan)
+    assert ns not in namespaces()
+
+
+def test_oncall_reboot_over_ssh_busy_bmc_fallback_and_slurm(tmp_path, lab_ready):
+    """Between rollouts (no orchestrator running): reboot goes over SSH and waits until ready again, a
+    concurrent second reboot of the same node is refused as busy, with SSH broken the reboot falls
+    back to the lab's Redfish BMC, and Slurm's fail/resume programs power nodes off and boot them."""
+    plan, ns = lab_plan(tmp_path, nodes=2)
+    db = tmp_path / "state" / "state.db"
+    key = REPO / "var" / "lab" / "ssh" / "id_ed25519"
+
+    def attempts(node):
+        s = Store(db)
+        ts = [t for t in s.transitions() if t.node == node]
+        s.close()
+        return ts
+
+    try:
+        r = subprocess.run([*EXE, "rollout", str(plan), "--keep-lab", "--json"], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+        # Two reboots of node01 at once: one acts (over SSH), the other reports the node busy.
+        cmd = [*EXE, "reboot", str(plan), "node01", "--reason", "lab test", "--json"]
+        a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        (out_a, err_a), (out_b, err_b) = a.communicate(timeout=600), b.communicate(timeout=600)
+        results = sorted([(a.returncode, json.loads(out_a), err_a), (b.returncode, json.loads(out_b), err_b)], key=lambda x: x[0])
+        (rc_ok, won, err_won), (rc_busy, lost, _) = results
+        assert rc_ok == 0, err_won[-3000:]
+        assert won["results"]["node01"]["result"] == "ready" and won["results"]["node01"]["path"] == ["reboot_ssh"]
+        assert rc_busy == 1 and "busy" in lost["busy"]["node01"]
+        second = [t.to_stage.value for t in attempts("node01") if t.attempt == 2]
+        assert second == ["waking", "pxe_dhcp", "loader", "config", "kernel", "initrd", "os_dhcp", "ssh", "ready"], second
+
+        # SSH broken on node02 (dropbear killed): the reboot falls back to the BMC.
+        subprocess.run(["ip", "netns", "exec", ns, "ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no",
+                        "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                        "root@10.77.0.22", "kill $(cat /run/dropbear.pid)"], capture_output=True, timeout=60)
+        r = subprocess.run([*EXE, "reboot", str(plan), "node02", "--json"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(r.stdout)["results"]["node02"]
+        assert res["result"] == "ready" and res["path"] == ["power_cycle"], res
+
+        # Slurm: ResumeFailProgram powers both off; ResumeProgram boots them again.
+        r = subprocess.run([*EXE, "slurm", "fail", "node[01-02]", "--plan", str(plan)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lab = json.loads(subprocess.run([*EXE, "lab", "status", str(plan), "--json"], capture_output=True, text=True,
+                                        timeout=60).stdout)
+        assert {n["name"]: n["power"] for n in lab["nodes"]} == {"node01": "Off", "node02": "Off"}, lab
+        r = subprocess.run([*EXE, "slurm", "resume", "node[01-02]", "--plan", str(plan), "--json"], capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(r.stdout)["results"]
+        assert all(res[n]["path"][0] == "wake" and res[n]["result"] == "ready" for n in ("node01", "node02")), res
+        log = (tmp_path / "state" / "slurm.log").read_text()
+        assert "slurm fail node[01-02]" in log and "node02: off" in log and "node02: ready" in log
+
+        hist = json.loads(subprocess.run([*EXE, "history", str(plan), "node01", "--json"], capture_output=True, text=True,
+                                         timeout=60).stdout)
+        assert any(h["what"] == "reboot" and h["detail"] == "lab test -> ready" for h in hist)
     finally:
         lab_down(plan)
     assert ns not in namespaces()

@@ -139,14 +139,52 @@ async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, 
 
     from orchestrator.metrics import Metrics, serve_metrics, split_listen
 
+    import time
+
+    from orchestrator.control import ControlServer, OrchestratorLock, lock_path
+    from orchestrator.power import SecretError, Unavailable, resolve_secret
+    from orchestrator.power.drivers import plan_drivers
+    from orchestrator.readiness import Readiness
+    from orchestrator.scheduler import Scheduler
+
     lp.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = OrchestratorLock(lock_path(lp))
+    lock.acquire()  # control.Busy when a rollout (or another serve) runs for this plan
     store = Store(lp.state_dir / "state.db")
     tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
-    tracker.restore(store.transitions())
     metrics = Metrics().attach(tracker=tracker, timeouts=plan_timeouts(lp))
     send, recv = trio.open_memory_channel[BootEvent](4096)
+    # No rollout here, but on-call requests (bootorch wake/reboot/slurm) arrive on the control API
+    # and are carried out by a scheduler that otherwise only journals what the servers see.
+    try:
+        wake, bmc = plan_drivers(lp)
+    except SecretError as e:  # serving boot files needs no credentials: power actions report the problem instead
+        print(f"bootorch serve: on-call power actions are unavailable: {e}", file=sys.stderr, flush=True)
+        wake = bmc = Unavailable(str(e))
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def on_change(ts) -> None:
+        metrics.observe_transitions(ts)
+        for t in ts:
+            if as_json:
+                print(json.dumps({"type": "transition", "node": t.node, "mac": t.mac, "from": t.from_stage.value,
+                                  "to": t.to_stage.value, "time": t.time, "attempt": t.attempt,
+                                  "evidence": t.evidence, "flags": list(t.flags)}), flush=True)
+            else:
+                print(format_transition(t), flush=True)
+
+    sched = Scheduler(lp, tracker, store, wake=wake, bmc=bmc, readiness=Readiness.from_plan(lp), clock=time.time,
+                      log=log, on_change=on_change, rollout=False)
+    sched.standing = True
+    sched.restore()
     try:
         async with trio.open_nursery() as nursery:
+            server = ControlServer(lp, sched, mode="serve", token=resolve_secret(lp.model.control.token, lp.base), log=log)
+            sock_path, _ = await nursery.start(server.serve)
+            print(f"control API on {sock_path}", file=sys.stderr, flush=True)
+            nursery.start_soon(sched.run)
             if lp.model.metrics.listen and metrics_port is not False:
                 host, port = split_listen(lp.model.metrics.listen)
                 mhost, mport = await nursery.start(serve_metrics, metrics, host, port if metrics_port is None else metrics_port)
@@ -159,23 +197,14 @@ async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, 
 
             async def consume() -> None:
                 async for ev in recv:
-                    changes = tracker.feed(ev)
-                    store.append(changes)
-                    metrics.observe_transitions(changes)
+                    if events_too and not as_json:
+                        print(format_event(ev), flush=True)
+                    sched.feed_event(ev)  # transitions are printed by on_change
                     if as_json:
-                        for t in changes:
-                            print(json.dumps({"type": "transition", "node": t.node, "mac": t.mac, "from": t.from_stage.value,
-                                              "to": t.to_stage.value, "time": t.time, "attempt": t.attempt,
-                                              "evidence": t.evidence, "flags": list(t.flags)}), flush=True)
                         if events_too:
                             print(json.dumps({"type": "event", "time": ev.wall, "source": ev.source, "kind": ev.kind.value,
                                               "mac": ev.mac, "ip": ev.client_ip, "file": ev.filename, "bytes": ev.bytes,
                                               "result": ev.result, "detail": dict(ev.detail)}, default=str), flush=True)
-                    else:
-                        if events_too:
-                            print(format_event(ev), flush=True)
-                        for t in changes:
-                            print(format_transition(t), flush=True)
 
             nursery.start_soon(consume)
             if lp.model.logs:
@@ -195,3 +224,4 @@ async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, 
                     break
     finally:
         store.close()
+        lock.release()

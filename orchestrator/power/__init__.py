@@ -77,3 +77,24 @@ def fill(template: str, t: Target) -> str:
     for k, v in (("name", t.name), ("mac", t.mac), ("ip", t.ip), ("index", str(t.index))):
         template = template.replace("{" + k + "}", v)
     return template
+
+
+class Unavailable:
+    """A driver that cannot act (its credential is missing): every action fails with the reason."""
+
+    name = "unavailable"
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    async def on(self, t: Target) -> PowerResult:
+        return PowerResult(False, self.why)
+
+    async def off(self, t: Target) -> PowerResult:
+        return PowerResult(False, self.why)
+
+    async def cycle(self, t: Target) -> PowerResult:
+        return PowerResult(False, self.why)
+
+    async def status(self, t: Target) -> str | None:
+        return None
