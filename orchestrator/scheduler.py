@@ -17,11 +17,17 @@ One trio nursery runs the whole rollout:
 
 The window (closed-loop, AIMD like TCP's congestion window): it starts at 2
 and doubles every ``adapt_every`` seconds while the window is full, work is
-queued and the boot server's retransmit rate stays below
-``retransmit_threshold`` (slow start); after the first sign of trouble it grows
-by one per interval instead (congestion avoidance). A retransmit rate above the
-threshold halves it (at least 1). It never exceeds ``max_downloading``. With
-``adaptive: false`` the window is simply ``max_downloading``.
+queued and the boot server shows no congestion (slow start); after the first
+sign of trouble it grows by one per interval instead (congestion avoidance).
+Two congestion signals, both measured by the file servers (:class:`Load`):
+*loss* -- server retransmits, or clients re-sending (duplicate ACKs, repeated
+requests) above ``retransmit_threshold`` per second -- halves the window;
+*delay* -- the median block round trip grown past the unloaded one by more
+than ``max(delay_slack, unloaded)`` -- takes a quarter off. The delay signal is
+what stops the window at "the link is full": lock-step TFTP keeps one block
+per transfer in flight, so extra transfers only queue (see :meth:`_congestion`).
+It never exceeds ``max_downloading``. With ``adaptive: false`` the window is
+simply ``max_downloading``.
 
 The escalation ladder, per plan:
 
@@ -53,6 +59,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -176,6 +183,7 @@ class Scheduler:
         ssh_power: Any | None = None,
         adapt_every: float = 2.0,
         retransmit_threshold: float = 5.0,
+        delay_slack: float = 0.005,
         probe_every: float = 2.0,
     ) -> None:
         self.lp, self.tracker, self.store = lp, tracker, store
@@ -186,6 +194,11 @@ class Scheduler:
         self.retries = plan.retries
         self.timeouts = plan.timeouts
         self.adapt_every, self.retx_threshold, self.probe_every = adapt_every, retransmit_threshold, probe_every
+        #: Queueing delay tolerated over the unloaded round trip before the window stops growing (seconds).
+        self.delay_slack = delay_slack
+        #: How long the smallest round trip seen stays the reference (seconds).
+        self.rtt_base_window = 30.0
+        self._rtt_seen: deque[tuple[float, float]] = deque()
         self.max_window = self.adm.max_downloading
         self.window = min(2, self.max_window) if self.adm.adaptive else self.max_window
         self.slow_start = True
@@ -510,15 +523,52 @@ class Scheduler:
             load = self.load()
             queued = any(r.result is None and self.tracker.nodes[r.node.mac].stage == Stage.PENDING for r in self.runs.values())
             old = self.window
-            if load.retransmit_rate > self.retx_threshold:
+            why = self._congestion(load, self.clock())
+            if why.startswith("loss"):
                 self.window = max(1, self.window // 2)
+                self.slow_start = False
+            elif why:
+                self.window = max(1, self.window - max(1, self.window // 4))
                 self.slow_start = False
             elif queued and self.in_flight() >= self.window:
                 self.window = min(self.max_window, self.window * 2 if self.slow_start else self.window + 1)
             if self.window != old:
                 self.window_history.append((self.clock(), self.window))
-                self.log(f"admission window {old} -> {self.window} (retransmits {load.retransmit_rate:.1f}/s)")
+                self.log(f"admission window {old} -> {self.window} ({why or 'room'}: retransmits {load.retransmit_rate:.1f}/s, "
+                         f"client retries {getattr(load, 'client_retry_rate', 0.0):.1f}/s"
+                         + (f", rtt {load.rtt * 1000:.1f} ms" if getattr(load, "rtt", None) is not None else "") + ")")
                 self._kick()
+
+    def _congestion(self, load: Any, now: float) -> str:
+        """Why the boot server is congested now ("loss: ...", "delay: ..."), or "" when it is not.
+
+        *Loss*: the server retransmits, or clients re-send (duplicate ACKs and
+        repeated requests: their timers fired before our data came), more than
+        ``retransmit_threshold`` times a second. *Delay*: the block round trip
+        (median of the last seconds) exceeds the smallest seen in the last
+        ``rtt_base_window`` seconds by more than ``max(delay_slack, that
+        minimum)``: a queue is building -- in the link or in the server's CPU --
+        so more concurrent downloads add waiting, not throughput. Lock-step TFTP
+        has one block per transfer in flight, so a shallow link queue may never
+        overflow: without the delay signal a window grows until clients time
+        out (TCP Vegas's argument, on transfer counts).
+        """
+        if load.retransmit_rate > self.retx_threshold:
+            return f"loss: {load.retransmit_rate:.1f} retransmits/s"
+        retries = getattr(load, "client_retry_rate", 0.0)
+        if retries > self.retx_threshold:
+            return f"loss: {retries:.1f} client re-sends/s"
+        rtt = getattr(load, "rtt", None)
+        if rtt is None:
+            return ""
+        samples = self._rtt_seen
+        samples.append((now, rtt))
+        while samples and samples[0][0] < now - self.rtt_base_window:
+            samples.popleft()
+        base = min(v for _, v in samples)
+        if rtt > base + max(self.delay_slack, base):
+            return f"delay: rtt {rtt * 1000:.1f} ms vs {base * 1000:.1f} ms unloaded"
+        return ""
 
     # ------------------------------------------------------------------ on-call operations
 

@@ -52,6 +52,8 @@ class SimCluster:
     wakes: list[tuple[float, str]] = field(default_factory=list)
     cycles: list[tuple[float, str]] = field(default_factory=list)
     retransmit_rate: float = 0.0
+    client_retry_rate: float = 0.0
+    rtt: float | None = None
 
     def add(self, mac: str, ip: str, **kw) -> SimNode:
         n = self.nodes[mac] = SimNode(mac, ip, **kw)
@@ -111,7 +113,8 @@ class SimCluster:
     # -- boot server load ------------------------------------------------------
 
     def load(self) -> Load:
-        return Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=self.retransmit_rate)
+        return Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=self.retransmit_rate,
+                    client_retry_rate=self.client_retry_rate, rtt=self.rtt)
 
 
 class SimReadiness:

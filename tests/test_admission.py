@@ -314,3 +314,19 @@ async def test_set_max_active_grow_and_shrink(autojump_clock):
             gate.set()
         assert sorted(running) == [0, 1, 2, 3] and running[-1] == 3
         assert adm.load(0).active == 0
+
+
+def test_load_reports_client_retries_and_median_rtt():
+    from orchestrator.bootserver.admission import Admission
+
+    adm = Admission(window=5.0)
+    assert adm.load(0.0).rtt is None  # no samples: no claim
+    adm.note_rtt([0.001] * 5, 1.0)
+    assert adm.load(1.0).rtt is None  # too few for a median
+    adm.note_rtt([0.001] * 10 + [0.5, 0.6, 0.7], 1.2)  # a few outliers do not move the median
+    assert adm.load(1.5).rtt == 0.001
+    adm.note_rtt([0.02] * 100, 3.0)
+    assert adm.load(3.1).rtt == 0.02
+    assert adm.load(20.0).rtt is None  # everything aged out of the window
+    adm.note_client_retries(10, 4.0)
+    assert adm.load(5.0).client_retry_rate == 10.0  # 10 in the 1 s since the first (a fresh window)

@@ -219,3 +219,56 @@ async def test_resume_after_crash_wakes_nobody_twice(tmp_path, autojump_clock):
     rewoken = {name for _, name in cluster.wakes} & woken_before
     assert rewoken == set()  # no node woken twice without reason
     assert {name for _, name in cluster.wakes} == {n.name for n in lp.nodes} - woken_before
+
+
+async def _adaptive_run(tmp_path, lp, script):
+    """Run an adaptive rollout while ``script(cluster)`` changes the boot server's load on the mock clock."""
+    clusters, result = [], {}
+    async with trio.open_nursery() as n:
+
+        async def run():
+            result["r"] = await rollout(lp, tmp_path, clusters.append)
+
+        n.start_soon(run)
+        await trio.sleep(0)
+        await script(clusters[0])
+    return result["r"]
+
+
+async def test_adaptive_window_stops_growing_when_the_round_trip_grows(tmp_path, autojump_clock):
+    """The delay signal: queueing (rtt well over the unloaded one) takes a quarter off; no retransmits needed."""
+    lp = make_plan(tmp_path, n=60, max_downloading=32, rate=50, adaptive=True)
+
+    async def script(cluster):
+        cluster.rtt = 0.0005  # unloaded: 0.5 ms
+        await trio.sleep(7)
+        cluster.rtt = 0.012  # a queue: 12 ms > 0.5 ms + max(5 ms, 0.5 ms)
+        await trio.sleep(6)
+        cluster.rtt = 0.004  # 4 ms: within the slack, growth resumes (one per interval)
+
+    with trio.fail_after(100_000):
+        summary, cluster, sched, peak, _ = await _adaptive_run(tmp_path, lp, script)
+    history = summary.window_history
+    before = [w for t, w in history if t < 7]
+    during = [w for t, w in history if 7 < t <= 13]
+    after = [w for t, w in history if t > 13]
+    assert summary.ok and peak["window_violations"] == 0
+    assert max(before) == 16  # slow start 2, 4, 8, 16 in 6 s
+    assert during and during[0] == 12 and min(during) < 12  # 16 - 16 // 4, then again
+    assert after and all(b - a == 1 for a, b in zip(after, after[1:]) if b > a)  # congestion avoidance: +1 steps
+
+
+async def test_adaptive_window_halves_when_clients_resend(tmp_path, autojump_clock):
+    lp = make_plan(tmp_path, n=40, max_downloading=16, rate=50, adaptive=True)
+
+    async def script(cluster):
+        await trio.sleep(7)
+        cluster.client_retry_rate = 40.0  # pxelinux re-ACKs: its 110 ms timer fires before our data comes
+        await trio.sleep(2.5)
+        cluster.client_retry_rate = 0.0
+
+    with trio.fail_after(100_000):
+        summary, *_ = await _adaptive_run(tmp_path, lp, script)
+    history = summary.window_history
+    assert max(w for t, w in history if t < 7) == 16
+    assert [w for t, w in history if 7 < t <= 9.5] == [8]

@@ -71,6 +71,12 @@ class Load:
     bytes_per_s: float
     #: Retransmitted packets per second, over the recent window.
     retransmit_rate: float
+    #: Clients re-sending per second (duplicate ACKs and repeated requests: *their*
+    #: timeouts fired before our data arrived), over the recent window.
+    client_retry_rate: float = 0.0
+    #: Median block round trip (DATA sent to its ACK received, Karn: never over a
+    #: retransmitted block) in seconds over the recent window; None without samples.
+    rtt: float | None = None
 
 
 class TokenBucket:
@@ -150,6 +156,40 @@ class RateWindow:
         return total / span
 
 
+class RttWindow:
+    """Median of round-trip samples over a sliding window; bounded memory.
+
+    Samples are folded into fixed-width time bins, each keeping at most
+    ``per_bin`` samples (a reservoir would be fairer; the first ``per_bin`` of a
+    bin are plenty for a median at the rates involved).
+    """
+
+    __slots__ = ("window", "bin_width", "per_bin", "_bins")
+
+    def __init__(self, window: float = 5.0, bins: int = 10, per_bin: int = 512) -> None:
+        self.window = float(window)
+        self.bin_width = self.window / bins
+        self.per_bin = per_bin
+        self._bins: deque[tuple[int, list[float]]] = deque(maxlen=bins)
+
+    def add(self, samples, now: float) -> None:
+        idx = math.floor(now / self.bin_width)
+        if not self._bins or self._bins[-1][0] < idx:
+            self._bins.append((idx, []))
+        b = self._bins[-1][1]
+        room = self.per_bin - len(b)
+        if room > 0:
+            b.extend(samples[:room] if isinstance(samples, list) else list(samples)[:room])
+
+    def median(self, now: float, min_samples: int = 8) -> float | None:
+        idx = math.floor(now / self.bin_width)
+        nbins = self._bins.maxlen or 1
+        vals = sorted(v for i, b in self._bins if i > idx - nbins for v in b)
+        if len(vals) < min_samples:
+            return None
+        return vals[len(vals) // 2]
+
+
 class _Slot:
     """The async context manager returned by :meth:`Admission.slot`."""
 
@@ -192,6 +232,8 @@ class Admission:
         self._bucket = TokenBucket(rate, burst) if rate is not None else None
         self._sent = RateWindow(window)
         self._retransmits = RateWindow(window)
+        self._client_retries = RateWindow(window)
+        self._rtt = RttWindow(window)
 
     # -- slots -----------------------------------------------------------------
 
@@ -275,10 +317,21 @@ class Admission:
         """Record ``n`` retransmitted packets (feeds ``Load.retransmit_rate``)."""
         self._retransmits.add(n, now)
 
+    def note_client_retries(self, n: int, now: float) -> None:
+        """Record ``n`` client re-sends: duplicate ACKs, repeated requests (feeds ``Load.client_retry_rate``)."""
+        self._client_retries.add(n, now)
+
+    def note_rtt(self, samples: list[float], now: float) -> None:
+        """Record block round trips in seconds (feeds ``Load.rtt``)."""
+        if samples:
+            self._rtt.add(samples, now)
+
     def load(self, now: float) -> Load:
         return Load(
             active=self._active,
             queued=len(self._lot),
             bytes_per_s=self._sent.rate(now),
             retransmit_rate=self._retransmits.rate(now),
+            client_retry_rate=self._client_retries.rate(now),
+            rtt=self._rtt.median(now),
         )
