@@ -230,7 +230,8 @@ async def _adaptive_run(tmp_path, lp, script):
             result["r"] = await rollout(lp, tmp_path, clusters.append)
 
         n.start_soon(run)
-        await trio.sleep(0)
+        while not clusters:  # the rollout task builds its cluster on its first step
+            await trio.sleep(0)
         await script(clusters[0])
     return result["r"]
 
