@@ -277,6 +277,73 @@ def test_retransmit_only_at_deadline_and_give_up_after_retries():
     assert t.state is p.State.FAILED and t.next_deadline is None
 
 
+@pytest.mark.parametrize("options, acks", [({}, [1, 2, 3, 4, 5]), ({"windowsize": "4"}, [0, 4])])
+def test_lost_final_ack_is_unconfirmed_not_timeout(options, acks):
+    """Every block sent, only the last ACK missing: "unconfirmed" (the client has
+    the data unless the final window was lost on every retry)."""
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", options), MemoryFile("f", bytes(512 * 5 + 10)), timeout=1.0, retries=2)
+    t.start(0.0)
+    for k in acks:
+        t.datagram(p.encode_ack(k), 0.5)
+    assert t.high == t.last_block and t.acked < t.last_block
+    for now in (1.5, 2.5):
+        out, ev = t.timer(now)
+        assert out and ev == ()
+    out, ev = t.timer(3.5)
+    assert out == [] and ev[0].reason == "unconfirmed"
+    assert t.state is p.State.FAILED
+
+
+def test_vanished_before_the_last_block_is_a_timeout():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"windowsize": "2"}), MemoryFile("f", bytes(512 * 5 + 10)), timeout=1.0, retries=0)
+    t.start(0.0)
+    t.datagram(p.encode_ack(0), 0.1)  # blocks 1-2 sent; 3-6 never
+    out, ev = t.timer(1.1)
+    assert ev[0].reason == "timeout"
+
+
+def test_unacknowledged_oack_is_a_timeout_even_for_an_empty_file():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {"blksize": "512"}), MemoryFile("f", b""), timeout=1.0, retries=0)
+    t.start(0.0)
+    _, ev = t.timer(1.0)
+    assert ev[0].reason == "timeout"
+
+
+@pytest.mark.parametrize("options", [{}, {"blksize": "8"}, {"blksize": "1468", "tsize": "0"}, {"windowsize": "4"}])
+def test_next_block_fast_path_is_datagram_without_the_lists(options):
+    """``next_block`` (the engine's lock-step fast path) must agree with ``datagram``
+    on every ACK, good or stray, across read-ahead refills and block rollover."""
+    payload = random.Random(3).randbytes(70_000 if options.get("blksize") != "8" else 600_000)
+    a = p.ReadTransfer(p.ReadRequest("f", "octet", options), MemoryFile("f", payload))
+    b = p.ReadTransfer(p.ReadRequest("f", "octet", options), MemoryFile("f", payload))
+    assert a.start(0.0) == b.start(0.0)
+    rng = random.Random(5)
+    now, fast = 0.0, 0
+    while not a.finished:
+        now += 0.001
+        r = rng.random()
+        k = a.acked + 1 if r < 0.8 else a.acked if r < 0.9 else a.high + 1
+        if rng.random() < 0.03:  # a stray DATA: neither path accepts it
+            stray = b"\x00\x03\x00\x01xx"
+            assert b.next_block(stray, now) is None
+            for t in (a, b):
+                with pytest.raises(p.RemoteProtocolError):
+                    t.datagram(stray, now)
+            continue
+        pkt = p.encode_ack(k)
+        got = b.next_block(pkt, now)
+        if got is not None:
+            fast += 1
+            got_out, got_ev = [got], ()
+        else:
+            got_out, got_ev = b.datagram(pkt, now)
+        want_out, want_ev = a.datagram(pkt, now)
+        assert (got_out, got_ev) == (want_out, want_ev)
+        assert (b.acked, b.high, b.state, b.next_deadline) == (a.acked, a.high, a.state, a.next_deadline)
+    assert b.finished and b.acked == a.last_block
+    assert (fast > 0) == ("windowsize" not in options)
+
+
 def test_progress_resets_the_retry_budget():
     t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(5000)), timeout=1.0, retries=1)
     t.start(0.0)

@@ -46,12 +46,16 @@ class Server:
                 return ev
 
 
-@pytest.fixture
-def start(nursery, root):
+@pytest.fixture(params=["auto", "trio"])
+def start(nursery, root, request):
+    """Every server test runs twice: ``auto`` is the engine thread under a real
+    clock (and the trio driver under ``autojump_clock``), ``trio`` the trio driver."""
+
     async def start(files=None, **kw) -> Server:
         send, recv = trio.open_memory_channel[BootEvent](1000)
         counters = TftpCounters()
         kw.setdefault("events", send)
+        kw.setdefault("engine", request.param)
         addr = await nursery.start(partial(serve_tftp, files or BootFiles(root), HOST, 0, counters=counters, **kw))
         return Server(addr, counters, recv)
 
@@ -199,8 +203,12 @@ async def test_wrong_tid_gets_error_5_and_transfer_continues(start):
         await a.send(p.encode_ack(1), tid)  # the real client carries on
         data, src = await a.recv()
         assert src == tid and p.parse_packet(data).block == 2
-        assert srv.counters.wrong_tid == 1
         await a.send(b"\x00\x05\x00\x00bye\x00", tid)
+        # The engine hands its counters to trio in batches, at the latest with the
+        # transfer's end event.
+        ev = await srv.next_event(EventKind.FILE_FAILED)
+        assert ev.result == "aborted"
+        assert srv.counters.wrong_tid == 1
 
 
 async def test_retry_from_new_port_is_a_new_transfer_same_port_is_not(start, autojump_clock):
@@ -268,6 +276,20 @@ async def test_vanished_client_is_reaped_after_retry_budget(start, autojump_cloc
         assert copies == 4
 
 
+async def test_lost_final_ack_is_reported_unconfirmed(start, autojump_clock):
+    """The client got every block but its last ACK never arrives: not a failure."""
+    with trio.fail_after(60):
+        srv = await start(timeout=1.0, retries=2)
+        a = await peer()
+        await a.send(p.encode_request("small.txt"), srv.addr)  # 13 bytes: one block
+        data, tid = await a.recv()
+        assert p.parse_packet(data) == p.Data(1, b"hello\nworld\r\n")  # and we never ACK it
+        ev = await srv.next_event(EventKind.FILE_DONE)
+        assert ev.result == "unconfirmed" and ev.retransmits == 2
+        assert srv.counters.transfers_unconfirmed == 1
+        assert srv.counters.transfers_failed == 0 and srv.counters.transfers_ok == 0
+
+
 async def test_negotiated_timeout_is_honoured(start, autojump_clock):
     with trio.fail_after(600):
         srv = await start(timeout=1.0, retries=1)
@@ -326,7 +348,10 @@ async def test_full_event_channel_never_blocks_the_server(start):
         for _ in range(3):
             c = await tftp_get(*srv.addr, "small.txt")
             assert len(c.data) == 13
-        await trio.testing.wait_all_tasks_blocked()  # the last ACK reached the server
+        # The last ACK reaches the server after the client is done (and the engine
+        # thread reports it asynchronously): wait for the count, bounded by fail_after.
+        while srv.counters.transfers_ok < 3:
+            await trio.sleep(0.001)
         assert srv.counters.events_dropped == 6
         assert srv.counters.transfers_ok == 3
 
@@ -423,6 +448,12 @@ async def test_tftpd_cli_standalone(root, tmp_path):
             assert c.oack["blksize"] == "4096"
             with pytest.raises(TftpDownloadError):
                 await tftp_get(HOST, port, "../etc/passwd")
+            # The client is done when it sends the final ACK; the server's log line
+            # follows once that ACK is processed. Wait for it, then stop the server.
+            while b"'big.bin' ok" not in buf:
+                chunk = await proc.stderr.receive_some()
+                assert chunk, "tftpd exited early"
+                buf += chunk
             proc.send_signal(signal.SIGTERM)
             async for chunk in proc.stderr:
                 buf += chunk

@@ -73,7 +73,10 @@ def format_event(ev: BootEvent) -> str | None:
     if ev.kind is EventKind.FILE_REQUEST:
         return None
     where = f"{ev.client_ip}:{ev.client_port}"
-    status = "ok" if ev.kind is EventKind.FILE_DONE else f"failed ({ev.result})"
+    if ev.kind is EventKind.FILE_DONE:
+        status = "ok" if ev.result in (None, "ok") else str(ev.result)
+    else:
+        status = f"failed ({ev.result})"
     dur = f" in {ev.duration:.3f}s" if ev.duration is not None else ""
     rate = ""
     if ev.duration and ev.bytes:
@@ -98,23 +101,28 @@ async def _main(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr, flush=True)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(
-                lambda task_status: serve_tftp(
-                    files, host, port, events=send, blksize_max=args.blksize_max,
-                    windowsize_max=args.windowsize_max, max_transfers=args.max_transfers,
-                    max_per_client=args.max_per_client, timeout=args.timeout,
-                    retries=args.retries, counters=counters, task_status=task_status,
-                )
-            )
-            bhost, bport = bound
-            shown = f"[{bhost}]" if ":" in bhost else bhost
-            print(f"listening on {shown}:{bport}", file=sys.stderr, flush=True)
-            nursery.start_soon(log_events)
-            async for signum in signals:
-                print(f"tftp: {signal.Signals(signum).name}, exiting ({counters.transfers_ok} ok, {counters.transfers_failed} failed)", file=sys.stderr, flush=True)
-                nursery.cancel_scope.cancel()
-                break
+        async with trio.open_nursery() as outer:
+            outer.start_soon(log_events)  # ends when the channel is closed and drained
+            with send:
+                async with trio.open_nursery() as nursery:
+                    bound = await nursery.start(
+                        lambda task_status: serve_tftp(
+                            files, host, port, events=send, blksize_max=args.blksize_max,
+                            windowsize_max=args.windowsize_max, max_transfers=args.max_transfers,
+                            max_per_client=args.max_per_client, timeout=args.timeout,
+                            retries=args.retries, counters=counters, task_status=task_status,
+                        )
+                    )
+                    bhost, bport = bound
+                    shown = f"[{bhost}]" if ":" in bhost else bhost
+                    print(f"listening on {shown}:{bport}", file=sys.stderr, flush=True)
+                    async for signum in signals:
+                        print(f"tftp: {signal.Signals(signum).name}, exiting", file=sys.stderr, flush=True)
+                        nursery.cancel_scope.cancel()
+                        break
+            # The server has stopped (transfers in flight were reported "aborted");
+            # the events already queued are still logged before we exit.
+        print(f"tftp: {counters.transfers_ok} ok, {counters.transfers_unconfirmed} unconfirmed, {counters.transfers_failed} failed", file=sys.stderr, flush=True)
     return 0
 
 

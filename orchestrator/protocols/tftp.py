@@ -57,7 +57,9 @@ OACK_SENT / SENDING   ACK k, k <= acked or k>high  ignore (no Sorcerer's Appr.) 
 OACK_SENT / SENDING   ERROR (any length)           (nothing)                       FAILED
 OACK_SENT / SENDING   timer, tries <= retries      resend OACK / window from       same
                                                    acked+1
-OACK_SENT / SENDING   timer, tries > retries       (nothing; peer vanished)        FAILED
+OACK_SENT / SENDING   timer, tries > retries       (nothing; peer vanished, or     FAILED
+                                                   only the last ACK is missing:
+                                                   reason "unconfirmed")
 DONE / FAILED         anything                     ignore                          same
 ====================  ===========================  ==============================  ==========
 """
@@ -121,6 +123,10 @@ BLKSIZE_MIN, BLKSIZE_MAX = 8, 65464  #: RFC 2348: "between 8 and 65464 octets, i
 PATH_MTU_BLKSIZE = 1468
 TIMEOUT_MIN, TIMEOUT_MAX = 1, 255  #: RFC 2349: "between 1 and 255 seconds, inclusive"
 WINDOWSIZE_MIN, WINDOWSIZE_MAX = 1, 65535  #: RFC 7440: "between 1 and 65535 blocks, inclusive"
+
+#: Bytes read from the file at a time by :class:`ReadTransfer` (rounded down to
+#: whole blocks, at least one block and one window).
+READ_AHEAD = 64 * 1024
 
 MODES = ("netascii", "octet")  #: RFC 1350 section 5; "mail" is write-only and obsolete.
 
@@ -561,8 +567,11 @@ class TransferComplete:
 class TransferFailed:
     """The transfer ended without the last ACK.
 
-    ``reason``: "timeout" (the peer vanished: retry budget spent) or "aborted"
-    (the peer sent ERROR ``code`` with ``message``).
+    ``reason``: "timeout" (the peer vanished: retry budget spent), "unconfirmed"
+    (the retry budget was spent after *every* block had been sent at least once:
+    the client most likely has the file and only its final ACK was lost -- RFC
+    1350 section 6 leaves the last ACK unprotected, which is why clients
+    "dally"), or "aborted" (the peer sent ERROR ``code`` with ``message``).
     """
 
     reason: str
@@ -575,6 +584,7 @@ class TransferFailed:
 Event = Union[TransferComplete, TransferFailed]
 _NOTHING: tuple = ()
 _TERMINAL = (State.DONE, State.FAILED)
+_ACTIVE = (State.OACK_SENT, State.SENDING)
 
 
 class ReadTransfer:
@@ -628,6 +638,12 @@ class ReadTransfer:
         self.retransmits = 0
         self._tries = 0
         self._oack = encode_oack(self.negotiated.oack) if self.negotiated.oack else None
+        # Read-ahead buffer (see _window): file bytes [_buf_off, _buf_off + len(_buf)).
+        self._read_ahead = max(READ_AHEAD // self.blksize, 1) * self.blksize
+        self._buf = b""
+        self._buf_off = 0
+        self._buf_eof = False
+        self._mv = memoryview(self._buf)
         #: When to call :meth:`timer` next; None once the transfer is over.
         self.next_deadline: float | None = None
 
@@ -687,6 +703,31 @@ class ReadTransfer:
             raise RemoteProtocolError(f"unexpected opcode {op} on a read transfer")
         raise RemoteProtocolError(f"unknown opcode {op}")
 
+    def next_block(self, data: bytes, now: float) -> bytes | None:
+        """Lock-step fast path: the next DATA datagram for the expected ACK, else None.
+
+        Exactly :meth:`datagram` for its most common input -- in lock-step
+        (windowsize 1), the ACK of the block just sent, when that is not the last
+        block -- without building lists and tuples. For anything else (another
+        opcode, a duplicate or unexpected ACK, the final ACK, a window) it changes
+        nothing and returns None: call :meth:`datagram`.
+        """
+        if self.windowsize != 1 or len(data) < 4 or data[0] != 0 or data[1] != ACK or self.state not in _ACTIVE:
+            return None
+        k = self.acked + 1
+        if k != self.high or k >= self.last_block or ((data[2] << 8) | data[3]) != (k & 0xFFFF):
+            return None
+        self._tries = 0
+        self.acked = k
+        self.state = State.SENDING
+        self.next_deadline = now + self.timeout
+        bs = self.blksize
+        pos = k * bs - self._buf_off  # block k+1 in the read-ahead buffer
+        if pos >= 0 and pos + bs <= len(self._buf):
+            self.high = k + 1
+            return _HDR.pack(DATA, (k + 1) & 0xFFFF) + self._mv[pos : pos + bs]
+        return self._window(k + 1)[0]
+
     def timer(self, now: float) -> tuple[list[bytes], tuple]:
         """Call when ``now >= next_deadline``: retransmit, or give up after ``retries``."""
         if self.state in _TERMINAL or self.state is State.START:
@@ -695,7 +736,10 @@ class ReadTransfer:
             return [], _NOTHING
         self._tries += 1
         if self._tries > self.retries:
-            return [], (self._fail("timeout"),)
+            # Every block went out at least once (so every earlier window was
+            # acknowledged): only the final ACK is missing. Not a failure we can prove.
+            unconfirmed = self.state is State.SENDING and self.high >= self.last_block
+            return [], (self._fail("unconfirmed" if unconfirmed else "timeout"),)
         self.next_deadline = now + self.timeout
         if self.state is State.OACK_SENT:
             pkts = [self._oack]  # type: ignore[list-item]
@@ -736,16 +780,29 @@ class ReadTransfer:
     def _window(self, first: int) -> list[bytes]:
         """DATA packets for blocks ``first .. first+windowsize-1`` (at most the last one).
 
-        One ``pread`` per window; each packet is one allocation (header + payload
-        slice of a memoryview, no intermediate copies).
+        File data comes from a read-ahead buffer of at least :data:`READ_AHEAD`
+        bytes (and at least one window), so a lock-step transfer does one
+        ``pread`` per 64 KiB instead of one per block; retransmissions are served
+        from it too. Windows only move forward (``acked`` only grows), so a refill
+        always starts at a block boundary at or after the previous read -- which
+        :class:`NetasciiSource` requires. Each packet is one allocation (header +
+        payload slice of a memoryview).
         """
         bs = self.blksize
         last = min(first + self.windowsize - 1, self.last_block)
-        buf = self._source.pread((first - 1) * bs, (last - first + 1) * bs)
-        mv = memoryview(buf)
+        off = (first - 1) * bs
+        end = last * bs
+        boff = self._buf_off
+        if off < boff or (end > boff + len(self._buf) and not self._buf_eof):
+            want = max(end - off, self._read_ahead)
+            self._buf = self._source.pread(off, want)
+            self._buf_off = boff = off
+            self._buf_eof = len(self._buf) < want
+            self._mv = memoryview(self._buf)
+        mv = self._mv
         pack = _HDR.pack
         pkts = []
-        pos = 0
+        pos = off - boff
         for blk in range(first, last + 1):
             chunk = mv[pos : pos + bs]
             pkts.append(pack(DATA, blk & 0xFFFF) + chunk)
