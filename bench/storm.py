@@ -11,8 +11,9 @@ PID and cleaned up on any exit. Policies:
 * ``storm``: everything woken at once (``max_downloading: N``, not adaptive,
   ``power_on_rate: 1000``);
 * ``fixed``: a fixed batch (``max_downloading: --batch``, not adaptive);
-* ``adaptive``: bootorch's admission (``max_downloading: N``, adaptive AIMD
-  window from the boot server's retransmit rate).
+* ``adaptive``: bootorch's admission (``max_downloading: N``, the adaptive
+  window: slow start gated on real downloads, halved on retransmits or client
+  re-sends, a quarter off when the round trip shows too many blocks queued).
 
 Figures per policy: makespan (first wake to the last node ready or failed),
 the wire lower bound N x bytes-per-node / link rate, their ratio, TFTP
@@ -270,13 +271,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--nodes", type=int, default=200, help="simulated nodes (up to 1000)")
     ap.add_argument("--policies", default="storm,fixed,adaptive")
     ap.add_argument("--batch", type=int, default=10, help="the fixed policy's max_downloading")
-    ap.add_argument("--rate", default="100mbit", help="the boot server's link (tbf rate)")
+    ap.add_argument("--rate", default="50mbit", help="the boot server's link (tbf rate)")
     ap.add_argument("--burst", default="64kb")
     ap.add_argument("--limit", default="256kb", help="tbf queue in bytes (the NIC/switch buffer); '' uses --latency")
     ap.add_argument("--latency", default="50ms")
-    ap.add_argument("--loader", type=size, default=size("42k"))
-    ap.add_argument("--kernel", type=size, default=size("700k"))
-    ap.add_argument("--initrd", type=size, default=size("3.8M"))
+    # A 1 GbE site with 45 MB of kernel + initrd per node, scaled by 1/20 in rate and size
+    # (docs/benchmarks.md says why: at 1/10 the two Python processes of the rig ran out of CPU first).
+    ap.add_argument("--loader", type=size, default=size("21k"))
+    ap.add_argument("--kernel", type=size, default=size("350k"))
+    ap.add_argument("--initrd", type=size, default=size("1.9M"))
     ap.add_argument("--max-transfers", type=int, default=200, help="bootserver.max_transfers")
     ap.add_argument("--power-on-rate", type=float, default=20.0, help="nodes/s for fixed and adaptive")
     ap.add_argument("--post", type=float, default=1.0, help="simulated POST seconds")

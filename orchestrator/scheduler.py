@@ -17,13 +17,16 @@ One trio nursery runs the whole rollout:
 
 The window (closed-loop, AIMD like TCP's congestion window): it starts at 2
 and doubles every ``adapt_every`` seconds while the window is full, work is
-queued and the boot server shows no congestion (slow start); after the first
-sign of trouble it grows by one per interval instead (congestion avoidance).
-Two congestion signals, both measured by the file servers (:class:`Load`):
-*loss* -- server retransmits, or clients re-sending (duplicate ACKs, repeated
-requests) above ``retransmit_threshold`` per second -- halves the window;
-*delay* -- the median block round trip grown past the unloaded one by more
-than ``max(delay_slack, unloaded)`` -- takes a quarter off. The delay signal is
+queued, at least half the window is really downloading (woken nodes spend
+seconds in POST and DHCP first) and the boot server shows no congestion (slow
+start); after the first sign of trouble it grows by an eighth per interval
+instead (congestion avoidance). Two congestion signals, both measured by the
+file servers (:class:`Load`): *loss* -- server retransmits, or clients
+re-sending (duplicate ACKs, repeated requests) above ``retransmit_threshold``
+per second -- halves the window; *delay* -- more than ``queue_target`` blocks
+waiting in the link's or the server's queues, estimated from the block round
+trip against the unloaded one -- takes a quarter off, once per backlog (not
+again while more nodes are in flight than the window). The delay signal is
 what stops the window at "the link is full": lock-step TFTP keeps one block
 per transfer in flight, so extra transfers only queue (see :meth:`_congestion`).
 It never exceeds ``max_downloading``. With ``adaptive: false`` the window is
@@ -181,10 +184,10 @@ class Scheduler:
         on_change: Callable[[list[Transition]], None] = lambda ts: None,
         rollout: bool = True,
         ssh_power: Any | None = None,
-        adapt_every: float = 2.0,
+        adapt_every: float = 1.0,
         retransmit_threshold: float = 5.0,
-        delay_slack: float = 0.005,
-        probe_every: float = 2.0,
+        queue_target: float = 64.0,
+        probe_every: float = 1.0,
     ) -> None:
         self.lp, self.tracker, self.store = lp, tracker, store
         self.wake_driver, self.bmc, self.readiness = wake, bmc, readiness
@@ -194,10 +197,10 @@ class Scheduler:
         self.retries = plan.retries
         self.timeouts = plan.timeouts
         self.adapt_every, self.retx_threshold, self.probe_every = adapt_every, retransmit_threshold, probe_every
-        #: Queueing delay tolerated over the unloaded round trip before the window stops growing (seconds).
-        self.delay_slack = delay_slack
+        #: Blocks allowed to wait in the boot server's queues (link, CPU) before the window shrinks.
+        self.queue_target = queue_target
         #: How long the smallest round trip seen stays the reference (seconds).
-        self.rtt_base_window = 30.0
+        self.rtt_base_window = 600.0
         self._rtt_seen: deque[tuple[float, float]] = deque()
         self.max_window = self.adm.max_downloading
         self.window = min(2, self.max_window) if self.adm.adaptive else self.max_window
@@ -524,14 +527,25 @@ class Scheduler:
             queued = any(r.result is None and self.tracker.nodes[r.node.mac].stage == Stage.PENDING for r in self.runs.values())
             old = self.window
             why = self._congestion(load, self.clock())
+            flying = self.in_flight()
             if why.startswith("loss"):
                 self.window = max(1, self.window // 2)
                 self.slow_start = False
             elif why:
-                self.window = max(1, self.window - max(1, self.window // 4))
+                # Only while the window is what admits nodes: with more in flight than
+                # the window (admitted before the queue showed), shrinking again changes
+                # nothing now and collapses the window while that backlog drains.
+                if flying <= self.window:
+                    self.window = max(1, self.window - max(1, self.window // 4))
                 self.slow_start = False
-            elif queued and self.in_flight() >= self.window:
-                self.window = min(self.max_window, self.window * 2 if self.slow_start else self.window + 1)
+            elif queued and flying >= self.window:
+                if not self.slow_start:
+                    self.window = min(self.max_window, self.window + max(1, self.window // 8))
+                elif self.tracker.downloading() * 2 >= self.window:
+                    # Slow start doubles only once half the window is really downloading:
+                    # woken nodes spend seconds in POST and DHCP before their first block,
+                    # and doubling on nodes that load nothing yet overshoots blind.
+                    self.window = min(self.max_window, self.window * 2)
             if self.window != old:
                 self.window_history.append((self.clock(), self.window))
                 self.log(f"admission window {old} -> {self.window} ({why or 'room'}: retransmits {load.retransmit_rate:.1f}/s, "
@@ -544,14 +558,17 @@ class Scheduler:
 
         *Loss*: the server retransmits, or clients re-send (duplicate ACKs and
         repeated requests: their timers fired before our data came), more than
-        ``retransmit_threshold`` times a second. *Delay*: the block round trip
-        (median of the last seconds) exceeds the smallest seen in the last
-        ``rtt_base_window`` seconds by more than ``max(delay_slack, that
-        minimum)``: a queue is building -- in the link or in the server's CPU --
-        so more concurrent downloads add waiting, not throughput. Lock-step TFTP
-        has one block per transfer in flight, so a shallow link queue may never
-        overflow: without the delay signal a window grows until clients time
-        out (TCP Vegas's argument, on transfer counts).
+        ``retransmit_threshold`` times a second. *Delay*: the packets queued
+        ahead of the boot server's blocks -- in the link or in its CPU -- exceed
+        ``queue_target``. TCP Vegas's estimate, on transfer counts: a lock-step
+        transfer has one block in flight, so with ``active`` transfers, a round
+        trip ``rtt`` and an unloaded round trip ``base`` (the smallest seen in
+        the last ``rtt_base_window`` seconds), about ``active * (1 - base/rtt)``
+        of those blocks are waiting in a queue rather than moving. A few dozen
+        queued packets keep the link busy through every hiccup; more only add
+        waiting (and, past the clients' timers, re-sends). Without the delay
+        signal a shallow link queue never overflows and the window grows until
+        clients time out.
         """
         if load.retransmit_rate > self.retx_threshold:
             return f"loss: {load.retransmit_rate:.1f} retransmits/s"
@@ -566,8 +583,9 @@ class Scheduler:
         while samples and samples[0][0] < now - self.rtt_base_window:
             samples.popleft()
         base = min(v for _, v in samples)
-        if rtt > base + max(self.delay_slack, base):
-            return f"delay: rtt {rtt * 1000:.1f} ms vs {base * 1000:.1f} ms unloaded"
+        queued = load.active * (1.0 - base / rtt) if rtt > base else 0.0
+        if queued > self.queue_target:
+            return f"delay: ~{queued:.0f} blocks queued (rtt {rtt * 1000:.1f} ms vs {base * 1000:.1f} ms unloaded, {load.active} transfers)"
         return ""
 
     # ------------------------------------------------------------------ on-call operations

@@ -54,6 +54,7 @@ class SimCluster:
     retransmit_rate: float = 0.0
     client_retry_rate: float = 0.0
     rtt: float | None = None
+    active: int = 0
 
     def add(self, mac: str, ip: str, **kw) -> SimNode:
         n = self.nodes[mac] = SimNode(mac, ip, **kw)
@@ -113,7 +114,7 @@ class SimCluster:
     # -- boot server load ------------------------------------------------------
 
     def load(self) -> Load:
-        return Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=self.retransmit_rate,
+        return Load(active=self.active, queued=0, bytes_per_s=0.0, retransmit_rate=self.retransmit_rate,
                     client_retry_rate=self.client_retry_rate, rtt=self.rtt)
 
 

@@ -238,32 +238,33 @@ async def _adaptive_run(tmp_path, lp, script):
 
 async def test_adaptive_window_stops_growing_when_the_round_trip_grows(tmp_path, autojump_clock):
     """The delay signal: queueing (rtt well over the unloaded one) takes a quarter off; no retransmits needed."""
-    lp = make_plan(tmp_path, n=60, max_downloading=32, rate=50, adaptive=True)
+    lp = make_plan(tmp_path, n=80, max_downloading=64, rate=50, adaptive=True)
 
     async def script(cluster):
-        cluster.rtt = 0.0005  # unloaded: 0.5 ms
-        await trio.sleep(7)
-        cluster.rtt = 0.012  # a queue: 12 ms > 0.5 ms + max(5 ms, 0.5 ms)
-        await trio.sleep(6)
-        cluster.rtt = 0.004  # 4 ms: within the slack, growth resumes (one per interval)
+        cluster.rtt, cluster.active = 0.0005, 80  # unloaded: 0.5 ms
+        await trio.sleep(11)
+        cluster.rtt = 0.012  # 80 transfers at 12 ms: ~77 of their blocks wait in a queue (> 64)
+        await trio.sleep(5)
+        cluster.rtt = 0.0006  # ~13 queued: growth resumes (one eighth per interval)
 
     with trio.fail_after(100_000):
         summary, cluster, sched, peak, _ = await _adaptive_run(tmp_path, lp, script)
     history = summary.window_history
-    before = [w for t, w in history if t < 7]
-    during = [w for t, w in history if 7 < t <= 13]
-    after = [w for t, w in history if t > 13]
+    before = [w for t, w in history if t < 11]
+    during = [w for t, w in history if 11 < t <= 16]
+    after = [w for t, w in history if t > 16]
     assert summary.ok and peak["window_violations"] == 0
-    assert max(before) == 16  # slow start 2, 4, 8, 16 in 6 s
-    assert during and during[0] == 12 and min(during) < 12  # 16 - 16 // 4, then again
-    assert after and all(b - a == 1 for a, b in zip(after, after[1:]) if b > a)  # congestion avoidance: +1 steps
+    assert before[0] == 2 and all(b == 2 * a for a, b in zip(before, before[1:])) and before[-1] >= 8  # slow start
+    top = before[-1]
+    assert during and during[0] == top - top // 4  # a quarter off, not half
+    assert after and after[0] > during[-1] and all(b - a == max(1, a // 8) for a, b in zip(after, after[1:]) if b > a)
 
 
 async def test_adaptive_window_halves_when_clients_resend(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=40, max_downloading=16, rate=50, adaptive=True)
+    lp = make_plan(tmp_path, n=60, max_downloading=32, rate=50, adaptive=True)
 
     async def script(cluster):
-        await trio.sleep(7)
+        await trio.sleep(11)
         cluster.client_retry_rate = 40.0  # pxelinux re-ACKs: its 110 ms timer fires before our data comes
         await trio.sleep(2.5)
         cluster.client_retry_rate = 0.0
@@ -271,5 +272,21 @@ async def test_adaptive_window_halves_when_clients_resend(tmp_path, autojump_clo
     with trio.fail_after(100_000):
         summary, *_ = await _adaptive_run(tmp_path, lp, script)
     history = summary.window_history
-    assert max(w for t, w in history if t < 7) == 16
-    assert [w for t, w in history if 7 < t <= 9.5] == [8]
+    top = [w for t, w in history if t < 11][-1]
+    assert top >= 8
+    assert [w for t, w in history if 11 < t <= 13.5] == [top // 2]
+
+
+async def test_slow_start_waits_for_the_admitted_nodes_to_download(tmp_path, autojump_clock):
+    """Doubling on nodes still in POST/DHCP would overshoot blind: the window doubles only once half of it loads."""
+    lp = make_plan(tmp_path, n=40, max_downloading=32, rate=50, adaptive=True)
+
+    async def script(cluster):
+        await trio.sleep(20)
+
+    with trio.fail_after(100_000):
+        summary, cluster, sched, peak, _ = await _adaptive_run(tmp_path, lp, script)
+    history = summary.window_history
+    # The sim's nodes need 3 s from the wake to their first file: no doubling at 2 s.
+    assert [w for t, w in history if t <= 2.5] == [2]
+    assert summary.ok

@@ -115,6 +115,7 @@ async def test_thread_engine_feeds_admission_slots_and_byte_accounting(nursery, 
         load = adm.load(trio.current_time())
         assert load.active == 0 and load.queued == 0
         assert load.bytes_per_s > 0  # note_sent reached the admission object, in batches
+        assert load.rtt is not None and 0 < load.rtt < 1.0  # block round trips too (the scheduler's delay signal)
 
 
 def test_rate_budget_or_virtual_clock_selects_the_trio_driver(root):

@@ -600,3 +600,23 @@ def test_client_rejects_oack_for_options_it_did_not_ask():
     c.start(0.0)
     out, ev = c.datagram(p.encode_oack({"blksize": "1024"}), 0.0)
     assert out[0][:4] == b"\x00\x05\x00\x08" and isinstance(ev[0], p.DownloadFailed)
+
+
+def test_round_trip_samples_follow_karn_and_duplicate_acks_are_counted():
+    """The congestion signals the scheduler reads: block round trips (never over a retransmission) and duplicate ACKs."""
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(512 * 6)), timeout=1.0, retries=3)
+    t.start(0.0)
+    t.datagram(p.encode_ack(1), 0.010)  # 10 ms
+    assert (t.rtt_n, round(t.rtt_sum, 6)) == (1, 0.010)
+    assert t.next_block(p.encode_ack(2), 0.030) is not None  # the fast path samples too: 20 ms
+    assert (t.rtt_n, round(t.rtt_sum, 6)) == (2, 0.030)
+    t.datagram(p.encode_ack(2), 0.040)  # the client re-ACKs: its timer fired first
+    assert t.dup_acks == 1 and t.rtt_n == 2
+    out, _ = t.timer(1.030)  # our own timeout: block 3 again
+    assert [o[2:4] for o in out] == [b"\x00\x03"]
+    t.datagram(p.encode_ack(3), 1.050)  # Karn: no sample from a retransmitted block
+    assert t.rtt_n == 2
+    t.datagram(p.encode_ack(4), 1.055)  # the next block is fresh again: 5 ms
+    assert t.rtt_n == 3 and round(t.rtt_sum, 6) == 0.035
+    t.datagram(p.encode_ack(9), 1.06)  # never sent: not a duplicate
+    assert t.dup_acks == 1

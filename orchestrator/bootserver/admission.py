@@ -233,7 +233,7 @@ class Admission:
         self._sent = RateWindow(window)
         self._retransmits = RateWindow(window)
         self._client_retries = RateWindow(window)
-        self._rtt = RttWindow(window)
+        self._rtt = RttWindow(2.0)  # recent: the scheduler's delay signal must not lag seconds behind
 
     # -- slots -----------------------------------------------------------------
 
@@ -333,5 +333,6 @@ class Admission:
             bytes_per_s=self._sent.rate(now),
             retransmit_rate=self._retransmits.rate(now),
             client_retry_rate=self._client_retries.rate(now),
-            rtt=self._rtt.median(now),
+            # The engine hands over one mean per flush (many ACKs each): one sample suffices.
+            rtt=self._rtt.median(now, min_samples=1),
         )

@@ -231,6 +231,8 @@ class TftpServer:
             # The same client port asking again: its request retransmission (our
             # OACK/DATA crossed it, or admission queued it). One transfer per TID.
             self.counters.duplicate_requests += 1
+            if self.admission is not None and hasattr(self.admission, "note_client_retries"):
+                self.admission.note_client_retries(1, trio.current_time())  # its timer fired before our answer
             return
         self._emit(EventKind.FILE_REQUEST, addr, req.filename, detail={"mode": req.mode, "options": dict(req.options)})
         if len(self._transfers) >= self.max_transfers or self._per_client[addr[0]] >= self.max_per_client:

@@ -118,7 +118,7 @@ class Transfer:
 
     __slots__ = (
         "addr", "core", "sock", "fd", "held", "hold_until", "waited", "want_out", "heap_at",
-        "gso", "closed", "outcome", "error", "done", "cookie", "thread",
+        "gso", "closed", "outcome", "error", "done", "cookie", "thread", "h_rtt_sum", "h_rtt_n", "h_dup",
     )
 
     def __init__(self, addr: tuple[str, int], core: proto.ReadTransfer, sock: socket.socket, done: Any, cookie: Any) -> None:
@@ -141,6 +141,10 @@ class Transfer:
         self.cookie = cookie
         #: The transfer's own OS thread on the lock-step fast path, else None.
         self.thread: threading.Thread | None = None
+        #: The core's round-trip and duplicate-ACK tallies already handed to admission.
+        self.h_rtt_sum = 0.0
+        self.h_rtt_n = 0
+        self.h_dup = 0
 
 
 class TransferEngine:
@@ -663,7 +667,9 @@ class TransferEngine:
         if not self._dirty():
             return
         self._last_flush = now
-        batch = (self._d_in, self._d_out, self._d_malformed, self._d_retrans, self._d_wrong_tid, self._d_bytes_out, self._finished)
+        rtt_sum, rtt_n, dups = self._harvest()
+        batch = (self._d_in, self._d_out, self._d_malformed, self._d_retrans, self._d_wrong_tid, self._d_bytes_out, self._finished,
+                 rtt_sum, rtt_n, dups)
         self._d_in = self._d_out = self._d_malformed = self._d_retrans = self._d_wrong_tid = 0
         self._d_bytes_out = 0
         self._finished = []
@@ -676,9 +682,30 @@ class TransferEngine:
         except trio.RunFinishedError:  # pragma: no cover - shutting down
             pass
 
-    def _apply(self, batch: tuple[int, int, int, int, int, int, list[Transfer]]) -> None:
+    def _harvest(self) -> tuple[float, int, int]:
+        """Round-trip time and duplicate ACKs since the last flush, over every transfer (lock held).
+
+        O(transfers) per flush (every FLUSH_INTERVAL at most), nothing per packet:
+        the cores keep running sums; the lock-step threads update theirs without
+        the lock, and a sum read a packet early only shifts it to the next flush.
+        """
+        rtt_sum, rtt_n, dups = 0.0, 0, 0
+        for group in (self._by_fd.values(), self._lockstep, self._finished):
+            for x in group:
+                c = x.core
+                s, n, d = c.rtt_sum, c.rtt_n, c.dup_acks
+                if n != x.h_rtt_n:
+                    rtt_sum += s - x.h_rtt_sum
+                    rtt_n += n - x.h_rtt_n
+                    x.h_rtt_sum, x.h_rtt_n = s, n
+                if d != x.h_dup:
+                    dups += d - x.h_dup
+                    x.h_dup = d
+        return rtt_sum, rtt_n, dups
+
+    def _apply(self, batch: tuple) -> None:
         """In the trio thread: counters, admission accounting, then finished transfers."""
-        d_in, d_out, d_mal, d_re, d_tid, d_bytes, finished = batch
+        d_in, d_out, d_mal, d_re, d_tid, d_bytes, finished, rtt_sum, rtt_n, dups = batch
         c = self._counters
         c.packets_in += d_in
         c.packets_out += d_out
@@ -691,6 +718,12 @@ class TransferEngine:
                 self._note_sent(d_bytes, now)
             if d_re and self._note_retransmits is not None:
                 self._note_retransmits(d_re, now)
+        if (rtt_n or dups) and self._admission is not None:
+            now = trio.current_time()
+            if rtt_n and hasattr(self._admission, "note_rtt"):
+                self._admission.note_rtt([rtt_sum / rtt_n], now)  # this flush's mean block round trip
+            if dups and hasattr(self._admission, "note_client_retries"):
+                self._admission.note_client_retries(dups, now)
         for x in finished:
             self._on_done(x)
 

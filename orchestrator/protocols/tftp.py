@@ -636,6 +636,13 @@ class ReadTransfer:
         self.acked = 0
         self.high = 0
         self.retransmits = 0
+        #: Round trips (window sent -> its ACK, never over a retransmitted window:
+        #: Karn's rule), summed, and duplicate ACKs (the client's timer fired first):
+        #: the boot server's congestion signals, harvested by the shell.
+        self.rtt_sum = 0.0
+        self.rtt_n = 0
+        self.dup_acks = 0
+        self._sent_at: float | None = None
         self._tries = 0
         self._oack = encode_oack(self.negotiated.oack) if self.negotiated.oack else None
         # Read-ahead buffer (see _window): file bytes [_buf_off, _buf_off + len(_buf)).
@@ -661,6 +668,7 @@ class ReadTransfer:
         if self.state is not State.START:
             raise LocalProtocolError("start() called twice")
         self.next_deadline = now + self.timeout
+        self._sent_at = now
         if self._oack is not None:
             self.state = State.OACK_SENT
             self.acked = -1  # the OACK is "block 0": RFC 2347 has the client ACK it with 0
@@ -681,11 +689,19 @@ class ReadTransfer:
         if op == ACK:
             if len(data) < 4:
                 raise RemoteProtocolError("ACK shorter than 4 bytes")
-            k = self._ack_index((data[2] << 8) | data[3])
+            wire = (data[2] << 8) | data[3]
+            k = self._ack_index(wire)
             if k is None:
+                if wire == self.acked & 0xFFFF:
+                    self.dup_acks += 1
                 return [], _NOTHING
             self._tries = 0
             self.acked = k
+            sent = self._sent_at
+            if sent is not None:
+                self.rtt_sum += now - sent
+                self.rtt_n += 1
+            self._sent_at = now
             if k >= self.last_block:
                 self.state = State.DONE
                 self.next_deadline = None
@@ -719,6 +735,11 @@ class ReadTransfer:
             return None
         self._tries = 0
         self.acked = k
+        sent = self._sent_at
+        if sent is not None:
+            self.rtt_sum += now - sent
+            self.rtt_n += 1
+        self._sent_at = now
         self.state = State.SENDING
         self.next_deadline = now + self.timeout
         bs = self.blksize
@@ -741,6 +762,7 @@ class ReadTransfer:
             unconfirmed = self.state is State.SENDING and self.high >= self.last_block
             return [], (self._fail("unconfirmed" if unconfirmed else "timeout"),)
         self.next_deadline = now + self.timeout
+        self._sent_at = None  # Karn: an ACK after a retransmission is no round-trip sample
         if self.state is State.OACK_SENT:
             pkts = [self._oack]  # type: ignore[list-item]
         else:
@@ -752,6 +774,8 @@ class ReadTransfer:
         """Count the timeout from ``now`` (the shell held the packets back, e.g. rate limiting)."""
         if self.next_deadline is not None:
             self.next_deadline = now + self.timeout
+        if self._sent_at is not None:
+            self._sent_at = now  # the round trip starts when the packets really leave
 
     def abort(self, reason: str = "aborted") -> TransferFailed:
         """End the transfer from our side (shutdown); returns the failure event."""
