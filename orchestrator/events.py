@@ -24,7 +24,9 @@ class EventKind(str, enum.Enum):
     DHCP = "dhcp"
     #: A client asked for a file (TFTP RRQ or HTTP GET), before any data moved.
     FILE_REQUEST = "file_request"
-    #: A file transfer finished: every byte acknowledged (TFTP) or written (HTTP).
+    #: A file transfer finished: every byte acknowledged (TFTP) or written (HTTP). A TFTP
+    #: transfer whose every block went out but whose final ACK never came is also
+    #: FILE_DONE, with ``result="unconfirmed"`` (the client most likely has the file).
     FILE_DONE = "file_done"
     #: A file request or transfer failed (not found, access violation, timeout, abort).
     FILE_FAILED = "file_failed"

@@ -15,8 +15,10 @@ One trio nursery runs the whole rollout:
   failing check);
 * **adaptation**: the window follows the boot server's health.
 
-The window (closed-loop, AIMD like TCP's congestion window): it starts at 2
-and doubles every ``adapt_every`` seconds while the window is full, work is
+The window (closed-loop, AIMD like TCP's congestion window): it starts at 8
+(``initial_window``; TCP's initial window is 10 segments since RFC 6928: a
+handful of nodes is no load for any boot server, and a node spends seconds in
+POST before its first block, so a smaller start leaves the link idle) and doubles every ``adapt_every`` seconds while the window is full, work is
 queued, at least half the window is really downloading (woken nodes spend
 seconds in POST and DHCP first) and the boot server shows no congestion (slow
 start); after the first sign of trouble it grows by an eighth per interval
@@ -187,6 +189,7 @@ class Scheduler:
         adapt_every: float = 1.0,
         retransmit_threshold: float = 5.0,
         queue_target: float = 64.0,
+        initial_window: int = 8,
         probe_every: float = 1.0,
     ) -> None:
         self.lp, self.tracker, self.store = lp, tracker, store
@@ -203,7 +206,7 @@ class Scheduler:
         self.rtt_base_window = 600.0
         self._rtt_seen: deque[tuple[float, float]] = deque()
         self.max_window = self.adm.max_downloading
-        self.window = min(2, self.max_window) if self.adm.adaptive else self.max_window
+        self.window = min(initial_window, self.max_window) if self.adm.adaptive else self.max_window
         self.slow_start = True
         self.window_history: list[tuple[float, int]] = []
         self.runs: dict[str, NodeRun] = {}

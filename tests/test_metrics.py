@@ -94,7 +94,7 @@ def populated(tmp_path: Path) -> tuple[Metrics, Tracker, Scheduler, Running]:
     tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
     wake, bmc = plan_drivers(lp)
     wake.sent = 6
-    sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None)
+    sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None, initial_window=2)
     running = Running(host="127.0.0.1", admission=Admission(max_active=8))
     running.tftp_counters.packets_out, running.tftp_counters.retransmits, running.tftp_counters.bytes_sent = 100, 3, 51200
     running.tftp_counters.transfers_ok, running.tftp_counters.transfers_failed = 5, 1

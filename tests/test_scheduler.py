@@ -56,7 +56,8 @@ async def rollout(lp, tmp_path, configure=lambda cluster: None, *, store=None, c
             peak["window_violations"] += 1  # admitted past the window (a shrink may leave more in flight: allowed)
 
     sched = Scheduler(lp, tracker, store, wake=cluster, bmc=cluster, readiness=SimReadiness(cluster), load=cluster.load,
-                      clock=trio.current_time, on_change=on_change, adapt_every=2.0, retransmit_threshold=5.0, probe_every=1.0)
+                      clock=trio.current_time, on_change=on_change, adapt_every=2.0, retransmit_threshold=5.0, probe_every=1.0,
+                      initial_window=2)
     summary = None
     async with trio.open_nursery() as nursery:
         cluster.nursery = nursery
@@ -290,3 +291,13 @@ async def test_slow_start_waits_for_the_admitted_nodes_to_download(tmp_path, aut
     # The sim's nodes need 3 s from the wake to their first file: no doubling at 2 s.
     assert [w for t, w in history if t <= 2.5] == [2]
     assert summary.ok
+
+
+def test_the_default_initial_window_is_eight_capped_by_the_plan(tmp_path):
+    lp = make_plan(tmp_path, n=4, max_downloading=32, adaptive=True)
+    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    store = Store(tmp_path / "s.db")
+    assert Scheduler(lp, tracker, store, wake=None, bmc=None, readiness=None).window == 8
+    lp = make_plan(tmp_path, n=4, max_downloading=3, adaptive=True)
+    assert Scheduler(lp, tracker, store, wake=None, bmc=None, readiness=None).window == 3
+    store.close()
