@@ -81,6 +81,8 @@ from orchestrator.tracker import TERMINAL, Stage, Tracker, Transition
 #: The wave name of nodes an on-call operation brought into a run.
 ONCALL_WAVE = "on-call"
 IN_FLIGHT = {Stage.WAKING, Stage.PXE_DHCP, Stage.LOADER, Stage.CONFIG, Stage.KERNEL, Stage.INITRD}
+#: Stages whose entry or exit wakes the scheduler's waiters (see _record).
+_WAKES = {Stage.READY, Stage.FAILED, Stage.PENDING}
 #: From these on, the kernel runs: probe SSH.
 PROBE_FROM = {Stage.INITRD, Stage.OS_DHCP, Stage.SSH}
 #: Most events _consume feeds before it journals their transitions in one transaction.
@@ -238,6 +240,8 @@ class Scheduler:
         self._flight_foreign: list[str] | None = None
         self._started = trio.Event()
         self._restored = False
+        #: The deadline the timeout watcher sleeps until (None: until any change).
+        self._watch_at: float | None = None
         #: True: run until cancelled (``serve``); False: return when the waves and every operation are done.
         self.standing = False
 
@@ -248,10 +252,17 @@ class Scheduler:
             return
         self.store.append(ts)
         self.on_change(ts)
+        wake = False
         for t in ts:
             run = self.runs.get(t.mac)
             if run is None:
                 continue
+            # The waiters on `changed` care about a node entering or leaving the
+            # admission window, an end (ready, failed, off) and a comeback; a step
+            # inside the window (loader -> kernel) wakes nobody but the deadline check below.
+            if ((t.from_stage in IN_FLIGHT) != (t.to_stage in IN_FLIGHT) or t.to_stage in _WAKES
+                    or t.from_stage in _WAKES or run.op is not None):
+                wake = True
             if run.op is not None:
                 for ch in run.op.listeners:
                     try:
@@ -268,7 +279,13 @@ class Scheduler:
                 run.result = None  # a human (or the node) brought it back
             if t.to_stage in PROBE_FROM:
                 self._start_probe(run)
-        self._kick()
+        if not wake:
+            # The timeout watcher sleeps until the earliest deadline it knew; wake it
+            # only if a stage entered now ends sooner than that.
+            deadline = self.tracker.next_deadline()
+            wake = deadline is not None and (self._watch_at is None or deadline < self._watch_at)
+        if wake:
+            self._kick()
 
     def _kick(self) -> None:
         self.changed.set()
@@ -433,6 +450,7 @@ class Scheduler:
         while True:
             deadline = self.tracker.next_deadline()
             changed = self.changed
+            self._watch_at = deadline
             if deadline is None:
                 await changed.wait()
                 continue
