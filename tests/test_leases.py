@@ -854,7 +854,10 @@ def test_kill_9_during_dora_traffic(tmp_path):
             for op in in_flight:
                 _apply(partial, op)
                 candidates.append(dict(partial))
-            assert got in candidates, f"run {run}: leases differ from every acceptable state"
+            if got not in candidates:  # say how, so a rare failure can be diagnosed from the CI log alone
+                diff = {m: (got.get(m), model.get(m)) for m in set(got) | set(model) if got.get(m) != model.get(m)}
+                raise AssertionError(f"run {run}: leases differ from every acceptable state; in flight {in_flight!r}; "
+                                     f"(got, confirmed) where they differ: {diff!r}")
             model = got
         with LeaseStore(path) as s:  # and the file the restart left behind is clean
             assert s.skipped == 0
