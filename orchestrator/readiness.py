@@ -301,10 +301,16 @@ class Readiness:
     async def until_ready(self, host: str, deadline: float, *, retry_every: float = 2.0) -> Verdict:
         """Retry until every check passes or ``deadline`` (trio clock); host-key errors are final."""
         last = Verdict(False, False, error="not tried")
+        ran: Verdict | None = None  # the latest attempt whose checks ran: the reason worth reporting
         while trio.current_time() < deadline:
             left = deadline - trio.current_time()
+            if ran is not None and left < 1.0:
+                break  # a sliver of time left: an attempt cut short would only say "timed out"
             last = await self.check(host, timeout=left)
             if last.ok or last.host_key_error:
                 return last
+            if last.checks:
+                ran = last
             await trio.sleep(min(retry_every, max(0.0, deadline - trio.current_time())))
-        return last
+        # A last attempt cut off by the deadline says less than the failing check before it.
+        return last if last.checks or ran is None else ran

@@ -184,3 +184,26 @@ class _C:
         self.kernel = kw.get("kernel")
         self.mount = kw.get("mount")
         self.service = kw.get("service")
+
+
+async def test_until_ready_reports_the_failing_check_not_a_last_attempt_cut_by_the_deadline(tmp_path, autojump_clock):
+    """A lab rollout once failed a node with 'timed out after 0.1s' instead of its failing check."""
+    from orchestrator.readiness import CheckResult, Readiness, Verdict
+
+    class Scripted(Readiness):
+        def __init__(self) -> None:
+            super().__init__(known_hosts=tmp_path / "kh", policy="tofu", checks=[])
+            self.calls = 0
+
+        async def check(self, host, timeout=None):
+            self.calls += 1
+            if timeout is not None and timeout < 3:
+                await trio.sleep(timeout)
+                return Verdict(False, False, error=f"readiness of {host} timed out after {timeout:g}s")
+            await trio.sleep(3)
+            return Verdict(False, True, [CheckResult("hostname", False, 0, "node03", "does not match")])
+
+    r = Scripted()
+    v = await r.until_ready("10.0.0.3", trio.current_time() + 10.5)
+    assert v.failed_checks and v.failed_checks[0].name == "hostname", v
+    assert r.calls >= 2
