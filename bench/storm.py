@@ -30,6 +30,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -162,7 +163,11 @@ def run_policy(policy: str, args: argparse.Namespace, index: int) -> dict:
     stats = json.loads((work / "sim-stats.json").read_text()) if (work / "sim-stats.json").exists() else {}
     metrics = json.loads((work / "metrics.json").read_text()) if (work / "metrics.json").exists() else []
     result.update(analyse(out, stats, metrics, sp, args))
-    result["workdir"] = str(work)
+    if args.keep:
+        result["workdir"] = str(work)
+    else:  # the logs stay only with --keep (or when the rollout gave no JSON, above)
+        shutil.rmtree(work, ignore_errors=True)
+        result["workdir"] = None
     return result
 
 
@@ -287,6 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--kernel-delay", type=float, default=1.0)
     ap.add_argument("--time-limit", type=float, default=0, help="seconds per policy (default 8x the lower bound, >= 300)")
     ap.add_argument("--json", default=None, help="write the results (with curves) here")
+    ap.add_argument("--keep", action="store_true", help="keep each policy's work directory (logs, rollout JSON) in /dev/shm")
     ap.add_argument("--png", default=None, help="stage-count plot (e.g. docs/storm.png)")
     args = ap.parse_args(argv)
     if not 1 <= args.nodes <= 1000:
