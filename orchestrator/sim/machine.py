@@ -38,11 +38,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import random
-import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from orchestrator.protocols import dhcp
+from orchestrator.protocols import dhcp, tftp
 from orchestrator.protocols.dhcp import MessageType, Opt
 from orchestrator.protocols.pxelinux import CFG_DIR, lookup_names
 
@@ -199,21 +198,8 @@ class _Xfer:
 
 
 def _rrq(filename: str, blksize: int) -> bytes:
-    return (b"\x00\x01" + filename.encode() + b"\x00octet\x00tsize\x000\x00blksize\x00"
-            + str(blksize).encode() + b"\x00")
-
-
-def _ack(block: int) -> bytes:
-    return struct.pack("!HH", 4, block & 0xFFFF)
-
-
-def _options(data: bytes) -> dict[str, str]:
-    parts = data[2:].split(b"\x00")
-    out = {}
-    for i in range(0, len(parts) - 1, 2):
-        if parts[i]:
-            out[parts[i].decode("ascii", "replace").lower()] = parts[i + 1].decode("ascii", "replace")
-    return out
+    """The RRQ a PXE ROM and pxelinux send: octet, tsize 0, their block size."""
+    return tftp.encode_request(filename, "octet", {"tsize": 0, "blksize": blksize})
 
 
 # --------------------------------------------------------------------------- the node
@@ -488,7 +474,7 @@ class NodeMachine:
                 x.bytes += n
                 if x.keep:
                     x.data += data[4:]
-                x.last = _ack(block)
+                x.last = tftp.encode_ack(block)
                 x.expect += 1
                 x.tries = 0
                 x.deadline = now + x.schedule[0]
@@ -504,14 +490,14 @@ class NodeMachine:
         if op == 6:  # OACK
             if x.expect != 1 or x.last[:2] != b"\x00\x01":
                 return [TftpSend(x.last)] if x.expect == 1 else []
-            opts = _options(data)
             try:
+                opts = tftp.parse_packet(data).options  # type: ignore[union-attr]
                 x.blksize = int(opts.get("blksize", "512"))
                 if "tsize" in opts:
                     x.tsize = int(opts["tsize"])
-            except ValueError:
+            except (ValueError, tftp.RemoteProtocolError):
                 return self._give_up(now, f"bad OACK for {x.filename}", [TftpClose()])
-            x.last = _ack(0)
+            x.last = tftp.encode_ack(0)
             x.tries = 0
             x.deadline = now + x.schedule[0]
             self.next_deadline = x.deadline
