@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from orchestrator.power import PowerResult, Target
+from orchestrator.power.drivers import _ActionDriver
 
 
 async def control_request(path: str | Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
@@ -33,7 +34,7 @@ async def control_request(path: str | Path, request: dict[str, Any], timeout: fl
     return json.loads(buf.split(b"\n", 1)[0])
 
 
-class SimPowerDriver:
+class SimPowerDriver(_ActionDriver):
     """Power actions on the simulator (``power.bmc: {driver: sim, address: /path/sim.sock}``)."""
 
     name = "sim"
@@ -48,15 +49,6 @@ class SimPowerDriver:
         except (OSError, ValueError, trio.TooSlowError) as e:
             return PowerResult(False, f"sim {action} via {self.path}: {type(e).__name__}: {e}")
         return PowerResult(bool(r.get("ok")), f"sim {action}: {r.get('detail', '')}")
-
-    async def on(self, t: Target) -> PowerResult:
-        return await self._act(t, "on")
-
-    async def off(self, t: Target) -> PowerResult:
-        return await self._act(t, "off")
-
-    async def cycle(self, t: Target) -> PowerResult:
-        return await self._act(t, "cycle")
 
     async def status(self, t: Target) -> str | None:
         try:
