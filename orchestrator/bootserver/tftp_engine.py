@@ -379,18 +379,14 @@ class TransferEngine:
                                     pkts, evs = [], ()
                                 if pkts:
                                     self._write(x, pkts, now)
-                                if evs:
-                                    ev = evs[0]
-                                    self._finish(x, ev if isinstance(ev, proto.TransferFailed) else None)
+                                self._finish_core(x, evs)
                         deadline = core.next_deadline
                         if not x.closed and deadline is not None and now >= deadline:
                             pkts, evs = core.timer(now)
                             if pkts:
                                 self._d_retrans += len(pkts)
                                 self._write(x, pkts, now)
-                            if evs:
-                                ev = evs[0]
-                                self._finish(x, ev if isinstance(ev, proto.TransferFailed) else None)
+                            self._finish_core(x, evs)
                     except Exception as e:  # noqa: BLE001 - e.g. EIO reading the file
                         self._crash(x, e)
                     self._flush_locked(now, force=False)
@@ -491,9 +487,7 @@ class TransferEngine:
                 continue
             if pkts:
                 self._send(x, pkts, now)
-            if evs:
-                ev = evs[0]
-                self._finish(x, ev if isinstance(ev, proto.TransferFailed) else None)
+            if self._finish_core(x, evs):
                 return
             if x.heap_at is None or (core.next_deadline is not None and core.next_deadline < x.heap_at):
                 self._schedule(x)
@@ -517,9 +511,7 @@ class TransferEngine:
         if pkts:
             self._d_retrans += len(pkts)
             self._send(x, pkts, now)
-        if evs:
-            ev = evs[0]
-            self._finish(x, ev if isinstance(ev, proto.TransferFailed) else None)
+        self._finish_core(x, evs)
 
     def _schedule(self, x: Transfer) -> None:
         """Make sure ``x`` has a heap entry no later than its next due time."""
@@ -622,6 +614,14 @@ class TransferEngine:
         self._schedule(x)
 
     # -- endings -------------------------------------------------------------------------
+
+    def _finish_core(self, x: Transfer, evs: tuple) -> bool:
+        """If the core ended the transfer (its one event), finish it: success, or the failure it names."""
+        if not evs:
+            return False
+        ev = evs[0]
+        self._finish(x, ev if isinstance(ev, proto.TransferFailed) else None)
+        return True
 
     def _finish(self, x: Transfer, outcome: proto.TransferFailed | str | None) -> None:
         x.outcome = outcome

@@ -695,13 +695,7 @@ class ReadTransfer:
                 if wire == self.acked & 0xFFFF:
                     self.dup_acks += 1
                 return [], _NOTHING
-            self._tries = 0
-            self.acked = k
-            sent = self._sent_at
-            if sent is not None:
-                self.rtt_sum += now - sent
-                self.rtt_n += 1
-            self._sent_at = now
+            self._advance(k, now)
             if k >= self.last_block:
                 self.state = State.DONE
                 self.next_deadline = None
@@ -733,13 +727,7 @@ class ReadTransfer:
         k = self.acked + 1
         if k != self.high or k >= self.last_block or ((data[2] << 8) | data[3]) != (k & 0xFFFF):
             return None
-        self._tries = 0
-        self.acked = k
-        sent = self._sent_at
-        if sent is not None:
-            self.rtt_sum += now - sent
-            self.rtt_n += 1
-        self._sent_at = now
+        self._advance(k, now)
         self.state = State.SENDING
         self.next_deadline = now + self.timeout
         bs = self.blksize
@@ -784,6 +772,16 @@ class ReadTransfer:
         return self._fail(reason)
 
     # -- internals --------------------------------------------------------------
+    def _advance(self, k: int, now: float) -> None:
+        """The client acknowledged up to block ``k``: progress, and a round-trip sample (Karn)."""
+        self._tries = 0
+        self.acked = k
+        sent = self._sent_at
+        if sent is not None:
+            self.rtt_sum += now - sent
+            self.rtt_n += 1
+        self._sent_at = now
+
     def _ack_index(self, wire: int) -> int | None:
         """Map an ACK's 16-bit block number to the absolute block it acknowledges.
 
