@@ -33,6 +33,7 @@ import hmac
 import json
 import os
 import socket
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -145,21 +146,15 @@ class ControlServer:
             listeners += tcp
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve_unix, listeners[0])
-                for tl in listeners[1:]:
-                    nursery.start_soon(self._serve_tcp, tl)
+                nursery.start_soon(trio.serve_listeners, partial(self._handle, need_token=False), listeners[:1])
+                if len(listeners) > 1:
+                    nursery.start_soon(trio.serve_listeners, partial(self._handle, need_token=True), listeners[1:])
                 task_status.started((path, [tl.socket.getsockname() for tl in listeners[1:]]))
         finally:
             try:
                 path.unlink()
             except OSError:
                 pass
-
-    async def _serve_unix(self, listener: trio.SocketListener) -> None:
-        await trio.serve_listeners(lambda s: self._handle(s, need_token=False), [listener])
-
-    async def _serve_tcp(self, listener: trio.SocketListener) -> None:
-        await trio.serve_listeners(lambda s: self._handle(s, need_token=True), [listener])
 
     async def _handle(self, stream: trio.SocketStream, *, need_token: bool) -> None:
         async def send(obj: dict[str, Any]) -> None:

@@ -18,7 +18,8 @@ One trio nursery runs the whole rollout:
 The window (closed-loop, AIMD like TCP's congestion window): it starts at 8
 (``initial_window``; TCP's initial window is 10 segments since RFC 6928: a
 handful of nodes is no load for any boot server, and a node spends seconds in
-POST before its first block, so a smaller start leaves the link idle) and doubles every ``adapt_every`` seconds while the window is full, work is
+POST before its first block, so a smaller start leaves the link idle) and
+doubles every ``adapt_every`` seconds while the window is full, work is
 queued, at least half the window is really downloading (woken nodes spend
 seconds in POST and DHCP first) and the boot server shows no congestion (slow
 start); after the first sign of trouble it grows by an eighth per interval
@@ -77,9 +78,9 @@ from orchestrator.power.drivers import target as node_target
 from orchestrator.store import Store
 from orchestrator.tracker import TERMINAL, Stage, Tracker, Transition
 
-#: Stages that count against the admission window: woken and not yet past the downloads.
 #: The wave name of nodes an on-call operation brought into a run.
 ONCALL_WAVE = "on-call"
+#: Stages that count against the admission window: woken and not yet past the downloads.
 IN_FLIGHT = {Stage.WAKING, Stage.PXE_DHCP, Stage.LOADER, Stage.CONFIG, Stage.KERNEL, Stage.INITRD}
 #: Stages whose entry or exit wakes the scheduler's waiters (see _record).
 _WAKES = {Stage.READY, Stage.FAILED, Stage.PENDING}
@@ -392,19 +393,30 @@ class Scheduler:
                 if all(r.result is not None for r in runs):
                     return
                 first_open = 0
-            if queue and self.in_flight() < self.window:
-                delay = self._power_on_delay(queue[0])
-                if delay > 0:
-                    with trio.move_on_after(delay):
-                        await self.changed.wait()
-                    continue
-                run = queue.pop(0)
-                if run.op is not None or self.tracker.nodes[run.node.mac].stage != Stage.PENDING:
-                    continue  # an on-call request took it over meanwhile
-                async with self._lock(run.node.mac):
-                    await self._wake(run, "admitted")
+            if queue:
+                if await self._may_power_on(queue[0]):
+                    run = queue.pop(0)
+                    if run.op is None and self.tracker.nodes[run.node.mac].stage == Stage.PENDING:  # else on-call took it over
+                        async with self._lock(run.node.mac):
+                            await self._wake(run, "admitted")
                 continue
             await self.changed.wait()
+
+    async def _may_power_on(self, run: NodeRun) -> bool:
+        """True when ``run`` may be powered on now (room in the window, power-on rates allow).
+
+        Otherwise False: after waiting for a change when the window is full (or
+        for the power-on rate's delay, or a change, whichever comes first).
+        """
+        if self.in_flight() >= self.window:
+            await self.changed.wait()
+            return False
+        delay = self._power_on_delay(run)
+        if delay > 0:
+            with trio.move_on_after(delay):
+                await self.changed.wait()
+            return False
+        return True
 
     def _power_on_delay(self, run: NodeRun) -> float:
         now = self.clock()
@@ -414,11 +426,15 @@ class Scheduler:
             at = max(at, self._rack_next.get(rack, 0.0))
         return max(0.0, at - now)
 
-    async def _wake(self, run: NodeRun, reason: str, *, again: bool = False, actor: str = "bootorch") -> None:
-        now = self.clock()
+    def _note_power_on(self, run: NodeRun, now: float) -> None:
+        """A node is being powered on now: the next power-on waits (globally, and in its rack)."""
         self._next_power_on = now + 1.0 / self.adm.power_on_rate
         if run.node.rack and self.adm.rack_power_on_rate:
             self._rack_next[run.node.rack] = now + 1.0 / self.adm.rack_power_on_rate
+
+    async def _wake(self, run: NodeRun, reason: str, *, again: bool = False, actor: str = "bootorch") -> None:
+        now = self.clock()
+        self._note_power_on(run, now)
         run.wakes += 1
         if again:
             self._record(self.tracker.restart_stage(run.node.mac, now, f"re-wake {run.wakes - 1}: {reason}"))
@@ -698,13 +714,9 @@ class Scheduler:
             if queue and queue[0].op is None:
                 queue.pop(0)
                 continue
-            if queue and self.in_flight() < self.window:
-                delay = self._power_on_delay(queue[0])
-                if delay > 0:
-                    with trio.move_on_after(delay):
-                        await self.changed.wait()
-                    continue
-                await self._do_op(queue.pop(0))
+            if queue:
+                if await self._may_power_on(queue[0]):
+                    await self._do_op(queue.pop(0))
                 continue
             await self.changed.wait()
 
@@ -748,9 +760,10 @@ class Scheduler:
             await self._wake(run, why, actor=op.actor)
 
     def _after_power(self, run: NodeRun, evidence: str) -> None:
-        self._next_power_on = self.clock() + 1.0 / self.adm.power_on_rate
+        now = self.clock()
+        self._note_power_on(run, now)
         run.wakes = 1
-        self._record(self.tracker.wake(run.node.mac, self.clock(), evidence))
+        self._record(self.tracker.wake(run.node.mac, now, evidence))
 
     async def _power_off(self, run: NodeRun, op: Operation, why: str) -> None:
         t = run.target
