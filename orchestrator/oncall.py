@@ -262,7 +262,7 @@ def perform(lp: LoadedPlan, op: str, names: list[str], *, reason: str, actor: st
             out.progress(f"bootorch {op}: {problem}")
             return 1
         return netns_exec.reexec_in_namespace(lp, argv or [])
-    for attempt in range(2):
+    for _ in range(2):  # once as the orchestrator; once more through one that was starting
         try:
             return _direct(lp, op, names, reason=reason, actor=actor, hard=hard, wait=wait, out=out)
         except control.Busy as e:
