@@ -278,9 +278,18 @@ class TransferEngine:
             except trio.RunFinishedError:  # pragma: no cover - the run is gone anyway
                 pass
 
-        trio.lowlevel.start_thread_soon(self._thread_main, deliver, name="tftp-engine")
-        task_status.started()
+        running = trio.Event()
+
+        def main() -> None:
+            # started() only once the thread runs: trio's thread cache names a
+            # worker "tftp-engine" when the worker picks the job up, not before.
+            token.run_sync_soon(running.set)
+            self._thread_main()
+
+        trio.lowlevel.start_thread_soon(main, deliver, name="tftp-engine")
         try:
+            await running.wait()
+            task_status.started()
             await finished.wait()
         finally:
             # Cancelled (server shutdown) or the thread died: stop it and wait for it,
