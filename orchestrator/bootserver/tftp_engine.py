@@ -20,17 +20,28 @@ What the engine does instead:
   poll, ``recvfrom``, the sans-IO core and ``sendto``, with no trio at all;
 * **lock-step** transfers (windowsize 1, what curl, tftp-hpa and most PXE ROMs
   ask for) are one round trip per block, so there the server's latency per ACK
-  is the throughput. The first :data:`LOCKSTEP_THREADS` of them get a thread of
-  their own that blocks in ``recvfrom`` (``SO_RCVTIMEO`` = the retransmit
-  timeout) and answers the expected ACK through
+  is the throughput. The first :data:`LOCKSTEP_THREADS` transfers get a thread
+  of their own (when the native loop is built, windowed transfers too; without
+  it only lock-step ones, since a Python thread per window gains nothing over
+  the epoll thread). That thread runs the **native loop**
+  (``_lockstep.c`` via :mod:`~orchestrator.bootserver.lockstep_native`):
+  ``recvfrom``, one compare, ``sendmsg`` of the next block or GSO window, in C,
+  without the engine lock or the GIL, for as long as each datagram is the ACK
+  that ends the current window; anything else is handed back and goes through
+  the core below, under the lock, like a datagram from ``recvfrom``. The state
+  is copied back into the core (``ReadTransfer.fast_forward``) after every
+  return, at least every :data:`~orchestrator.bootserver.lockstep_native.SLICE`
+  seconds. Before it sleeps, the loop polls without blocking for up to 50 us
+  (adaptive: it stops trying after four misses in a row, for 128 receives): on
+  this 2-vCPU VM a cross-CPU wakeup cost ~90 us of a ~140 us round trip. Without
+  the library (no C compiler at install) the thread blocks in Python's
+  ``recvfrom`` and answers through
   :meth:`~orchestrator.protocols.tftp.ReadTransfer.next_block`, the core's
-  list-free entry for exactly that case: ``recvfrom``, one method, ``sendto``.
-  Measured on the 2-vCPU bench machine (curl, blksize 512) that costs ~19 us of
-  CPU per block against ~36 us on the shared epoll thread and ~15-20 us for the
-  smallest Python loop we could write; tftpd-hpa needs ~12. More threads than
-  that would only fight over the GIL, so later lock-step transfers share the
-  epoll thread (which also uses ``next_block``). A busy-poll before blocking
-  (``sched_yield`` between tries) was tried and dropped: no gain, more CPU;
+  list-free entry for that case. Measured on the bench machine (curl, blksize
+  512): ~19 us of CPU per block in Python against ~12 us for tftpd-hpa; the C
+  loop is at tftpd-hpa's cost, and with the spin it runs 1.6-3x tftpd-hpa's
+  speed (``docs/benchmarks.md``). More threads than that would only compete
+  for two cores, so later transfers share the epoll thread;
 * a whole window of equal-sized DATA datagrams goes out with one ``sendmsg``
   using **UDP GSO** (``UDP_SEGMENT``, Linux 4.18+): the kernel cuts the buffer
   into datagrams, so a window of 44 blocks costs one syscall instead of 44.
@@ -85,6 +96,7 @@ from typing import Any, Callable
 
 import trio
 
+from orchestrator.bootserver import lockstep_native
 from orchestrator.protocols import tftp as proto
 
 __all__ = ["TransferEngine", "Transfer", "FLUSH_INTERVAL"]
@@ -188,6 +200,8 @@ class TransferEngine:
         self._last_flush = -math.inf
         self._lockstep: set[Transfer] = set()
         self.lockstep_threads = LOCKSTEP_THREADS
+        #: Lock-step threads run the C loop of ``_lockstep.c`` when it was built.
+        self.native = lockstep_native.AVAILABLE
 
     # -- the trio side ---------------------------------------------------------------
 
@@ -201,7 +215,7 @@ class TransferEngine:
             sock.close()
             raise
         x = Transfer(addr, core, sock, done, cookie)
-        fast = (self.mode == "thread" and core.windowsize == 1 and self._gate is None
+        fast = (self.mode == "thread" and (core.windowsize == 1 or self.native) and self._gate is None
                 and len(self._lockstep) < self.lockstep_threads)
         with self._lock:
             if fast:
@@ -211,7 +225,7 @@ class TransferEngine:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(core.timeout))
                 # A send never blocks for long while this thread holds the lock.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0.05))
-                x.thread = threading.Thread(target=self._lockstep_main, args=(x,), name="tftp-lockstep", daemon=True)
+                x.thread = threading.Thread(target=self._lockstep_main, args=(x,), name="tftp-transfer", daemon=True)
                 self._lockstep.add(x)
             else:
                 self._by_fd[x.fd] = x
@@ -340,13 +354,41 @@ class TransferEngine:
         """
         sock, addr, core, lock, clock = x.sock, x.addr, x.core, self._lock, time.monotonic
         rcvtimeo = core.timeout
+        drv = lockstep_native.Driver.for_transfer(core, sock, addr) if self.native else None
         try:
             while True:
                 data = src = None
-                try:
-                    data, src = sock.recvfrom(_TRANSFER_BUFSIZE)
-                except OSError:  # BlockingIOError: SO_RCVTIMEO expired; ECONNREFUSED: an ICMP error
-                    pass
+                native = False
+                if drv is not None:
+                    with lock:
+                        if x.closed:
+                            return
+                        native = core.forwardable()
+                        if native:
+                            drv.load()
+                if native:
+                    # The C loop answers ACK after ACK without the lock or the GIL;
+                    # what it hands back goes through the same code as a recvfrom.
+                    assert drv is not None
+                    drv.st.gso = x.gso
+                    code = drv.run()
+                    with lock:
+                        x.gso = bool(drv.st.gso)
+                        n_in, n_out, n_bytes = drv.store()
+                        self._d_in += n_in
+                        self._d_out += n_out
+                        self._d_bytes_out += n_bytes
+                        if code == lockstep_native.SLICE_CODE:
+                            if not x.closed:
+                                self._flush_locked(clock(), force=False)
+                            continue
+                    if code == lockstep_native.HANDOFF:
+                        data, src = drv.handed_off()
+                else:
+                    try:
+                        data, src = sock.recvfrom(_TRANSFER_BUFSIZE)
+                    except OSError:  # BlockingIOError: SO_RCVTIMEO expired; ECONNREFUSED: an ICMP error
+                        pass
                 with lock:
                     if x.closed:
                         return

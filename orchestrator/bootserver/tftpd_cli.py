@@ -14,6 +14,7 @@ import sys
 
 import trio
 
+from orchestrator.bootserver import lockstep_native
 from orchestrator.bootserver.files import BootFiles
 from orchestrator.bootserver.tftp import TftpCounters, serve_tftp
 from orchestrator.events import BootEvent, EventKind
@@ -66,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-per-client", type=_bounded(1, 1_000_000), default=8, metavar="N", help="concurrent transfers per client IP (default 8)")
     parser.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS", help="retransmit timeout unless the client negotiates one (default 1)")
     parser.add_argument("--retries", type=_bounded(0, 1000), default=5, metavar="N", help="retransmits without progress before giving up (default 5)")
+    parser.add_argument("--spin-us", type=_bounded(0, 10_000), default=None, metavar="US",
+                        help="cap, in microseconds, on how long a fast transfer's thread polls for the next ACK before it "
+                             f"sleeps (default {lockstep_native.SPIN_US_DEFAULT} or $BOOTORCH_TFTP_SPIN_US; 0: never poll). "
+                             "Polling saves a wakeup per ACK on fast clients at the cost of CPU")
 
 
 def format_event(ev: BootEvent) -> str | None:
@@ -105,6 +110,8 @@ async def _main(args: argparse.Namespace) -> int:
             outer.start_soon(log_events)  # ends when the channel is closed and drained
             with send:
                 async with trio.open_nursery() as nursery:
+                    if args.spin_us is not None:
+                        lockstep_native.spin_us = args.spin_us
                     bound = await nursery.start(
                         lambda task_status: serve_tftp(
                             files, host, port, events=send, blksize_max=args.blksize_max,
@@ -116,6 +123,8 @@ async def _main(args: argparse.Namespace) -> int:
                     bhost, bport = bound
                     shown = f"[{bhost}]" if ":" in bhost else bhost
                     print(f"listening on {shown}:{bport}", file=sys.stderr, flush=True)
+                    native = "native" if lockstep_native.AVAILABLE else f"pure Python ({lockstep_native.why_unavailable()})"
+                    print(f"tftp: transfer loop: {native}", file=sys.stderr, flush=True)
                     async for signum in signals:
                         print(f"tftp: {signal.Signals(signum).name}, exiting", file=sys.stderr, flush=True)
                         nursery.cancel_scope.cancel()

@@ -737,6 +737,49 @@ class ReadTransfer:
             return _HDR.pack(DATA, (k + 1) & 0xFFFF) + self._mv[pos : pos + bs]
         return self._window(k + 1)[0]
 
+    # -- a native driver's view (orchestrator/bootserver/_lockstep.c) -------------------
+    @property
+    def source(self) -> _Source:
+        """Where file bytes come from (for netascii, the converting wrapper)."""
+        return self._source
+
+    @property
+    def sent_at(self) -> float | None:
+        """When block ``high`` left (None after a retransmission: no round-trip sample)."""
+        return self._sent_at
+
+    def forwardable(self) -> bool:
+        """True when the next input may be the ACK of a whole window that is not the last one.
+
+        A native driver may then take over :meth:`datagram`'s most common case --
+        answer the ACK of block ``high`` (the last of a full window; in lock-step,
+        :meth:`next_block`'s case) with the next window, read from
+        :attr:`source` -- for as long as that is all that happens, and report it
+        with :meth:`fast_forward`. Netascii is excluded: its bytes are converted here.
+        """
+        return (
+            self.mode == "octet" and self.state is State.SENDING
+            and self.high == min(self.acked + self.windowsize, self.last_block) and self.high < self.last_block
+        )
+
+    def fast_forward(self, acked: int, sent_at: float | None, deadline: float, rtt_sum: float, rtt_n: int) -> None:
+        """A native driver did :meth:`datagram`'s work for windows up to the one ending at ``acked``.
+
+        The state is exactly what those ACKs would have left: the window after
+        block ``acked`` sent at ``sent_at`` (None after a retransmission, Karn's
+        rule), its timer at ``deadline``; ``rtt_sum``/``rtt_n`` are the round
+        trips measured on the way.
+        """
+        if not (self.acked < acked < self.last_block) or self.state is not State.SENDING:
+            raise LocalProtocolError(f"fast_forward to block {acked} from acked={self.acked} state={self.state.value}")
+        self._tries = 0
+        self.acked = acked
+        self.high = min(acked + self.windowsize, self.last_block)
+        self._sent_at = sent_at
+        self.next_deadline = deadline
+        self.rtt_sum += rtt_sum
+        self.rtt_n += rtt_n
+
     def timer(self, now: float) -> tuple[list[bytes], tuple]:
         """Call when ``now >= next_deadline``: retransmit, or give up after ``retries``."""
         if self.state in _TERMINAL or self.state is State.START:
