@@ -343,14 +343,17 @@ class TransferEngine:
                 wake = self._wake_deadline()
 
     def _lockstep_main(self, x: Transfer) -> None:
-        """Drive one lock-step transfer with blocking ``recvfrom``: the fast path.
+        """Drive one transfer on its own thread: the fast path.
 
         Lock-step is one round trip per block, so its speed is the server's
-        latency per ACK. Here that is ``recvfrom`` (blocking; ``SO_RCVTIMEO`` is the
-        retransmit timeout), the core and ``sendto`` -- no ``epoll_wait``, no
-        dispatch, and a thread woken by one client only, which the scheduler
-        can keep on that client's CPU. Same rules as the epoll path (TIDs,
-        counters, timers), under the same lock.
+        latency per ACK. While the core is :meth:`~ReadTransfer.forwardable`
+        and the native loop is built, the thread is inside it (no lock, no
+        GIL) and comes back for whatever the loop hands back, a receive
+        timeout, or every slice. Otherwise (no library, netascii, an
+        in-memory file, or the OACK and final-ACK steps) it is ``recvfrom``
+        (blocking; ``SO_RCVTIMEO`` is the retransmit timeout), the core and
+        ``sendto`` -- no ``epoll_wait``, no dispatch. Same rules as the epoll
+        path (TIDs, counters, timers), under the same lock.
         """
         sock, addr, core, lock, clock = x.sock, x.addr, x.core, self._lock, time.monotonic
         rcvtimeo = core.timeout
