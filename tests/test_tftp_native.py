@@ -13,10 +13,14 @@ Python lock-step path keeps its coverage. Real clock, 127.0.0.1, port 0.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -26,8 +30,9 @@ from orchestrator.bootserver.files import BootFiles, DiskFile
 from orchestrator.bootserver.tftp import TftpCounters, serve_tftp
 from orchestrator.bootserver.tftp_engine import _timeval
 from orchestrator.events import BootEvent, EventKind
+from orchestrator.lab.netns import NetLab
 from orchestrator.protocols import tftp as p
-from tests.conftest import require_tool
+from tests.conftest import require_root, require_tool
 
 HOST = "127.0.0.1"
 needs_native = pytest.mark.skipif(not lockstep_native.AVAILABLE, reason=f"native loop: {lockstep_native.why_unavailable()}")
@@ -323,3 +328,46 @@ def test_loop_sends_whole_windows_and_hands_back_a_partial_ack(tmp_path):
         assert [p.parse_packet(x).block for x in pkts] == [7, 8, 9, 10]
     finally:
         rig.close()
+
+
+_GSO_REFUSED = r"""
+import json, sys
+from orchestrator.bootserver import lockstep_native
+from orchestrator.protocols import tftp as p
+from tests.test_tftp_native import Rig
+
+rig = Rig(sys.argv[1], blksize=2048, windowsize=4)
+try:
+    first = [p.parse_packet(rig.client.recv(4096)).block for _ in range(4)]
+    rig.client.sendto(p.encode_ack(4), rig.tid)
+    code = rig.step()
+    after = [p.parse_packet(rig.client.recv(4096)) for _ in range(4)]
+    print(json.dumps({"first": first, "code": code, "gso": rig.drv.st.gso,
+                      "blocks": [d.block for d in after], "sizes": [len(d.payload) for d in after]}))
+finally:
+    rig.close()
+"""
+
+
+@needs_native
+@pytest.mark.root
+def test_loop_falls_back_to_one_datagram_each_when_the_path_refuses_gso(tmp_path):
+    """A real refusal: loopback MTU 1500 in a namespace of our own, so 2048-byte segments get EMSGSIZE.
+
+    (The first version of the loop knew only EIO and EINVAL, took EMSGSIZE for a
+    lost window and never sent it: this test found that.)
+    """
+    require_root()
+    f = tmp_path / "g"
+    f.write_bytes(os.urandom(2048 * 20))
+    repo = Path(__file__).resolve().parent.parent
+    with NetLab(prefix="bt") as lab:
+        ns = lab.namespace("gso")
+        lab.run(None, ["ip", "-n", ns.name, "link", "set", "lo", "mtu", "1500"], timeout=10, check=True)
+        r = lab.run(ns, [sys.executable, "-c", _GSO_REFUSED, str(f)], timeout=30, cwd=repo,
+                    env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["first"] == [1, 2, 3, 4] and out["code"] == lockstep_native.NODATA
+    assert out["gso"] == 0  # the loop noticed, and turned GSO off for this transfer ...
+    assert out["blocks"] == [5, 6, 7, 8] and out["sizes"] == [2048] * 4  # ... and still sent the window

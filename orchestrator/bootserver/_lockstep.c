@@ -224,8 +224,12 @@ static void send_window(struct bt_lockstep *s, uint64_t first, uint64_t last, ui
                 msg.msg_control = NULL;
                 msg.msg_controllen = 0;
             }
-            if (sendmsg(s->sock, &msg, 0) < 0 && n > 1 && (errno == EIO || errno == EINVAL)) {
-                s->gso = 0; /* no checksum offload on this path: one datagram each from here */
+            if (sendmsg(s->sock, &msg, 0) < 0 && n > 1
+                && (errno == EIO || errno == EINVAL || errno == EMSGSIZE || errno == ENOPROTOOPT || errno == EOPNOTSUPP)) {
+                /* This path cannot segment (no checksum offload: EIO; a segment larger
+                 * than the MTU: EMSGSIZE; ...), the same list as the engine's Python
+                 * sender: one datagram each from here, which IP may fragment. */
+                s->gso = 0;
                 break;
             }
             /* Other failures (ENOBUFS, SO_SNDTIMEO): lost packets, the timer copes. */

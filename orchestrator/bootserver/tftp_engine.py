@@ -45,8 +45,9 @@ What the engine does instead:
 * a whole window of equal-sized DATA datagrams goes out with one ``sendmsg``
   using **UDP GSO** (``UDP_SEGMENT``, Linux 4.18+): the kernel cuts the buffer
   into datagrams, so a window of 44 blocks costs one syscall instead of 44.
-  Devices that cannot do it (``EIO``/``EINVAL``: no checksum offload, a block
-  bigger than the MTU) turn GSO off for that transfer, and it sends one by one.
+  Paths that cannot do it (``EIO``: no checksum offload; ``EMSGSIZE``: a block
+  bigger than the MTU; ``EINVAL``, ``ENOPROTOOPT``, ``EOPNOTSUPP``) turn GSO off
+  for that transfer, and it sends one by one (IP fragments what is too big).
 
 Results go back to trio in **batches**: counter deltas, admission accounting
 (``note_sent``/``note_retransmits``) and finished transfers are collected under
