@@ -115,8 +115,9 @@ async def test_real_clients_download_byte_identical(nursery, root, tmp_path, run
     assert ev.kind is EventKind.FILE_DONE and ev.result == "ok" and ev.bytes == size, ev
     assert sha(out) == sha(root / name)
     blocks = size // blksize + 1
-    assert counters.packets_out == blocks + 1  # every block once, plus the OACK; no retransmits on loopback
-    assert counters.retransmits == 0
+    # Every block once, plus the OACK: nothing sent twice but real retransmits (none
+    # expected on loopback; a stalled CI machine could force one after 1 s).
+    assert counters.packets_out == blocks + 1 + counters.retransmits
     if native:
         assert runs[0] >= 1  # the C loop carried it (it returns every SLICE, hands back the final ACK)
     else:
