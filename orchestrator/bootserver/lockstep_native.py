@@ -139,7 +139,8 @@ def _sockaddr(addr: tuple, family: socket.AddressFamily) -> bytes:
 
 
 class Driver:
-    """One transfer's native state: build with :meth:`for_transfer`, then ``run`` (no lock) and ``sync`` (lock)."""
+    """One transfer's native state: build with :meth:`for_transfer`; then, per call, :meth:`load` (lock held),
+    :meth:`run` (no lock) and :meth:`store` (lock held)."""
 
     __slots__ = ("st", "_buf", "_sendbuf", "core")
 

@@ -31,15 +31,16 @@ What the engine does instead:
   the core below, under the lock, like a datagram from ``recvfrom``. The state
   is copied back into the core (``ReadTransfer.fast_forward``) after every
   return, at least every :data:`~orchestrator.bootserver.lockstep_native.SLICE`
-  seconds. Before it sleeps, the loop polls without blocking for up to 50 us
-  (adaptive: it stops trying after four misses in a row, for 128 receives): on
-  this 2-vCPU VM a cross-CPU wakeup cost ~90 us of a ~140 us round trip. Without
+  seconds. Before it sleeps, the loop polls without blocking until the ACK is
+  due (learned from the measured answer time, at most 300 us; after four misses
+  in a row it blocks for the next 128 receives): on this 2-vCPU VM a cross-CPU
+  wakeup cost ~90 us of a ~140 us round trip. Without
   the library (no C compiler at install) the thread blocks in Python's
   ``recvfrom`` and answers through
   :meth:`~orchestrator.protocols.tftp.ReadTransfer.next_block`, the core's
   list-free entry for that case. Measured on the bench machine (curl, blksize
   512): ~19 us of CPU per block in Python against ~12 us for tftpd-hpa; the C
-  loop is at tftpd-hpa's cost, and with the spin it runs 1.6-3x tftpd-hpa's
+  loop is at tftpd-hpa's cost, and with the polling it ran 2-4x tftpd-hpa's
   speed (``docs/benchmarks.md``). More threads than that would only compete
   for two cores, so later transfers share the epoll thread;
 * a whole window of equal-sized DATA datagrams goes out with one ``sendmsg``
