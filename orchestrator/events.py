@@ -7,7 +7,13 @@ channel. Data flows one way: wire or log line -> BootEvent -> tracker. Nothing
 downstream reaches back into a server.
 
 Events are small frozen dataclasses (h11's style): cheap to create on the hot
-path, hashable, safe to hand between tasks.
+path, safe to hand between tasks.
+
+A BootEvent is where text from the boot LAN becomes evidence, so it is where
+that text is made safe: every string field and everything in ``detail`` goes
+through :mod:`orchestrator.safetext` when the event is created. The tracker,
+the journal, metrics, JSON output and terminals downstream get printable,
+valid, bounded text whatever a client sent.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from orchestrator.safetext import safe_mapping, safe_text
 
 
 class EventKind(str, enum.Enum):
@@ -59,3 +67,22 @@ class BootEvent:
     retransmits: int = 0
     wall: float | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The one place untrusted text becomes evidence (module docstring).
+        if not (_plain(self.source) and _plain(self.client_ip) and _plain(self.mac) and _plain(self.filename)
+                and _plain(self.result)):
+            for name in ("source", "client_ip", "mac", "filename", "result"):
+                v = getattr(self, name)
+                if not _plain(v):
+                    object.__setattr__(self, name, safe_text(v, _FIELD_MAX))
+        if self.detail:
+            object.__setattr__(self, "detail", safe_mapping(self.detail))
+
+
+def _plain(v: Any) -> bool:
+    return v is None or (type(v) is str and len(v) <= _FIELD_MAX and v.isprintable())
+
+
+#: Bound of each string field of a BootEvent (a file name, a MAC, ...); ``detail`` values get safetext's default.
+_FIELD_MAX = 512
