@@ -21,8 +21,30 @@ one request object; the server streams objects back and closes:
 * errors: ``{"event": "error", "error": "..."}``.
 
 A JSON-lines protocol rather than HTTP: there is one client (our CLI), no
-browser, and a request's progress is naturally a stream. The framing is
-bounded (one request line of at most 64 KiB), so a bad client costs nothing.
+browser, and a request's progress is naturally a stream.
+
+Every TCP client is untrusted until its token matched, and the Unix socket's
+clients are trusted only as far as the socket's permissions go, so the server
+bounds what any client can hold or cost:
+
+* **framing**: one request line of at most :data:`MAX_REQUEST` bytes, sent
+  within ``request_timeout`` seconds; JSON nested deeper than
+  :data:`MAX_DEPTH` is refused before it is parsed (Python's parser recurses);
+* **connections**: at most ``max_connections`` per listener at once, and on
+  TCP at most ``max_per_client`` per client address; further clients wait in
+  the kernel's listen backlog, which costs this process no descriptor;
+* **errors**: each connection runs inside its own error boundary: whatever a
+  client sends ends at most its own connection, never the listener or the
+  orchestrator (the error is counted in ``errors`` and logged);
+* **text**: ``reason`` and ``actor`` are made safe
+  (:func:`~orchestrator.safetext.safe_text`) where the request is read; node
+  names must be the plan's, each at most once.
+
+The socket's directory: bootorch creates it mode 0700 when it does not exist
+and then owns it; an existing directory (``/run``) is used as it is, never
+chmod'ed, but refused when other users could write to it without the sticky
+bit (they could replace the socket). The socket itself is created mode 0600.
+The orchestrator lock always lives in ``<state_dir>/control/``.
 """
 
 from __future__ import annotations
@@ -31,21 +53,25 @@ import errno
 import fcntl
 import hmac
 import json
+import logging
 import os
 import socket
-from functools import partial
+import stat
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import trio
 
+from orchestrator.safetext import safe_text
+
+log = logging.getLogger(__name__)
+
 #: Longest request line accepted.
 MAX_REQUEST = 65536
+#: Deepest JSON nesting accepted in a request (a real request nests 2 levels).
+MAX_DEPTH = 16
 OPS = ("ping", "wake", "reboot", "power_off")
-
-
-def control_dir(lp) -> Path:
-    return socket_path(lp).parent
 
 
 def socket_path(lp) -> Path:
@@ -54,12 +80,47 @@ def socket_path(lp) -> Path:
 
 
 def lock_path(lp) -> Path:
-    return control_dir(lp) / "orchestrator.lock"
+    return lp.state_dir / "control" / "orchestrator.lock"
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+class UnsafeDirectory(RuntimeError):
+    """A directory bootorch would put its control socket or lock in lets others replace them."""
+
+
+def private_dir(path: Path) -> Path:
+    """Make sure ``path`` is a directory only we (and root) can change; create it 0700 if missing.
+
+    A directory bootorch creates is its own: it is made mode 0700 through a
+    descriptor opened with ``O_NOFOLLOW``, so a symlink planted in its place
+    is never followed. An existing directory is never chmod'ed (``/run`` or a
+    site's ``/var/lib/bootorch`` stay as they are), but it must be owned by us
+    or root and not writable by others unless sticky, else
+    :class:`UnsafeDirectory`.
+    """
+    try:
+        path.mkdir(mode=0o700)
+        created = True
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return private_dir(path)
+    except FileExistsError:
+        created = False
+    if created:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o700)  # mkdir's mode was filtered by the umask
+        finally:
+            os.close(fd)
+        return path
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{path} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise UnsafeDirectory(f"{path} belongs to uid {st.st_uid}, not to this user or root: pick a directory of ours")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeDirectory(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}) without the "
+                              "sticky bit: others could replace the control socket; use a directory only its owner can write")
+    return path
 
 
 # --------------------------------------------------------------------------- the lock
@@ -77,7 +138,7 @@ class OrchestratorLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        _private_dir(self.path.parent)
+        private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,81 +175,134 @@ def _transition_json(t) -> dict[str, Any]:
 
 
 class ControlServer:
-    """Answers requests with a :class:`~orchestrator.scheduler.Scheduler`."""
+    """Answers requests with a :class:`~orchestrator.scheduler.Scheduler` (limits: the module docstring)."""
 
-    def __init__(self, lp, scheduler, *, mode: str, token: str | None = None, log: Callable[[str], None] = lambda s: None) -> None:
+    def __init__(self, lp, scheduler, *, mode: str, token: str | None = None, log: Callable[[str], None] = lambda s: None,
+                 max_connections: int = 64, max_per_client: int = 4, request_timeout: float = 10.0) -> None:
         self.lp, self.sched, self.mode, self.token, self.log = lp, scheduler, mode, token, log
+        #: Requests refused: malformed, too deep, too slow, wrong token, unknown op or nodes.
         self.bad_requests = 0
+        #: Connections that ended with an unexpected error (contained; see the log).
+        self.errors = 0
+        self.max_connections, self.max_per_client = max_connections, max_per_client
         #: Seconds a client has to send its request line.
-        self.request_timeout = 10.0
+        self.request_timeout = request_timeout
+        self._per_client: Counter[str] = Counter()
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on the Unix socket (and TCP when configured) until cancelled; the socket file is removed after."""
         path = socket_path(self.lp)
-        _private_dir(path.parent)
+        private_dir(path.parent)
         try:
-            path.unlink()  # we hold the orchestrator lock: a socket file left here is stale
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                path.unlink()  # we hold the orchestrator lock: a socket file left here is stale
         except FileNotFoundError:
             pass
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # the socket is born 0600: no chmod that could follow a symlink
         try:
             await sock.bind(str(path))
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
         sock.listen(16)
         listeners: list[trio.SocketListener] = [trio.SocketListener(sock)]
-        tcp = None
         if self.lp.model.control.listen:
             host, _, port = self.lp.model.control.listen.rpartition(":")
-            tcp = await trio.open_tcp_listeners(int(port), host=host.strip("[]") or None)
-            listeners += tcp
+            listeners += await trio.open_tcp_listeners(int(port), host=host.strip("[]") or None)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.serve_listeners, partial(self._handle, need_token=False), listeners[:1])
+                nursery.start_soon(self._accept, listeners[:1], False, nursery)
                 if len(listeners) > 1:
-                    nursery.start_soon(trio.serve_listeners, partial(self._handle, need_token=True), listeners[1:])
+                    nursery.start_soon(self._accept, listeners[1:], True, nursery)
                 task_status.started((path, [tl.socket.getsockname() for tl in listeners[1:]]))
         finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
             try:
                 path.unlink()
             except OSError:
                 pass
 
+    async def _accept(self, listeners: list[trio.SocketListener], need_token: bool, nursery: trio.Nursery) -> None:
+        """Accept on ``listeners`` (one kind) while fewer than ``max_connections`` of that kind are open."""
+        slots = trio.Semaphore(self.max_connections)
+
+        async def one(listener: trio.SocketListener) -> None:
+            while True:
+                await slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as e:  # EMFILE and friends: back off, never die
+                    slots.release()
+                    log.warning("control: accept failed: %s", e)
+                    await trio.sleep(0.1)
+                    continue
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(self._connection, stream, need_token, slots)
+
+        async with trio.open_nursery() as inner:
+            for listener in listeners:
+                inner.start_soon(one, listener)
+
+    async def _connection(self, stream: trio.SocketStream, need_token: bool, slots: trio.Semaphore) -> None:
+        """One client's connection, inside its own error boundary."""
+        peer = ""
+        try:
+            if need_token:
+                try:
+                    peer = str(stream.socket.getpeername()[0])
+                except OSError:
+                    peer = "?"
+                self._per_client[peer] += 1
+                if self._per_client[peer] > self.max_per_client:
+                    self.bad_requests += 1
+                    return
+            await self._handle(stream, need_token=need_token)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass  # the client went away or stopped reading; its operation carries on
+        except Exception:
+            self.errors += 1
+            log.exception("control: a connection failed")
+            self.log("control: a request failed with an internal error (contained; see the log)")
+        finally:
+            if need_token:
+                self._per_client[peer] -= 1
+                if self._per_client[peer] <= 0:
+                    del self._per_client[peer]
+            slots.release()
+            await trio.aclose_forcefully(stream)
+
     async def _handle(self, stream: trio.SocketStream, *, need_token: bool) -> None:
         async def send(obj: dict[str, Any]) -> None:
-            await stream.send_all(json.dumps(obj).encode() + b"\n")
+            with trio.fail_after(self.request_timeout):  # a client that stops reading holds nothing for long
+                await stream.send_all(json.dumps(obj).encode() + b"\n")
 
+        with trio.move_on_after(self.request_timeout) as scope:
+            line = await _read_line(stream)
+        if scope.cancelled_caught or line is None:
+            self.bad_requests += 1
+            await send({"event": "error", "error": f"no request line within {self.request_timeout:g} s (or longer than 64 KiB)"})
+            return
         try:
-            async with stream:
-                with trio.move_on_after(self.request_timeout) as scope:
-                    line = await _read_line(stream)
-                if scope.cancelled_caught or line is None:
-                    self.bad_requests += 1
-                    await send({"event": "error", "error": f"no request line within {self.request_timeout:g} s (or longer than 64 KiB)"})
-                    return
-                try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise ValueError("a request is a JSON object")
-                except ValueError as e:
-                    self.bad_requests += 1
-                    await send({"event": "error", "error": f"bad request: {e}"})
-                    return
-                if need_token and not (self.token and isinstance(req.get("token"), str)
-                                       and hmac.compare_digest(req["token"].encode(), self.token.encode())):
-                    self.bad_requests += 1
-                    await send({"event": "error", "error": "a TCP request needs the right token (control.token)"})
-                    return
-                await self._request(req, send)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away; its operation carries on
+            req = parse_request(line)
+        except ValueError as e:
+            self.bad_requests += 1
+            await send({"event": "error", "error": f"bad request: {e}"})
+            return
+        if need_token and not (self.token and isinstance(req.get("token"), str)
+                               and hmac.compare_digest(req["token"].encode(), self.token.encode())):
+            self.bad_requests += 1
+            await send({"event": "error", "error": "a TCP request needs the right token (control.token)"})
+            return
+        await self._request(req, send)
 
     async def _request(self, req: dict[str, Any], send) -> None:
         op = req.get("op")
         if op not in OPS:
-            await send({"event": "error", "error": f"unknown op {op!r}; one of {', '.join(OPS)}"})
+            self.bad_requests += 1
+            await send({"event": "error", "error": f"unknown op {safe_text(op, 40)!r}; one of {', '.join(OPS)}"})
             return
         if op == "ping":
             await send({"event": "pong", "pid": os.getpid(), "mode": self.mode, "plan": str(self.lp.path)})
@@ -196,27 +310,73 @@ class ControlServer:
         names = req.get("nodes")
         known = {n.name for n in self.lp.nodes}
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in known for n in names):
+            self.bad_requests += 1
             await send({"event": "error", "error": "nodes: a non-empty list of node names of this plan"})
             return
-        reason = str(req.get("reason") or "no reason given")[:500]
-        actor = str(req.get("actor") or "unknown")[:200]
+        names = list(dict.fromkeys(names))  # a node named twice is one node, acted on once
+        reason = safe_text(req.get("reason") or "no reason given", 500)
+        actor = safe_text(req.get("actor") or "unknown", 200)
         operation, busy = self.sched.submit(op, names, reason=reason, actor=actor, hard=bool(req.get("hard")))
         if operation is None:
             await send({"event": "accepted", "acting": [], "busy": busy})
             await send({"event": "done", "results": {}})
             return
+        wait = bool(req.get("wait", True))
         send_ch, recv_ch = trio.open_memory_channel(4096)
-        if req.get("wait", True):
+        if wait:
             operation.listeners.append(send_ch)
         else:
             send_ch.close()
         await send({"event": "accepted", "acting": operation.names, "busy": busy})
-        if not req.get("wait", True):
+        if not wait:
             return
         async for t in recv_ch:
             await send(_transition_json(t))
         await operation.done.wait()
         await send({"event": "done", "results": operation.results})
+
+
+def json_depth_ok(data: bytes, limit: int = MAX_DEPTH) -> bool:
+    """True when the JSON text ``data`` nests arrays/objects at most ``limit`` deep.
+
+    A linear scan that skips strings (with their escapes), run before
+    :func:`json.loads`, whose recursive parser would raise ``RecursionError``
+    (or exhaust the C stack) on ``[[[[...]]]]`` a hundred thousand deep.
+    """
+    depth = 0
+    in_str = esc = False
+    for b in data:
+        if in_str:
+            if esc:
+                esc = False
+            elif b == 0x5C:  # backslash
+                esc = True
+            elif b == 0x22:
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b == 0x5B or b == 0x7B:  # [ {
+            depth += 1
+            if depth > limit:
+                return False
+        elif b == 0x5D or b == 0x7D:
+            depth -= 1
+    return True
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """One request line as a JSON object, or ValueError saying what is wrong."""
+    if not json_depth_ok(line):
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        req = json.loads(line)
+    except RecursionError:  # unreachable after the depth check; kept as the parser's own boundary
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    if not isinstance(req, dict):
+        raise ValueError("a request is a JSON object")
+    return req
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes | None:
