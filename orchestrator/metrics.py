@@ -575,6 +575,8 @@ class _Server:
         self.metrics = metrics
         self.max_connections, self.idle_timeout, self.send_timeout = max_connections, idle_timeout, send_timeout
         self.connections = 0
+        #: Connections ended by an unexpected error (contained; see the log).
+        self.errors = 0
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
@@ -603,6 +605,9 @@ class _Server:
                     await self._reply(conn, stream, None, code, [(b"content-type", b"text/plain")], b"bad request\n", close=True)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             pass
+        except Exception:  # this connection's error boundary: a scraper never ends the orchestrator
+            self.errors += 1
+            log.exception("metrics: a connection failed")
         finally:
             self.connections -= 1
             with trio.move_on_after(1) as cs:

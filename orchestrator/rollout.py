@@ -72,7 +72,9 @@ class LiveProgress(Progress):
                 super().transitions([t])
 
     def render(self):
+        """The live table. Node names and evidence go in as ``rich.text.Text``: never parsed as markup."""
         from rich.table import Table
+        from rich.text import Text
 
         tr = self.tracker
         table = Table(box=None, pad_edge=False)
@@ -94,7 +96,7 @@ class LiveProgress(Progress):
             limit = tr.timeouts.get(st.stage)
             age = now - st.since
             style = "red" if limit is not None and age >= limit else None
-            nodes.add_row(st.node, st.stage.value, f"{age:.0f}s", st.last_evidence[:70], style=style)
+            nodes.add_row(Text(st.node), st.stage.value, f"{age:.0f}s", Text(st.last_evidence[:70]), style=style)
         outer = Table.grid()
         outer.add_row(table)
         if busy:

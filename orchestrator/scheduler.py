@@ -47,6 +47,15 @@ pxe_dhcp .. os_dhcp    BMC power cycle (``retries.power_cycle`` times), then fai
                        the ``ssh`` timeout passes (a failing check is named)
 =====================  ========================================================
 
+The ladder climbs only for nodes in an attempt bootorch started itself (a
+wake, power-on or power cycle it sent: :attr:`NodeState.requested`). Evidence
+is forgeable -- any host on the boot LAN can send a DHCPDISCOVER with a ready
+node's MAC -- so evidence alone may move a node's stage but never causes a
+power action: a node stuck in an attempt that evidence started (a reboot
+nobody here asked for, or a forgery) is *looked at*, not touched: when its
+readiness checks pass it is ``ready`` again, otherwise it is failed with the
+reason, and an operator decides (``bootorch reboot``).
+
 Every action and its reason goes to the journal. More failed nodes than
 ``failure_budget`` aborts the rollout cleanly (nothing more is woken; nodes in
 flight are left as they are and reported).
@@ -63,6 +72,7 @@ trio's MockClock makes the whole rollout run instantly and exactly.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -77,6 +87,8 @@ from orchestrator.power import PowerResult, Target
 from orchestrator.power.drivers import target as node_target
 from orchestrator.store import Store
 from orchestrator.tracker import TERMINAL, Stage, Tracker, Transition
+
+log = logging.getLogger(__name__)
 
 #: The wave name of nodes an on-call operation brought into a run.
 ONCALL_WAVE = "on-call"
@@ -241,6 +253,8 @@ class Scheduler:
         self._flight_foreign: list[str] | None = None
         self._started = trio.Event()
         self._restored = False
+        #: Evidence that raised in the tracker (contained, logged, dropped).
+        self.evidence_errors = 0
         #: The deadline the timeout watcher sleeps until (None: until any change).
         self._watch_at: float | None = None
         #: True: run until cancelled (``serve``); False: return when the waves and every operation are done.
@@ -446,8 +460,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ evidence
 
+    def _feed(self, ev: BootEvent) -> list[Transition]:
+        """The tracker's transitions for one event; an event the tracker chokes on costs only itself."""
+        try:
+            return self.tracker.feed(ev)
+        except Exception:
+            self.evidence_errors += 1
+            log.exception("evidence from %s could not be applied; dropped", ev.source)
+            return []
+
     async def _consume(self, events: trio.MemoryReceiveChannel[BootEvent]) -> None:
-        feed = self.tracker.feed
+        feed = self._feed
         async for ev in events:
             # Whatever else is already waiting goes in the same batch: one journal
             # transaction and one wake-up of the waiters for all of it.
@@ -477,7 +500,11 @@ class Scheduler:
                     continue
             for stuck in self.tracker.check_timeouts(self.clock()):
                 run = self.runs.get(stuck.mac)
-                if run is not None and run.result is None:
+                if run is None:
+                    continue
+                if not self.tracker.nodes[stuck.mac].requested:
+                    self._nursery.start_soon(self._look_at_unrequested, run, stuck.stage, stuck.attempt)  # type: ignore[union-attr]
+                elif run.result is None:
                     await self._escalate(run, stuck.stage, stuck.timeout)
 
     async def _escalate(self, run: NodeRun, stage: Stage, timeout: float) -> None:
@@ -504,6 +531,34 @@ class Scheduler:
         last = self.tracker.nodes[run.node.mac].last_evidence
         reason = f"{why} after {run.wakes} wake(s) and {run.cycles} power cycle(s); last evidence: {last}"
         self._fail(run, reason)
+
+    async def _look_at_unrequested(self, run: NodeRun, stage: Stage, attempt: int) -> None:
+        """A node stuck in an attempt bootorch did not start: check it, never power it.
+
+        Evidence started that attempt (see the module docstring): maybe the node
+        rebooted by itself, maybe a host on the LAN forged its DHCP. Readiness
+        answers which: passing checks make it ``ready`` again; otherwise it is
+        failed with the reason and left for an operator.
+        """
+        mac = run.node.mac
+        async with self._lock(mac):
+            st = self.tracker.nodes[mac]
+            if st.attempt != attempt or st.stage != stage or st.requested:
+                return  # it moved on, or bootorch has acted on it since
+            why = (f"stuck in {stage.value} in attempt {attempt}, which bootorch did not start "
+                   f"(evidence from {st.attempt_source}: {st.last_evidence})")
+            failing = "no readiness checks configured"
+            if self.readiness is not None:
+                verdict = await self.readiness.check(run.target.ip)
+                st = self.tracker.nodes[mac]
+                if st.attempt != attempt or st.stage != stage or st.requested:
+                    return
+                if verdict.ok:
+                    self.log(f"{run.node.name}: {why}; readiness checks pass: still up")
+                    self._record(self.tracker.ready(mac, self.clock(), f"checks passed after unrequested boot evidence ({why})"))
+                    return
+                failing = "; ".join(f"{c.name}: {c.reason}" for c in verdict.failed_checks) or verdict.error
+            self._fail(run, f"{why}; readiness: {failing}; no power action on evidence bootorch did not ask for")
 
     def _fail(self, run: NodeRun, reason: str) -> None:
         self._cancel_probe(run)
@@ -629,7 +684,7 @@ class Scheduler:
 
     def feed_event(self, ev: BootEvent) -> list[Transition]:
         """One piece of evidence from outside :meth:`run`'s own channel (``serve`` prints as it feeds)."""
-        ts = self.tracker.feed(ev)
+        ts = self._feed(ev)
         self._record(ts)
         return ts
 
@@ -645,6 +700,7 @@ class Scheduler:
         """
         if op not in ("wake", "reboot", "power_off"):
             raise ValueError(f"unknown operation {op!r}")
+        names = list(dict.fromkeys(names))  # named twice is still one node, acted on once
         by_name = {n.name: n for n in self.lp.nodes}
         busy: dict[str, str] = {}
         acting: list[NodeRun] = []

@@ -23,6 +23,13 @@ an earlier stage  late or duplicate evidence: ignored -- except PXE DHCP seen at
                   rebooted, a **new attempt** starts at ``pxe_dhcp`` (counted)
 ================  ====================================================================
 
+Evidence comes from hosts that can lie (any host on the boot LAN can send a
+DHCPDISCOVER with any MAC), so it may move a node's stage -- forward, or back
+to ``pxe_dhcp`` as a new attempt -- but it never *authorises* anything. Each
+attempt remembers who started it (:attr:`NodeState.attempt_source`): bootorch
+(``"scheduler"``: a wake, power-on or power cycle it sent) or the evidence's
+source. The scheduler takes power actions only in attempts bootorch started.
+
 ``waking`` comes from the scheduler (a magic packet or power-on was sent),
 ``ssh`` and ``ready`` from the readiness checker, ``failed`` from the
 scheduler's escalation ladder. A node that reaches ``ssh`` with no PXE evidence
@@ -183,6 +190,15 @@ class NodeState:
     done: set[str] = field(default_factory=set)
     stuck_reported: bool = False
     history: list[Transition] = field(default_factory=list)
+    #: The source of the transition that started the current attempt: ``"scheduler"``
+    #: when bootorch woke or power-cycled the node, else the evidence's source
+    #: (``"dhcp"``, ``"log:dnsmasq"``, ...): a boot nobody here asked for.
+    attempt_source: str = ""
+
+    @property
+    def requested(self) -> bool:
+        """Did bootorch itself start the current attempt (a wake, power-on or power cycle it sent)?"""
+        return self.attempt_source == "scheduler"
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +401,8 @@ class Tracker:
             st = self.nodes.get(t.mac)
             if st is None:
                 st = self._add(NodeState(t.mac, t.node))
+            if t.attempt != st.attempt:
+                st.attempt_source = t.source
             st.stage, st.since, st.attempt = t.to_stage, t.time, t.attempt
             st.last_evidence, st.last_evidence_time = t.evidence, t.time
             st.flags = set(t.flags)
@@ -435,7 +453,8 @@ class Tracker:
             # Seen PXE again after the kernel (or after ready/failed): it rebooted.
             return [self._move(st, stage, now, evidence, source, new_attempt=True)]
         if stage.index > st.stage.index and st.stage != Stage.FAILED:
-            return [self._move(st, stage, now, evidence, source)]
+            # Leaving ``pending`` on evidence alone (no wake of ours) is a boot of its own: a new attempt.
+            return [self._move(st, stage, now, evidence, source, new_attempt=st.stage == Stage.PENDING)]
         if stage == st.stage:
             st.last_evidence, st.last_evidence_time = evidence, now
         return []
@@ -443,6 +462,7 @@ class Tracker:
     def _move(self, st: NodeState, to: Stage, now: float, evidence: str, source: str, *, new_attempt: bool = False) -> Transition:
         if new_attempt or st.attempt == 0:
             st.attempt += 1
+            st.attempt_source = source
             st.pxe_seen = to == Stage.PXE_DHCP
             st.done.clear()
             st.flags.discard("booted_without_netboot")

@@ -15,6 +15,7 @@ evidence the tracker already has changes nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +27,8 @@ import trio
 from orchestrator.events import BootEvent
 from orchestrator.logwatch.follow import Follower, Offset, follow_lines
 from orchestrator.logwatch.parsers import parser_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +68,17 @@ async def watch_plan_logs(lp, store, send: trio.MemorySendChannel, *, poll: floa
 
 
 def apply(tracker, store, item: LogEvidence) -> list:
-    """Feed one line's events to the tracker; journal the transitions with the line's offset."""
+    """Feed one line's events to the tracker; journal the transitions with the line's offset.
+
+    An event the tracker raises on is logged and dropped (the line's offset is
+    still saved): one hostile log line costs only itself.
+    """
     changes = []
     for ev in item.events:
-        changes += tracker.feed(ev)
+        try:
+            changes += tracker.feed(ev)
+        except Exception:
+            log.exception("log evidence from %s could not be applied; dropped", item.key)
     store.append_with_offset(changes, item.key, item.offset)
     return changes
 
