@@ -771,6 +771,10 @@ def _run_child(path: Path, seed: int, dora: int) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         env=env,
         cwd=REPO,
+        # Unbuffered: the test reads the READY line with readline() and the rest with
+        # communicate(), which reads the descriptor itself. A buffered readline() could
+        # take report lines past READY into its buffer, where communicate() never sees them.
+        bufsize=0,
     )
 
 
