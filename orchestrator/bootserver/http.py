@@ -41,13 +41,45 @@ Choices
   ignored the same way. ``HEAD`` ignores ``Range`` (range handling is defined
   for GET only, §14.2).
 * Bodies stream in ``chunk_size`` pieces (256 KiB) read with ``pread``, so a
-  200 MB initrd is never held in memory. ``pread`` runs on the event loop: boot
-  files are hot in the page cache during a storm, and a thread hop per chunk
-  would cost more than it saves.
-* Admission: each GET body transfer holds an :class:`Admission` slot (queued
-  FIFO *before* the response head is sent, so a queued client simply sees a
-  slower first byte), and every chunk asks the byte budget first. Error
-  responses and HEAD take no slot.
+  200 MB initrd is never held in memory: a transfer holds one chunk, waiting or
+  not, plus a few dozen bytes of rate samples. ``pread`` runs on the event
+  loop: boot files are hot in the page cache during a storm, and a thread hop
+  per chunk would cost more than it saves.
+* Admission: each GET body transfer holds, in this order, one of its client
+  address's ``max_per_client`` transfers (default 4) and an :class:`Admission`
+  slot, and every chunk asks the byte budget first. Both waits are FIFO queues
+  *before* the response head is sent, so a waiting client simply sees a slower
+  first byte. **Excess requests queue; they are never refused**: iPXE's
+  ``httpcore.c`` does retry a 503 that carries ``Retry-After`` (current builds
+  any response with it), but builds older than that support -- still found in
+  NIC ROMs -- and other firmware fail the download on a 503, and a retried
+  request loses its place in line. The per-address wait comes first, so one
+  address's surplus never takes a place in the shared slot queue (which TFTP
+  shares too). The address is the TCP peer's: unlike a UDP source it cannot be
+  forged off-path. An IPv6 host can hold many addresses; they are counted
+  apart (a /64 would lump a whole boot LAN together). Error responses and HEAD
+  take neither.
+* Slow readers: while a transfer waits for an :class:`Admission` slot, a
+  transfer that delivers less than ``min_rate`` (default 64 KiB/s) per second
+  *the client makes us wait* loses its slot: the connection is reset and the
+  transfer ends with FILE_FAILED ``too_slow``. "Makes us wait" is time blocked
+  in ``send_all`` (the client's window or our socket buffer is full) -- never
+  the time we sleep for the byte budget, which is our own pacing. "Delivers" is
+  bytes the client's TCP acknowledged (Linux ``TCP_INFO``; elsewhere, bytes
+  written), so a multi-megabyte socket buffer does not hide a client that takes
+  nothing. A watchdog samples each transfer every ``rate_window / 10`` seconds
+  (default 1 s) and judges its last ``rate_window`` (10 s), once the client has
+  made us wait at least half of it. It ends only as many transfers as there are
+  waiters, slowest first, and nobody when nobody waits: a slow node alone on the
+  server is served at its own pace. Why 64 KiB/s: a node's fair share on a
+  congested 100 Mbit/s link with 50 slots is ~250 KB/s, on 1 Gbit/s with 200
+  slots ~625 KB/s; 64 KiB/s sits 4-10x below those and at twice the ~32 KB/s a
+  slot-pinning attack was seen to use. Keep ``min_rate x max_active`` well under
+  the link rate (a 100 Mbit/s link with 200 slots is too many slots), or set the
+  byte budget below the link rate: when our budget is the bottleneck, clients
+  rarely make us wait and are not judged. An attacker can still hold slots by
+  reading at ``min_rate`` -- from ``max_active / max_per_client`` addresses, at
+  the price of ``min_rate`` per slot in real bandwidth.
 * Connections: a cap (``max_connections``). When it is reached the accept loop
   first closes the *oldest idle connection* -- one that has sent no byte of its
   next request (allowed at any time, RFC 9112 §9.6; clients retry on a fresh
@@ -56,18 +88,24 @@ Choices
   listen backlog: queue, don't refuse, as for transfers.
 * Timeouts: a request must arrive complete within ``idle_timeout`` of the
   connection becoming idle (kills idle keep-alives *and* slowloris
-  half-requests); each ``send_all`` must finish within ``send_timeout`` (kills
-  clients that stop reading). Time spent queued for an admission slot is not
-  bounded: that is the point of queueing.
+  half-requests); each ``send_all`` -- one chunk -- must finish within
+  ``send_timeout`` (kills clients that stop reading, whether or not anyone
+  waits: a 256 KiB chunk in 30 s is ~9 KB/s). A client that stopped reading
+  (timeout or ``too_slow``) gets a reset, not a FIN, so the kernel drops the
+  megabytes still queued for it. Time spent queued for a client or admission
+  slot is not bounded: that is the point of queueing (a waiting connection
+  counts against ``max_connections`` like any busy one).
 * Events (source ``"http"``): ``FILE_REQUEST`` when a GET names a file,
   ``FILE_DONE`` when the last body byte is written (``bytes`` = body bytes,
   ``size`` = whole file, ``detail["range"]`` set for a 206 so the tracker can
   tell a partial fetch from a complete one), ``FILE_FAILED`` with ``result``
   ``not_found`` / ``access_violation`` / ``range_not_satisfiable`` /
   ``aborted`` (client went away) / ``timeout`` (client stopped reading) /
-  ``error``. HEAD emits nothing: it moves no file. Events go out with
-  ``send_nowait``; a full or closed channel drops the event and counts it in
-  :attr:`HttpStats.events_dropped` -- the server never blocks on its observers.
+  ``too_slow`` (below ``min_rate`` while others waited; ``detail["rate"]`` is
+  the measured bytes/s) / ``error``. HEAD emits nothing: it moves no file.
+  Events go out with ``send_nowait``; a full or closed channel drops the event
+  and counts it in :attr:`HttpStats.events_dropped` -- the server never blocks
+  on its observers.
 """
 
 from __future__ import annotations
@@ -75,12 +113,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
+import struct
 import time
 import urllib.parse
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
+from types import TracebackType
 from typing import Any, Callable
 
 import h11
@@ -107,6 +148,20 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_REQUEST_BODY = 64 * 1024
 #: accept() errors meaning "out of descriptors/memory for now": back off, retry.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: Body transfers one client address may run at once (``max_per_client``). iPXE
+#: fetches one file at a time; the spare slots cover a node that rebooted
+#: mid-download and left a dying connection behind, or a few VMs behind one NAT.
+MAX_PER_CLIENT = 4
+#: Slowest a transfer may go while others wait for its slot (``min_rate``, bytes/s).
+#: A node's fair share on a congested 100 Mbit/s link with 50 slots is ~250 KB/s,
+#: on 1 Gbit/s with 200 slots ~625 KB/s: 64 KiB/s is 4-10x below both, and twice
+#: the ~32 KB/s that slow readers need to pin every slot for the length of an initrd.
+MIN_RATE = 64 * 1024
+#: Seconds of recent history the rate is judged on (``rate_window``); a transfer
+#: is judged once the client has made us wait for at least half of it.
+RATE_WINDOW = 10.0
+#: ``struct tcp_info`` (linux/tcp.h): ``tcpi_bytes_acked`` is a u64 at this offset (Linux >= 4.2).
+_TCPI_BYTES_ACKED = 120
 
 
 # -- pure core ---------------------------------------------------------------------
@@ -212,6 +267,12 @@ class HttpStats:
     #: Connections closed by us for idleness / a stalled request or send / eviction at the cap.
     timeouts: int = 0
     evictions: int = 0
+    #: Transfers ended because they ran below ``min_rate`` while others waited for a slot.
+    too_slow: int = 0
+    #: Requests that had to wait because their client address already ran
+    #: ``max_per_client`` transfers (in total, and waiting now).
+    client_waits: int = 0
+    client_queued: int = 0
     #: BootEvents dropped because the channel was full or closed.
     events_dropped: int = 0
     #: Unexpected exceptions in a connection handler (a bug: logged, connection closed).
@@ -223,6 +284,134 @@ class HttpStats:
 
 class _Abort(Exception):
     """End this connection now (after an error response, or when a body cannot be completed)."""
+
+
+class _TooSlow(Exception):
+    """The transfer was ended for running below ``min_rate`` while others waited for a slot."""
+
+
+def _bytes_acked(sock: trio.socket.SocketType) -> int | None:
+    """Bytes the peer has acknowledged on this TCP connection (Linux ``TCP_INFO``), or None.
+
+    Bytes *acknowledged*, not bytes written: a socket's send buffer grows to
+    megabytes (4 MB on loopback), so a client that has taken nothing can have
+    swallowed several whole chunks from our point of view.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # no TCP_INFO on this platform, or the socket is gone
+        return None
+    if len(info) < _TCPI_BYTES_ACKED + 8:
+        return None
+    return int(struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0])
+
+
+class _Transfer:
+    """One body transfer holding a slot: how long the client has made us wait, and how much it took.
+
+    ``blocked`` accumulates the time spent inside ``send_all`` (the client's
+    window or our socket buffer was full) -- not the time we sleep for the byte
+    budget, which is ours. The watchdog samples ``(time, bytes taken, blocked)``
+    every ``rate_window / 10`` seconds; the rate is the bytes the client took per
+    second of blocked time across the window.
+    """
+
+    __slots__ = ("conn", "started", "blocked", "blocked_since", "written", "acked", "samples", "scope", "evicted")
+
+    def __init__(self, conn: _Connection, now: float, samples: int) -> None:
+        self.conn = conn
+        self.started = now
+        self.blocked = 0.0
+        self.blocked_since: float | None = None
+        #: Bytes handed to the kernel by completed sends: the fallback measure without TCP_INFO.
+        self.written = 0
+        #: Whether TCP_INFO works for this socket (decided at the first sample; None = not yet).
+        self.acked: bool | None = None
+        self.samples: deque[tuple[float, int, float]] = deque(maxlen=samples)
+        self.scope = trio.CancelScope()
+        self.evicted = False
+
+    def sample(self, now: float) -> None:
+        taken = None
+        if self.acked is not False:
+            taken = _bytes_acked(self.conn.stream.socket)
+            if self.acked is None:
+                self.acked = taken is not None
+            elif taken is None:
+                return  # the socket is going away; never mix the two measures
+        if taken is None:
+            taken = self.written
+        blocked = self.blocked + (now - self.blocked_since if self.blocked_since is not None else 0.0)
+        self.samples.append((now, taken, blocked))
+
+    def rate(self, evidence: float) -> float | None:
+        """Bytes/s over the samples held, or None until the client has made us wait ``evidence`` seconds."""
+        if len(self.samples) < 2:
+            return None
+        _, taken0, blocked0 = self.samples[0]
+        _, taken1, blocked1 = self.samples[-1]
+        waited = blocked1 - blocked0
+        if waited < evidence:
+            return None
+        return max(0, taken1 - taken0) / waited
+
+
+class _ClientGate:
+    """The per-address transfer cap: a FIFO semaphore, dropped when its last user leaves."""
+
+    __slots__ = ("sem", "users")
+
+    def __init__(self, limit: int) -> None:
+        # trio.Semaphore hands a released unit straight to the first waiter: FIFO, no barging.
+        self.sem = trio.Semaphore(limit)
+        self.users = 0
+
+
+class _ClientSlot:
+    """``async with server.client_slot(ip):`` -- one of the address's ``max_per_client`` transfers."""
+
+    __slots__ = ("_server", "_ip", "_gate")
+
+    def __init__(self, server: _Server, ip: str | None) -> None:
+        self._server = server
+        self._ip = ip
+        self._gate: _ClientGate | None = None
+
+    async def __aenter__(self) -> None:
+        s, ip = self._server, self._ip
+        if s.max_per_client is None or ip is None:
+            await trio.lowlevel.checkpoint()
+            return
+        gate = s.clients.get(ip)
+        if gate is None:
+            gate = s.clients[ip] = _ClientGate(s.max_per_client)
+        gate.users += 1
+        waiting = gate.sem.value == 0
+        if waiting:
+            s.stats.client_waits += 1
+            s.stats.client_queued += 1
+        try:
+            await gate.sem.acquire()
+        except BaseException:
+            self._leave(gate)
+            raise
+        finally:
+            if waiting:
+                s.stats.client_queued -= 1
+        self._gate = gate
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._gate is not None:
+            self._gate.sem.release()
+            self._leave(self._gate)
+
+    def _leave(self, gate: _ClientGate) -> None:
+        gate.users -= 1
+        if gate.users == 0:
+            # Memory stays bounded by the addresses with a transfer running or waiting.
+            del self._server.clients[self._ip]  # type: ignore[arg-type]
 
 
 class _Server:
@@ -237,6 +426,9 @@ class _Server:
         idle_timeout: float,
         send_timeout: float,
         chunk_size: int,
+        max_per_client: int | None,
+        min_rate: float | None,
+        rate_window: float,
     ) -> None:
         self.files = files
         self.events = events
@@ -245,9 +437,73 @@ class _Server:
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
         self.chunk_size = chunk_size
+        self.max_per_client = max_per_client
+        self.min_rate = min_rate
+        self.rate_window = rate_window
         self.conn_slots = trio.Semaphore(max_connections)
         #: Connections waiting for their next request, oldest first -> scope to cancel.
         self.idle: OrderedDict[_Connection, trio.CancelScope] = OrderedDict()
+        #: Client address -> its transfer gate (only addresses with a transfer running or waiting).
+        self.clients: dict[str, _ClientGate] = {}
+        #: Body transfers holding a slot, for the watchdog.
+        self.transfers: set[_Transfer] = set()
+        #: Transfers the watchdog has cancelled that have not given their slot back yet.
+        self.evicting = 0
+        self._transfers_started = trio.Event()
+
+    def client_slot(self, ip: str | None) -> _ClientSlot:
+        return _ClientSlot(self, ip)
+
+    def new_transfer(self, conn: _Connection) -> _Transfer:
+        tr = _Transfer(conn, trio.current_time(), samples=_SAMPLES + 1)
+        self.transfers.add(tr)
+        self._transfers_started.set()
+        return tr
+
+    def end_transfer(self, tr: _Transfer) -> None:
+        self.transfers.discard(tr)
+        if tr.evicted:
+            self.evicting -= 1
+
+    async def watchdog(self) -> None:
+        """Sample every transfer's progress; while transfers wait for a slot, end the slowest below ``min_rate``.
+
+        Runs only with an :class:`Admission` (without one nobody waits for a
+        slot) and ``min_rate`` set; sleeps on an event while no transfer runs.
+        """
+        interval = self.rate_window / _SAMPLES
+        while True:  # until cancelled with the server; one pass per interval while transfers run
+            if not self.transfers:
+                self._transfers_started = trio.Event()
+                await self._transfers_started.wait()
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for tr in self.transfers:
+                tr.sample(now)
+            self.evict_slow(now)
+
+    def evict_slow(self, now: float) -> None:
+        assert self.admission is not None and self.min_rate is not None
+        evidence = self.rate_window / 2
+        slow = []
+        for tr in self.transfers:
+            if tr.evicted:
+                continue
+            rate = tr.rate(evidence)
+            if rate is not None and rate < self.min_rate:
+                slow.append((rate, tr.started, id(tr), tr))
+        if not slow:
+            return
+        # One eviction per waiter: the released slot goes straight to the first of them.
+        need = self.admission.load(now).queued - self.evicting
+        for rate, _, _, tr in sorted(slow)[: max(0, need)]:
+            log.warning(
+                "http: ending transfer to %s (%.0f B/s over the last %.0f s, below min_rate %.0f) -- others wait for a slot",
+                tr.conn.client_ip, rate, self.rate_window, self.min_rate,
+            )
+            tr.evicted = True
+            self.evicting += 1
+            tr.scope.cancel()
 
     def emit(self, kind: EventKind, conn: _Connection, name: str | None, **kw: Any) -> None:
         if self.events is None:
@@ -317,6 +573,11 @@ class _Connection:
         self.evicted = False
         #: The current request is HEAD: responses carry no body.
         self.head = False
+        #: The body transfer in progress (holding a slot), whose blocked time ``_send`` measures.
+        self.transfer: _Transfer | None = None
+        #: End with RST rather than FIN: set for a client that stopped reading, so the
+        #: kernel drops what is still queued for it instead of trying to deliver it.
+        self.reset = False
         try:
             peer = stream.socket.getpeername()
             self.client_ip: str | None = peer[0]
@@ -339,10 +600,24 @@ class _Connection:
 
     async def _send(self, event: Any) -> None:
         chunks = self.h11.send_with_data_passthrough(event)
-        if chunks:
+        if not chunks:
+            return
+        tr = self.transfer
+        if tr is None:
             with trio.fail_after(self.server.send_timeout):
                 for c in chunks:
                     await self.stream.send_all(c)
+            return
+        # Time inside send_all is time the client (its window, its reading) makes us wait.
+        tr.blocked_since = trio.current_time()
+        try:
+            with trio.fail_after(self.server.send_timeout):
+                for c in chunks:
+                    await self.stream.send_all(c)
+                    tr.written += len(c)
+        finally:
+            tr.blocked += trio.current_time() - tr.blocked_since
+            tr.blocked_since = None
 
     # -- the loop --
 
@@ -366,8 +641,12 @@ class _Connection:
             pass
         except trio.TooSlowError:
             s.stats.timeouts += 1
+            self.reset = True
         finally:
             s.idle.pop(self, None)
+            if self.reset:
+                with contextlib.suppress(OSError):
+                    self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     async def _read_request(self) -> h11.Request | None:
         """The next request with its (small) body drained, or None to close."""
@@ -529,36 +808,47 @@ class _Connection:
 
         adm = s.admission
         sent = 0
+        tr: _Transfer | None = None
         try:
-            async with adm.slot() if adm is not None else contextlib.nullcontext():
+            # The client's own cap first, so its excess requests wait without taking a
+            # place in the shared slot queue; then a shared slot.
+            async with s.client_slot(self.client_ip), adm.slot() if adm is not None else contextlib.nullcontext():
                 detail["queued"] = trio.current_time() - t0
                 s.stats.active += 1
+                self.transfer = tr = s.new_transfer(self)
                 try:
-                    s.stats.requests += 1
-                    s.stats.by_status[status] += 1
-                    await self._send(response)
-                    offset, end = start, start + length
-                    while offset < end:  # bounded: each pass sends >= 1 byte or aborts
-                        data = f.pread(offset, min(s.chunk_size, end - offset))
-                        if not data:
-                            # The file shrank under us; Content-Length cannot be honoured.
-                            raise _FileShrank
-                        if adm is not None:
-                            # The byte budget. Not adm.consume(): that checkpoints even
-                            # when tokens are there, and send_all checkpoints anyway.
-                            wait = adm.try_consume(len(data), trio.current_time())
-                            while wait > 0.0:  # ends: each wait refills what was lacking
-                                await trio.sleep(wait)
+                    with tr.scope:  # the watchdog cancels it to take the slot back
+                        s.stats.requests += 1
+                        s.stats.by_status[status] += 1
+                        await self._send(response)
+                        offset, end = start, start + length
+                        while offset < end:  # bounded: each pass sends >= 1 byte or aborts
+                            data = f.pread(offset, min(s.chunk_size, end - offset))
+                            if not data:
+                                # The file shrank under us; Content-Length cannot be honoured.
+                                raise _FileShrank
+                            if adm is not None:
+                                # The byte budget. Not adm.consume(): that checkpoints even
+                                # when tokens are there, and send_all checkpoints anyway.
                                 wait = adm.try_consume(len(data), trio.current_time())
-                        await self._send(h11.Data(data=data))
-                        n = len(data)
-                        offset += n
-                        sent += n
-                        s.stats.bytes_sent += n
-                        if adm is not None:
-                            adm.note_sent(n, trio.current_time())
-                    await self._send(h11.EndOfMessage())
+                                while wait > 0.0:  # ends: each wait refills what was lacking
+                                    await trio.sleep(wait)
+                                    wait = adm.try_consume(len(data), trio.current_time())
+                            await self._send(h11.Data(data=data))
+                            n = len(data)
+                            offset += n
+                            sent += n
+                            s.stats.bytes_sent += n
+                            if adm is not None:
+                                adm.note_sent(n, trio.current_time())
+                        await self._send(h11.EndOfMessage())
+                    if tr.scope.cancelled_caught:
+                        raise _TooSlow
                 finally:
+                    # No checkpoint from here to the slot's release: the watchdog's count
+                    # of pending evictions and the slot queue change together.
+                    self.transfer = None
+                    s.end_transfer(tr)
                     s.stats.active -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             failed("aborted", status, bytes=sent, size=size)
@@ -566,6 +856,15 @@ class _Connection:
         except trio.TooSlowError:
             failed("timeout", status, bytes=sent, size=size)
             raise
+        except _TooSlow:
+            s.stats.too_slow += 1
+            self.reset = True
+            assert tr is not None
+            rate = tr.rate(0.0)
+            if rate is not None:
+                detail["rate"] = round(rate)  # bytes/s the client took while it made us wait
+            failed("too_slow", status, bytes=sent, size=size)
+            raise _Abort from None
         except _FileShrank:
             failed("error", status, bytes=sent, size=size)
             raise _Abort from None
@@ -583,6 +882,10 @@ class _Connection:
 
 class _FileShrank(Exception):
     pass
+
+
+#: Watchdog samples per rate window.
+_SAMPLES = 10
 
 
 def _reason(status: int) -> bytes:
@@ -608,6 +911,9 @@ async def serve_http(
     idle_timeout: float = 30.0,
     send_timeout: float = 30.0,
     chunk_size: int = CHUNK_SIZE,
+    max_per_client: int | None = MAX_PER_CLIENT,
+    min_rate: float | None = MIN_RATE,
+    rate_window: float = RATE_WINDOW,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``files`` over HTTP on ``host:port`` until cancelled.
@@ -615,11 +921,23 @@ async def serve_http(
     ``port=0`` binds a free port; ``task_status.started((host, bound_port))``
     reports it, so ``await nursery.start(serve_http, files, "127.0.0.1", 0)``
     returns the address to connect to. Pass ``stats`` to read counters.
+
+    ``max_per_client``: body transfers one client address may run at once
+    (None: no cap). ``min_rate`` (bytes/s, None: off): while transfers wait for
+    an ``admission`` slot, a transfer that made us wait at least
+    ``rate_window / 2`` of the last ``rate_window`` seconds and delivered less
+    than this per second of that wait loses its slot. See the module docstring.
     """
     if max_connections < 1:
         raise ValueError("max_connections must be >= 1")
     if chunk_size < 1:
         raise ValueError("chunk_size must be >= 1")
+    if max_per_client is not None and max_per_client < 1:
+        raise ValueError("max_per_client must be >= 1 or None")
+    if min_rate is not None and not min_rate > 0:
+        raise ValueError("min_rate must be > 0 bytes/s or None")
+    if not rate_window > 0:
+        raise ValueError("rate_window must be > 0 seconds")
     server = _Server(
         files,
         events=events,
@@ -629,11 +947,16 @@ async def serve_http(
         idle_timeout=idle_timeout,
         send_timeout=send_timeout,
         chunk_size=chunk_size,
+        max_per_client=max_per_client,
+        min_rate=min_rate,
+        rate_window=rate_window,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     try:
         bound = listeners[0].socket.getsockname()
         async with trio.open_nursery() as nursery:
+            if admission is not None and min_rate is not None:
+                nursery.start_soon(server.watchdog)
             for listener in listeners:
                 nursery.start_soon(server.accept_loop, listener, nursery)
             task_status.started((bound[0], bound[1]))
