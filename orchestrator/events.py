@@ -62,7 +62,7 @@ class BootEvent:
     size: int | None = None
     #: Seconds from request to completion or failure.
     duration: float | None = None
-    #: "ok", "not_found", "access_violation", "timeout", "aborted", "error", ...
+    #: "ok", "not_found", "access_violation", "timeout", "aborted", "too_slow", "error", ...
     result: str | None = None
     retransmits: int = 0
     wall: float | None = None

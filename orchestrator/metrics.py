@@ -500,6 +500,9 @@ class _Collector:
             ("bootorch_http_timeouts", "HTTP connections closed for idleness or a stalled request or send.", "timeouts"),
             ("bootorch_http_evictions", "Idle HTTP connections closed to make room at the connection cap.", "evictions"),
             ("bootorch_http_internal_errors", "Unexpected errors in an HTTP connection handler (bugs).", "internal_errors"),
+            ("bootorch_http_too_slow", "HTTP transfers ended for running below min_rate while others waited for a slot.", "too_slow"),
+            ("bootorch_http_client_waits", "HTTP requests that waited because their address ran max_per_client transfers.", "client_waits"),
+            ("bootorch_http_refused_connections", "HTTP connections closed at once: their address held its connection cap.", "refused"),
         ]
         counters = [CounterMetricFamily(name, doc) for name, doc, _ in simple]
         fams: list[Metric] = [responses, open_, *counters]

@@ -284,3 +284,43 @@ async def test_curl_parallel_downloads_under_per_client_cap(nursery, root: Path)
 async def test_limit_parameters_validated(root: Path, kw, msg):
     with trio.fail_after(5), pytest.raises(ValueError, match=msg):
         await serve_http(BootFiles(root), "127.0.0.1", 0, **kw)
+
+
+async def test_one_address_cannot_fill_the_connection_cap(autojump_clock, nursery, root: Path):
+    """An address beyond ``max_connections_per_client``: its own oldest idle connection goes, else the new one.
+
+    Before: one address could open ``max_connections`` connections (requests
+    queued at its own transfer gate hold theirs), and every other client then
+    waited in the listen backlog.
+    """
+    srv = await start(nursery, root, max_connections=8, max_connections_per_client=3)
+    with trio.fail_after(60):
+        busy = []
+        for _ in range(3):  # each has sent half a request: not idle, not evictable
+            s = await connect(srv, "127.0.0.2")
+            await s.send_all(b"GET /small.txt HTTP/1.1\r\n")
+            busy.append(s)
+        await trio.testing.wait_all_tasks_blocked()
+        extra = await connect(srv, "127.0.0.2")
+        assert await extra.receive_some(100) == b""  # closed at once: no idle one of its own to give up
+        assert srv.stats.refused == 1
+        other = await connect(srv, "127.0.0.3")  # another address is served meanwhile
+        await other.send_all(GET_SMALL)
+        head, body = await read_response(other)
+        assert head.startswith(b"HTTP/1.1 200") and body == b"hello boot\n"
+        # Idle keep-alives of the same address make room instead.
+        for s in busy:
+            await s.aclose()
+        idle = []
+        for _ in range(3):
+            s = await connect(srv, "127.0.0.4")
+            await s.send_all(GET_SMALL)
+            await read_response(s)  # served, now idle (keep-alive)
+            idle.append(s)
+        await trio.testing.wait_all_tasks_blocked()
+        newer = await connect(srv, "127.0.0.4")
+        await newer.send_all(GET_SMALL)
+        head, _ = await read_response(newer)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await idle[0].receive_some(100) == b""  # the oldest idle one was closed for it
+        assert srv.stats.evictions >= 1

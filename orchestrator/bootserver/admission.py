@@ -238,6 +238,11 @@ class Admission:
     # -- slots -----------------------------------------------------------------
 
     @property
+    def queued(self) -> int:
+        """Transfers waiting for a slot now."""
+        return len(self._lot)
+
+    @property
     def max_active(self) -> int | None:
         return self._max_active
 

@@ -85,7 +85,12 @@ Choices
   next request (allowed at any time, RFC 9112 §9.6; clients retry on a fresh
   connection; a half-sent request is left to its deadline) -- and otherwise
   waits for a connection to end while further clients queue in the kernel's
-  listen backlog: queue, don't refuse, as for transfers.
+  listen backlog: queue, don't refuse, as for transfers. One address may hold
+  at most ``max_connections_per_client`` (default 16) connections: a new one
+  beyond that first closes that address's own oldest idle connection, and is
+  closed at once when it has none (a node needs one or two; the cap keeps one
+  address from filling ``max_connections`` with requests queued at its own
+  per-address transfer gate, where no other client would ever wait).
 * Timeouts: a request must arrive complete within ``idle_timeout`` of the
   connection becoming idle (kills idle keep-alives *and* slowloris
   half-requests); each ``send_all`` -- one chunk -- must finish within
@@ -267,6 +272,8 @@ class HttpStats:
     #: Connections closed by us for idleness / a stalled request or send / eviction at the cap.
     timeouts: int = 0
     evictions: int = 0
+    #: Connections closed at once: their address already held ``max_connections_per_client``, none idle.
+    refused: int = 0
     #: Transfers ended because they ran below ``min_rate`` while others waited for a slot.
     too_slow: int = 0
     #: Requests that had to wait because their client address already ran
@@ -429,6 +436,7 @@ class _Server:
         max_per_client: int | None,
         min_rate: float | None,
         rate_window: float,
+        max_connections_per_client: int | None = None,
     ) -> None:
         self.files = files
         self.events = events
@@ -441,6 +449,9 @@ class _Server:
         self.min_rate = min_rate
         self.rate_window = rate_window
         self.conn_slots = trio.Semaphore(max_connections)
+        self.max_connections_per_client = max_connections_per_client
+        #: Client address -> connections open now.
+        self.conns_per_ip: Counter[str] = Counter()
         #: Connections waiting for their next request, oldest first -> scope to cancel.
         self.idle: OrderedDict[_Connection, trio.CancelScope] = OrderedDict()
         #: Client address -> its transfer gate (only addresses with a transfer running or waiting).
@@ -495,7 +506,7 @@ class _Server:
         if not slow:
             return
         # One eviction per waiter: the released slot goes straight to the first of them.
-        need = self.admission.load(now).queued - self.evicting
+        need = self.admission.queued - self.evicting
         for rate, _, _, tr in sorted(slow)[: max(0, need)]:
             log.warning(
                 "http: ending transfer to %s (%.0f B/s over the last %.0f s, below min_rate %.0f) -- others wait for a slot",
@@ -523,6 +534,16 @@ class _Server:
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             self.stats.events_dropped += 1
 
+    def evict_idle_of(self, ip: str) -> bool:
+        """Close the oldest idle connection of ``ip``; False when it has none."""
+        for conn, scope in self.idle.items():
+            if conn.client_ip == ip:
+                del self.idle[conn]
+                conn.evicted = True
+                scope.cancel()
+                return True
+        return False
+
     def evict_one_idle(self) -> None:
         if self.idle:
             conn, scope = self.idle.popitem(last=False)
@@ -539,6 +560,13 @@ class _Server:
                 log.warning("http: accept failed (%s); retrying in 0.1 s", e)
                 await trio.sleep(0.1)
                 continue
+            limit = self.max_connections_per_client
+            if limit is not None:
+                ip = _peer_ip(stream)
+                if ip is not None and self.conns_per_ip[ip] >= limit and not self.evict_idle_of(ip):
+                    self.stats.refused += 1
+                    await trio.aclose_forcefully(stream)
+                    continue
             try:
                 if self.conn_slots.value == 0:
                     self.evict_one_idle()
@@ -551,6 +579,9 @@ class _Server:
     async def connection(self, stream: trio.SocketStream) -> None:
         self.stats.connections += 1
         self.stats.connections_total += 1
+        ip = _peer_ip(stream)
+        if ip is not None:
+            self.conns_per_ip[ip] += 1
         try:
             conn = _Connection(self, stream)
             await conn.run()
@@ -558,9 +589,20 @@ class _Server:
             self.stats.internal_errors += 1
             log.exception("http: connection handler failed")
         finally:
+            if ip is not None:
+                self.conns_per_ip[ip] -= 1
+                if self.conns_per_ip[ip] <= 0:
+                    del self.conns_per_ip[ip]
             self.stats.connections -= 1
             self.conn_slots.release()
             await trio.aclose_forcefully(stream)
+
+
+def _peer_ip(stream: trio.SocketStream) -> str | None:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:  # already reset
+        return None
 
 
 class _Connection:
@@ -908,6 +950,7 @@ async def serve_http(
     admission: Admission | None = None,
     stats: HttpStats | None = None,
     max_connections: int = 256,
+    max_connections_per_client: int | None = 16,
     idle_timeout: float = 30.0,
     send_timeout: float = 30.0,
     chunk_size: int = CHUNK_SIZE,
@@ -921,6 +964,7 @@ async def serve_http(
     ``port=0`` binds a free port; ``task_status.started((host, bound_port))``
     reports it, so ``await nursery.start(serve_http, files, "127.0.0.1", 0)``
     returns the address to connect to. Pass ``stats`` to read counters.
+    ``max_connections_per_client`` caps one address's connections (None: no cap).
 
     ``max_per_client``: body transfers one client address may run at once
     (None: no cap). ``min_rate`` (bytes/s, None: off): while transfers wait for
@@ -934,6 +978,8 @@ async def serve_http(
         raise ValueError("chunk_size must be >= 1")
     if max_per_client is not None and max_per_client < 1:
         raise ValueError("max_per_client must be >= 1 or None")
+    if max_connections_per_client is not None and max_connections_per_client < 1:
+        raise ValueError("max_connections_per_client must be >= 1 or None")
     if min_rate is not None and not min_rate > 0:
         raise ValueError("min_rate must be > 0 bytes/s or None")
     if not rate_window > 0:
@@ -950,6 +996,7 @@ async def serve_http(
         max_per_client=max_per_client,
         min_rate=min_rate,
         rate_window=rate_window,
+        max_connections_per_client=max_connections_per_client,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     try:
