@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -175,3 +176,48 @@ def test_unencodable_name_is_not_found(tree):
     root, _ = tree
     with pytest.raises(NotFound):
         BootFiles(root).open("\ud800bad")
+
+
+@pytest.mark.parametrize("mode, served", [
+    (0o600, False), (0o640, False), (0o660, False), (0o400, False), (0o604, True), (0o644, True), (0o444, True),
+])
+def test_files_others_may_not_read_are_refused(tree, mode, served):
+    """tftpd-hpa's rule (S_IROTH), even when the server's own user could read the file."""
+    root, _ = tree
+    (root / "pxelinux.0").chmod(mode)
+    files = BootFiles(root)
+    if served:
+        files.open("pxelinux.0").close()
+    else:
+        with pytest.raises(AccessViolation, match="not world-readable"):
+            files.open("pxelinux.0")
+    BootFiles(root, require_world_readable=False).open("pxelinux.0").close()  # the opt-out
+
+
+def test_dynamic_content_is_not_subject_to_the_world_readable_rule(tree):
+    root, _ = tree
+    (root / "pxelinux.0").chmod(0o600)
+    files = BootFiles(root, dynamic=lambda name, ip: b"generated" if name == "pxelinux.0" else None)
+    assert files.open("pxelinux.0").pread(0, 100) == b"generated"
+
+
+def test_disk_file_identity_is_the_file_version(tree):
+    root, _ = tree
+    files = BootFiles(root)
+    a, b = files.open("pxelinux.0"), files.open("/pxelinux.0")
+    st = os.stat(root / "pxelinux.0")
+    assert a.identity == b.identity == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    a.close()
+    b.close()
+    deadline = time.monotonic() + 5
+    while True:  # until the file system's (coarse) clock has ticked since the first write
+        with open(root / "pxelinux.0", "r+b") as f:
+            f.write(b"LOADER")  # same size ...
+        os.utime(root / "pxelinux.0", ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the mtime put back, as cp -p would
+        if os.stat(root / "pxelinux.0").st_ctime_ns != st.st_ctime_ns:
+            break
+        assert time.monotonic() < deadline
+    c = files.open("pxelinux.0")
+    assert c.size == st.st_size and c.identity[3] == st.st_mtime_ns
+    assert c.identity != a.identity  # the ctime moved: a new version
+    c.close()

@@ -58,6 +58,11 @@ async def test_thread_engine_reaps_a_vanished_client_on_the_real_clock(nursery, 
         with s:
             await s.bind((HOST, 0))
             await s.sendto(p.encode_request("big.bin"), addr)
+            _, tid = await s.recvfrom(65536)
+            # Any ACK from the client's port proves its address (even this one, which
+            # acknowledges nothing): the full retry budget applies, not the one resend
+            # a client that never ACKs gets.
+            await s.sendto(p.encode_ack(0), tid)
             ev = await next_event(recv, EventKind.FILE_FAILED)
         assert ev.result == "timeout" and ev.retransmits == 2
         # Counters reach trio before the event that ends the transfer.

@@ -73,6 +73,7 @@ def _lossy_downloads(tmp_path: Path, *, clients: int, size: int, blksize: int, m
                 sys.executable, "-m", "orchestrator.bootserver.tftpd_cli", "--root", str(root),
                 "--listen", f"{link.a_ip}:69", "--blksize-max", "65464",
                 "--max-transfers", "50", "--max-per-client", str(max(clients, 8)),
+                "--user", "",  # stay root: the boot root is under pytest's 0700 temp directory
             ], stdout=log, stderr=subprocess.STDOUT)
         end = time.monotonic() + 15
         while b"listening on" not in server_log.read_bytes():

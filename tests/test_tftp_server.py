@@ -259,7 +259,13 @@ async def test_vanished_client_is_reaped_after_retry_budget(start, autojump_cloc
         srv = await start(timeout=2.0, retries=3)
         a = await peer()
         t0 = trio.current_time()
-        await a.send(p.encode_request("big.bin"), srv.addr)
+        # The client ACKs the OACK (proving its address: the full retry budget
+        # applies), then vanishes. One that never ACKs gets one retransmission:
+        # tests/test_tftp_security.py.
+        await a.send(p.encode_request("big.bin", options={"blksize": "512"}), srv.addr)
+        data, tid = await a.recv()
+        assert p.parse_packet(data) == p.OptionAck({"blksize": "512"})
+        await a.send(p.encode_ack(0), tid)
         ev = await srv.next_event(EventKind.FILE_FAILED)
         assert ev.result == "timeout" and ev.retransmits == 3
         assert ev.duration == pytest.approx(2.0 * 4)  # 1 send + 3 retransmits, 2 s apart
@@ -281,9 +287,12 @@ async def test_lost_final_ack_is_reported_unconfirmed(start, autojump_clock):
     with trio.fail_after(60):
         srv = await start(timeout=1.0, retries=2)
         a = await peer()
-        await a.send(p.encode_request("small.txt"), srv.addr)  # 13 bytes: one block
+        await a.send(p.encode_request("small.txt", options={"tsize": "0"}), srv.addr)  # 13 bytes: one block
         data, tid = await a.recv()
-        assert p.parse_packet(data) == p.Data(1, b"hello\nworld\r\n")  # and we never ACK it
+        assert p.parse_packet(data) == p.OptionAck({"tsize": "13"})
+        await a.send(p.encode_ack(0), tid)  # the client proves its address ...
+        data, tid = await a.recv()
+        assert p.parse_packet(data) == p.Data(1, b"hello\nworld\r\n")  # ... and we never ACK the data
         ev = await srv.next_event(EventKind.FILE_DONE)
         assert ev.result == "unconfirmed" and ev.retransmits == 2
         assert srv.counters.transfers_unconfirmed == 1
@@ -296,6 +305,9 @@ async def test_negotiated_timeout_is_honoured(start, autojump_clock):
         a = await peer()
         t0 = trio.current_time()
         await a.send(p.encode_request("big.bin", options={"timeout": 30}), srv.addr)
+        data, tid = await a.recv()
+        assert p.parse_packet(data) == p.OptionAck({"timeout": "30"})
+        await a.send(p.encode_ack(0), tid)  # before the first ACK the server's own 1 s timeout applies
         ev = await srv.next_event(EventKind.FILE_FAILED)
         assert trio.current_time() - t0 == pytest.approx(60.0)
         assert ev.result == "timeout"
@@ -430,9 +442,12 @@ async def test_tftpd_cli_standalone(root, tmp_path):
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
+            # --user '': pytest's tmp_path is in a 0700 directory that nobody cannot
+            # enter; dropping root is tested in tests/test_tftp_security.py.
             proc = await nursery.start(partial(
                 trio.run_process,
-                [sys.executable, "-m", "orchestrator.bootserver.tftpd_cli", "--root", str(root), "--listen", "127.0.0.1:0", "--blksize-max", "4096"],
+                [sys.executable, "-m", "orchestrator.bootserver.tftpd_cli", "--root", str(root), "--listen", "127.0.0.1:0",
+                 "--blksize-max", "4096", "--user", ""],
                 stderr=subprocess.PIPE, check=False,
             ))
             buf = b""
@@ -523,8 +538,9 @@ async def test_stray_datagram_stream_cannot_keep_a_transfer_alive(start, autojum
     with trio.fail_after(60):
         srv = await start(timeout=1.0, retries=2)
         a, b = await peer(), await peer()
-        await a.send(p.encode_request("big.bin"), srv.addr)
+        await a.send(p.encode_request("big.bin", options={"blksize": "512"}), srv.addr)
         _, tid = await a.recv()
+        await a.send(p.encode_ack(0), tid)  # a proven client: the full retry budget, which b must not extend
         t0 = trio.current_time()
         while srv.counters.active:
             assert trio.current_time() - t0 < 10, "transfer not reaped"

@@ -21,7 +21,12 @@ escapes at some point):
   sibling-prefix directory (root ``/srv/tftp`` vs ``/srv/tftp-private``) is
   caught without a stat-then-open race;
 * only regular files are served; the open is non-blocking so a FIFO planted in
-  the root cannot hang the server.
+  the root cannot hang the server;
+* a file that "others" may not read (no ``S_IROTH``) is refused with an access
+  violation, as tftpd-hpa does: whatever the server's own user could open, a
+  0600 or 0640 file in a boot root is a secret someone forgot there, not a boot
+  file (``require_world_readable=False`` turns this off). Dynamic content is
+  generated for serving and is not subject to it.
 """
 
 from __future__ import annotations
@@ -77,14 +82,21 @@ class MemoryFile:
 
 
 class DiskFile:
-    """A file in the root, held open by descriptor."""
+    """A file in the root, held open by descriptor.
 
-    __slots__ = ("name", "fd", "size")
+    ``identity`` is ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` when
+    known: the same for the same version of the same file, different after any
+    write (the ctime moves even when a copy puts the mtime back). The TFTP
+    server keys netascii sizes by it (``NetasciiSizes``).
+    """
 
-    def __init__(self, name: str, fd: int, size: int) -> None:
+    __slots__ = ("name", "fd", "size", "identity")
+
+    def __init__(self, name: str, fd: int, size: int, identity: tuple[int, ...] | None = None) -> None:
         self.name = name
         self.fd = fd
         self.size = size
+        self.identity = identity
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self.fd, length, offset)
@@ -125,14 +137,20 @@ def normalize_name(name: str) -> str:
 
 
 class BootFiles:
-    """Answer a name from the dynamic overlay, then from the root directory."""
+    """Answer a name from the dynamic overlay, then from the root directory.
 
-    def __init__(self, root: str | os.PathLike[str] | None, dynamic: DynamicSource | None = None) -> None:
+    ``require_world_readable`` (default True) refuses files on disk without the
+    "others may read" permission bit (see the module docstring).
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None, dynamic: DynamicSource | None = None, *,
+                 require_world_readable: bool = True) -> None:
         self.root: Path | None = Path(root).resolve(strict=True) if root is not None else None
         if self.root is not None and not self.root.is_dir():
             raise NotADirectoryError(str(self.root))
         self._prefix = (str(self.root).rstrip("/") + "/") if self.root is not None else ""
         self.dynamic = dynamic
+        self.require_world_readable = require_world_readable
 
     def open(self, name: str, client_ip: str | None = None) -> BootFile:
         rel = normalize_name(name)
@@ -164,8 +182,10 @@ class BootFiles:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotFound(f"{rel} is not a regular file")
+            if self.require_world_readable and not st.st_mode & stat.S_IROTH:
+                raise AccessViolation(f"{rel} is not world-readable")
             os.set_blocking(fd, True)
-            return DiskFile(rel, fd, st.st_size)
+            return DiskFile(rel, fd, st.st_size, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         except BaseException:
             os.close(fd)
             raise

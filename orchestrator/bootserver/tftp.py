@@ -24,9 +24,30 @@ Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
   1 or 2) gets an ERROR back, so garbage cannot be reflected at a third party;
 * a datagram on a transfer port from the wrong address/port gets ERROR 5 and the
   transfer carries on (RFC 1350 section 4);
+* until the client's first ACK proves its address (a source address is easily
+  forged), its transfer's timer runs at the server's own ``timeout`` whatever
+  timeout was negotiated, and it is guaranteed one resend of its first datagram
+  (OACK or DATA 1, :data:`UNPROVEN_RETRIES`); further resends, up to
+  ``retries``, come out of a budget all transfers share
+  (``unproven_resend_rate`` per second, default :data:`UNPROVEN_RESEND_RATE`,
+  banking up to four seconds' worth). A real client on a lossy link keeps its
+  full retries; a flood of forged RRQs drains the budget, after which each
+  reflects at most two datagrams at its victim and holds a slot for two short
+  timeouts, not 255 s x the retries ("Peers that do not answer" in
+  :mod:`orchestrator.protocols.tftp`);
 * an RRQ repeated from the *same* source port while its transfer runs is the
-  client retransmitting its request: ignored (the transfer's own timer resends);
-  from a *new* source port it is a new transfer;
+  client retransmitting its request: before the client's first ACK it is
+  answered with that one resend of the first datagram (at once: the client's
+  timer says ours was lost), if the transfer has not used it yet; after the
+  first ACK, or when its transfer is still queued by admission, it is ignored.
+  From a *new* source port it is a new transfer;
+* a negotiated RFC 2349 timeout above ``timeout_max`` (default 30 s) is not
+  honoured (left out of the OACK), and any transfer without progress for
+  ``max_stall`` seconds (default 60) ends, whatever its timeout and retries;
+* netascii is refused for files over :data:`~orchestrator.protocols.tftp.NETASCII_MAX`
+  before any read, and a file's converted size is computed once per version of
+  the file (:class:`~orchestrator.protocols.tftp.NetasciiSizes`), so a client
+  cannot make the server scan big files on the request path over and over;
 * at most ``max_transfers`` transfers (queued ones included) and
   ``max_per_client`` per client IP; the excess gets an ERROR and no memory;
 * a transfer whose client vanished ends after its retry budget; its socket and
@@ -49,7 +70,7 @@ from orchestrator.bootserver.tftp_engine import Transfer, TransferEngine
 from orchestrator.events import BootEvent, EventKind
 from orchestrator.protocols import tftp as proto
 
-__all__ = ["TftpCounters", "TftpDownloadError", "TftpServer", "serve_tftp", "tftp_get"]
+__all__ = ["MAX_STALL", "TIMEOUT_MAX", "UNPROVEN_RESEND_RATE", "UNPROVEN_RETRIES", "TftpCounters", "TftpDownloadError", "TftpServer", "serve_tftp", "tftp_get"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +78,16 @@ log = logging.getLogger(__name__)
 _REQUEST_BUFSIZE = 65536
 #: Datagrams handled from the listening socket before yielding to transfers.
 _LISTEN_BATCH = 64
+#: Resends of its first datagram a transfer gets before its client's first ACK.
+UNPROVEN_RETRIES = 1
+#: Resends per second, shared by all transfers, to clients that have not ACKed yet beyond their
+#: guaranteed one: a lossy boot storm needs a few dozen a second; a reflection flood gets no more.
+UNPROVEN_RESEND_RATE = 50.0
+#: Largest RFC 2349 timeout honoured by default, in seconds: half of
+#: :data:`MAX_STALL`, so a transfer at that timeout still gets one retransmission.
+TIMEOUT_MAX = 30
+#: Default bound, in seconds, on a transfer's time without progress.
+MAX_STALL = 60.0
 
 
 @dataclass(slots=True)
@@ -113,13 +144,19 @@ class TftpServer:
         max_per_client: int = 8,
         timeout: float = 1.0,
         retries: int = 5,
+        timeout_max: int = TIMEOUT_MAX,
+        max_stall: float = MAX_STALL,
+        unproven_resend_rate: float = UNPROVEN_RESEND_RATE,
         counters: TftpCounters | None = None,
         engine: str = "auto",
     ) -> None:
         # Validate once here (LocalProtocolError from the core on bad limits).
-        proto.negotiate({}, tsize=None, blksize_max=blksize_max, windowsize_max=windowsize_max)
+        proto.negotiate({}, tsize=None, blksize_max=blksize_max, windowsize_max=windowsize_max, timeout_max=timeout_max)
         if max_transfers < 1 or max_per_client < 1:
             raise ValueError("max_transfers and max_per_client must be >= 1")
+        if not (0 < timeout <= max_stall and timeout_max <= max_stall):
+            # Otherwise a single timeout would outlast the bound on time without progress.
+            raise ValueError(f"need 0 < timeout ({timeout}) and timeout_max ({timeout_max}) <= max_stall ({max_stall})")
         if engine not in ("auto", "thread", "trio"):
             raise ValueError(f"engine must be 'auto', 'thread' or 'trio', not {engine!r}")
         self.files = files
@@ -132,8 +169,14 @@ class TftpServer:
         self.max_per_client = max_per_client
         self.timeout = timeout
         self.retries = retries
+        self.timeout_max = timeout_max
+        self.max_stall = max_stall
         self.counters = counters if counters is not None else TftpCounters()
         self._transfers: set[tuple[str, int]] = set()
+        #: Transfers handed to the engine (not those still queued by admission), by client TID.
+        self._running: dict[tuple[str, int], Transfer] = {}
+        self._netascii_sizes = proto.NetasciiSizes()
+        self._resend_budget = proto.ResendBudget(unproven_resend_rate, 4 * unproven_resend_rate)
         self._per_client: Counter[str] = Counter()
         self._bind_host = "0.0.0.0"
         self.engine_mode = engine
@@ -229,8 +272,13 @@ class TftpServer:
             return
         if addr in self._transfers:
             # The same client port asking again: its request retransmission (our
-            # OACK/DATA crossed it, or admission queued it). One transfer per TID.
+            # OACK/DATA was lost or crossed it, or admission queued it). One
+            # transfer per TID; before the client's first ACK the core may answer
+            # with its first datagram again (ReadTransfer.repeated_request).
             self.counters.duplicate_requests += 1
+            x = self._running.get(addr)
+            if x is not None and self._engine is not None:
+                self._engine.repeated_request(x)
             if self.admission is not None and hasattr(self.admission, "note_client_retries"):
                 self.admission.note_client_retries(1, trio.current_time())  # its timer fired before our answer
             return
@@ -259,6 +307,9 @@ class TftpServer:
             xfer = proto.ReadTransfer(
                 req, f, blksize_max=self.blksize_max, windowsize_max=self.windowsize_max,
                 client_rcvbuf=self.client_rcvbuf, timeout=self.timeout, retries=self.retries,
+                timeout_max=self.timeout_max, max_stall=self.max_stall,
+                unproven_retries=UNPROVEN_RETRIES, unproven_timeout=self.timeout, resend_budget=self._resend_budget,
+                netascii_sizes=self._netascii_sizes,
             )
         except proto.RemoteProtocolError as e:  # e.g. an unknown mode
             f.close()
@@ -293,9 +344,11 @@ class TftpServer:
                         if engine.closed:
                             return
                         x = engine.add(addr, xfer, self._bind_host, _family(addr[0]), trio.Event())
+                        self._running[addr] = x
                         await x.done.wait()
                 else:
                     x = engine.add(addr, xfer, self._bind_host, _family(addr[0]), trio.Event())
+                    self._running[addr] = x
                     await x.done.wait()
                 if x.outcome == "error":
                     result = "error"
@@ -312,6 +365,7 @@ class TftpServer:
             if x is not None:
                 engine.remove(x)  # the engine is done with the socket and the core: close the file
             f.close()
+            self._running.pop(addr, None)
             self._transfers.discard(addr)
             self._per_client[addr[0]] -= 1
             if self._per_client[addr[0]] <= 0:
@@ -357,6 +411,9 @@ async def serve_tftp(
     max_per_client: int = 8,
     timeout: float = 1.0,
     retries: int = 5,
+    timeout_max: int = TIMEOUT_MAX,
+    max_stall: float = MAX_STALL,
+    unproven_resend_rate: float = UNPROVEN_RESEND_RATE,
     counters: TftpCounters | None = None,
     engine: str = "auto",
     task_status: Any = trio.TASK_STATUS_IGNORED,
@@ -365,16 +422,21 @@ async def serve_tftp(
 
     ``task_status.started((host, bound_port))`` fires once the socket is bound, so
     ``await nursery.start(serve_tftp, files, "127.0.0.1", 0)`` returns the real
-    port. ``max_transfers`` defaults to dnsmasq's 50. ``counters`` lets the caller
-    read :class:`TftpCounters` while the server runs. ``engine`` picks how
-    transfers are driven (``"thread"``, ``"trio"``; ``"auto"``: see
-    :mod:`orchestrator.bootserver.tftp_engine`).
+    port. ``max_transfers`` defaults to dnsmasq's 50. ``timeout`` is the
+    retransmit timeout (and the longest one used before a client's first ACK),
+    ``timeout_max`` the largest RFC 2349 timeout a client may negotiate, and
+    ``max_stall`` the most seconds a transfer may go without progress;
+    ``unproven_resend_rate`` is the shared budget of resends (per second) to
+    clients that have not ACKed yet beyond their one guaranteed resend.
+    ``counters`` lets the caller read :class:`TftpCounters` while the server
+    runs. ``engine`` picks how transfers are driven (``"thread"``, ``"trio"``;
+    ``"auto"``: see :mod:`orchestrator.bootserver.tftp_engine`).
     """
     server = TftpServer(
         files, events=events, admission=admission, blksize_max=blksize_max,
         windowsize_max=windowsize_max, client_rcvbuf=client_rcvbuf, max_transfers=max_transfers,
-        max_per_client=max_per_client, timeout=timeout, retries=retries, counters=counters,
-        engine=engine,
+        max_per_client=max_per_client, timeout=timeout, retries=retries, timeout_max=timeout_max,
+        max_stall=max_stall, unproven_resend_rate=unproven_resend_rate, counters=counters, engine=engine,
     )
     await server.serve(host, port, task_status=task_status)
 

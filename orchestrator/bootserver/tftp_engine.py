@@ -70,7 +70,9 @@ Locking: one :class:`threading.Lock` guards the maps, the heap and every
 transfer's core. The engine thread holds it while it processes a batch of ready
 sockets and timers, a lock-step thread while it handles one datagram (neither
 while blocked in a syscall); the trio side takes it to add or remove a
-transfer. :meth:`TransferEngine.remove` returns only once the engine will never
+transfer, and to resend a transfer's first datagram when its client repeats
+its request (:meth:`TransferEngine.repeated_request`).
+:meth:`TransferEngine.remove` returns only once the engine will never
 touch that transfer's socket or core again, so the caller may close the file
 right after: a lock-step thread is woken with ``shutdown()`` (closing an fd
 another thread is blocked on is unsafe, the number may be reused at once) and
@@ -222,9 +224,10 @@ class TransferEngine:
         with self._lock:
             if fast:
                 # Lock-step fast path (see _lockstep_main): a blocking socket whose
-                # recvfrom times out after the retransmit timeout.
+                # recvfrom times out after the retransmit timeout (the short one
+                # until the client's first ACK: ReadTransfer.rto).
                 sock.setblocking(True)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(core.timeout))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(core.rto))
                 # A send never blocks for long while this thread holds the lock.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0.05))
                 x.thread = threading.Thread(target=self._lockstep_main, args=(x,), name="tftp-transfer", daemon=True)
@@ -249,6 +252,37 @@ class TransferEngine:
         elif self._scope is not None and x.heap_at is not None and x.heap_at < self._scope.deadline:
             self._scope.deadline = x.heap_at
         return x
+
+    def repeated_request(self, x: Transfer) -> None:
+        """The client of ``x`` sent its RRQ again: resend the first datagram if the core says so.
+
+        From the trio thread. The datagram leaves from the transfer's own socket
+        (its TID). A lock-step thread may be blocked in ``recvfrom`` on that
+        socket meanwhile, in Python or in the native loop, which is fine:
+        sending does not disturb it, a deadline that moved later only makes its
+        next wakeup find nothing due, and the native loop writes the core back
+        only after ACKs (``fast_forward``), which supersede the resend (its one
+        round-trip sample may then count from the first send).
+        """
+        with self._lock:
+            if x.closed:
+                return
+            now = self._clock()
+            pkts = x.core.repeated_request(now)
+            if not pkts:
+                return
+            self._d_retrans += len(pkts)
+            self._send(x, pkts, now)
+            self._schedule(x)
+            self._flush_locked(now, force=self._sync)
+        # A send held back (full buffer, byte budget) may have an earlier due time
+        # than the driver is waiting for: let it recompute, as add() does.
+        if x.thread is not None:
+            pass
+        elif self.mode == "thread":
+            os.eventfd_write(self._wake_fd, 1)
+        elif self._scope is not None and x.heap_at is not None and x.heap_at < self._scope.deadline:
+            self._scope.deadline = x.heap_at
 
     def remove(self, x: Transfer) -> None:
         """Forget ``x`` (idempotent): close its socket; the engine will not touch it again."""

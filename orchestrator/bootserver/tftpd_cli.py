@@ -4,11 +4,21 @@ Foreground, one log line per transfer on stderr, ``listening on HOST:PORT`` once
 bound (so a caller that asked for port 0 learns the port), exit 0 on SIGINT or
 SIGTERM. Also runs standalone: ``python -m orchestrator.bootserver.tftpd_cli
 --root DIR --listen 127.0.0.1:0``.
+
+As tftpd-hpa does, it serves only files that others may read (``S_IROTH``), and
+when started as root it gives root up once the socket is bound: it switches to
+``--user`` (default ``nobody``; tftpd-hpa's ``-u``) with no supplementary groups,
+before ``listening on`` is printed. ``--user ''`` keeps running as root. There is
+no chroot (the confinement of :mod:`~orchestrator.bootserver.files` needs
+``/proc``), so that user must be able to reach the root directory through every
+directory above it; if it cannot, the server exits with an error at start.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import pwd
 import signal
 import sys
 
@@ -16,7 +26,7 @@ import trio
 
 from orchestrator.bootserver import lockstep_native
 from orchestrator.bootserver.files import BootFiles
-from orchestrator.bootserver.tftp import TftpCounters, serve_tftp
+from orchestrator.bootserver.tftp import MAX_STALL, TIMEOUT_MAX, TftpCounters, serve_tftp
 from orchestrator.events import BootEvent, EventKind
 from orchestrator.protocols import tftp as proto
 
@@ -45,6 +55,51 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, p
 
 
+class UserError(Exception):
+    """``--user`` cannot be honoured (no such user, or switching needs root)."""
+
+
+def _lookup(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise UserError(f"no such user: {name!r}") from None
+
+
+def user_to_run_as(name: str | None, euid: int) -> pwd.struct_passwd | None:
+    """The account to switch to once bound, or None to stay as we are.
+
+    ``name`` is ``--user``: None when not given. Started as root (``euid`` 0)
+    the default is ``nobody``, and ``""`` means "stay root". Not root, there is
+    nothing to give up: no switch, and asking for another user is an error.
+    """
+    if name == "":
+        return None
+    if euid != 0:
+        if name is None or _lookup(name).pw_uid == euid:
+            return None
+        raise UserError(f"--user {name} needs root (running as uid {euid})")
+    return _lookup(name or "nobody")
+
+
+def drop_privileges(pw: pwd.struct_passwd) -> None:
+    """Become ``pw`` for good: no supplementary groups, its group, its user (in that order).
+
+    ``setuid`` as root sets the real, effective and saved user IDs, and glibc
+    applies it to every thread (the transfer threads already run). Checked: if
+    root could be regained afterwards, this raises rather than serve as root.
+    """
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    if pw.pw_uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            return
+        raise UserError(f"switched to {pw.pw_name} but could regain root: refusing to serve")
+
+
 def _bounded(lo: int, hi: int):
     def conv(s: str) -> int:
         try:
@@ -65,8 +120,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--windowsize-max", type=_bounded(proto.WINDOWSIZE_MIN, proto.WINDOWSIZE_MAX), default=64, metavar="N", help="largest RFC 7440 windowsize granted (default 64)")
     parser.add_argument("--max-transfers", type=_bounded(1, 1_000_000), default=50, metavar="N", help="concurrent transfers, all clients (default 50, as dnsmasq)")
     parser.add_argument("--max-per-client", type=_bounded(1, 1_000_000), default=8, metavar="N", help="concurrent transfers per client IP (default 8)")
-    parser.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS", help="retransmit timeout unless the client negotiates one (default 1)")
-    parser.add_argument("--retries", type=_bounded(0, 1000), default=5, metavar="N", help="retransmits without progress before giving up (default 5)")
+    parser.add_argument("--user", "-u", default=None, metavar="NAME",
+                        help="user to run as once the port is bound (tftpd-hpa's -u; default nobody when started as root; "
+                             "'' keeps the current user). Only files others may read are served, whoever runs the server")
+    parser.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS",
+                        help="retransmit timeout unless the client negotiates one; until the client's first ACK "
+                             "never longer than this (default 1)")
+    parser.add_argument("--retries", type=_bounded(0, 1000), default=5, metavar="N",
+                        help="retransmits without progress before giving up (default 5; 1 until the client's first ACK)")
+    parser.add_argument("--timeout-max", type=_bounded(proto.TIMEOUT_MIN, proto.TIMEOUT_MAX), default=TIMEOUT_MAX, metavar="SECONDS",
+                        help=f"largest RFC 2349 timeout a client may negotiate; a larger one is ignored (default {TIMEOUT_MAX})")
+    parser.add_argument("--max-stall", type=float, default=MAX_STALL, metavar="SECONDS",
+                        help=f"a transfer without progress for this long ends, whatever its timeout and retries "
+                             f"(default {MAX_STALL:g}; at least --timeout and --timeout-max)")
     parser.add_argument("--spin-us", type=_bounded(0, 10_000), default=None, metavar="US",
                         help="cap, in microseconds, on how long a fast transfer's thread polls for the next ACK before it "
                              f"sleeps (default {lockstep_native.SPIN_US_DEFAULT} or $BOOTORCH_TFTP_SPIN_US; 0: never poll). "
@@ -93,7 +159,7 @@ def format_event(ev: BootEvent) -> str | None:
     return f"tftp: {where} {ev.filename!r} {status} {ev.bytes} bytes{dur}{rate}{extra}"
 
 
-async def _main(args: argparse.Namespace) -> int:
+async def _main(args: argparse.Namespace, run_as: pwd.struct_passwd | None) -> int:
     files = BootFiles(args.root)
     host, port = args.listen
     send, recv = trio.open_memory_channel[BootEvent](1024)
@@ -117,12 +183,23 @@ async def _main(args: argparse.Namespace) -> int:
                             files, host, port, events=send, blksize_max=args.blksize_max,
                             windowsize_max=args.windowsize_max, max_transfers=args.max_transfers,
                             max_per_client=args.max_per_client, timeout=args.timeout,
-                            retries=args.retries, counters=counters, task_status=task_status,
+                            retries=args.retries, timeout_max=args.timeout_max, max_stall=args.max_stall,
+                            counters=counters, task_status=task_status,
                         )
                     )
+                    if run_as is not None:
+                        # Bound (port 69 needs root): nothing else needs it.
+                        drop_privileges(run_as)
+                        if files.root is not None and not os.access(files.root, os.X_OK):
+                            # No chroot here (tftpd-hpa has one): the whole path must be searchable.
+                            raise UserError(f"{run_as.pw_name} cannot enter {files.root} or a directory above it: "
+                                            "let others search it (chmod o+x), or choose another --user")
                     bhost, bport = bound
                     shown = f"[{bhost}]" if ":" in bhost else bhost
                     print(f"listening on {shown}:{bport}", file=sys.stderr, flush=True)
+                    if run_as is not None:
+                        print(f"tftp: running as {run_as.pw_name} (uid {run_as.pw_uid}, gid {run_as.pw_gid})",
+                              file=sys.stderr, flush=True)
                     native = "native" if lockstep_native.AVAILABLE else f"pure Python ({lockstep_native.why_unavailable()})"
                     print(f"tftp: transfer loop: {native}", file=sys.stderr, flush=True)
                     async for signum in signals:
@@ -145,14 +222,26 @@ def _leaves(exc: BaseException):
 
 def run(args: argparse.Namespace) -> int:
     try:
+        # Before binding: a typo in --user must not leave a server running as root.
+        run_as = user_to_run_as(args.user, os.geteuid())
+    except UserError as e:
+        print(f"bootorch tftpd: {e}", file=sys.stderr)
+        return 2
+    try:
         try:
-            return trio.run(_main, args)
+            return trio.run(_main, args, run_as)
         except BaseExceptionGroup as eg:
             # Errors from inside the nursery (e.g. the bind) arrive grouped.
             leaves = list(_leaves(eg))
-            if len(leaves) == 1 and isinstance(leaves[0], OSError):
+            if len(leaves) == 1 and isinstance(leaves[0], (OSError, UserError, ValueError)):
                 raise leaves[0] from None
             raise
+    except UserError as e:
+        print(f"bootorch tftpd: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # limits that contradict each other (TftpServer checks them)
+        print(f"bootorch tftpd: {e}", file=sys.stderr)
+        return 2
     except FileNotFoundError as e:
         print(f"bootorch tftpd: no such root directory: {e.filename or args.root}", file=sys.stderr)
         return 2

@@ -14,7 +14,8 @@ the tasks, and is a thin loop around :class:`ReadTransfer`.
   is written next to the RFC sentence it follows.
 * **Transfer** -- :class:`ReadTransfer` is the server side of one RRQ. Feed it
   ``start(now)``, then ``datagram(data, now)`` for every packet from the peer's
-  TID and ``timer(now)`` whenever ``now >= next_deadline``. Each call returns
+  TID and ``timer(now)`` whenever ``now >= next_deadline`` (and
+  ``repeated_request(now)`` when the peer sends its RRQ again). Each call returns
   ``(packets, events)``: datagrams to send to the peer, in order, and
   :class:`TransferComplete` / :class:`TransferFailed` when the transfer ends.
 * **Client** -- :class:`ReadClient` is the other end, used by the tests (two
@@ -55,13 +56,43 @@ OACK_SENT / SENDING   ACK k, acked < k <= high,    send window k+1..k+ws        
 OACK_SENT / SENDING   ACK of the last block        (nothing)                       DONE
 OACK_SENT / SENDING   ACK k, k <= acked or k>high  ignore (no Sorcerer's Appr.)    same
 OACK_SENT / SENDING   ERROR (any length)           (nothing)                       FAILED
-OACK_SENT / SENDING   timer, tries <= retries      resend OACK / window from       same
-                                                   acked+1
-OACK_SENT / SENDING   timer, tries > retries       (nothing; peer vanished, or     FAILED
-                                                   only the last ACK is missing:
+OACK_SENT / SENDING   timer, tries <= budget and   resend OACK / window from       same
+                      progress within max_stall    acked+1
+OACK_SENT / SENDING   timer, tries > budget, or    (nothing; peer vanished, or     FAILED
+                      no progress for max_stall    only the last ACK is missing:
                                                    reason "unconfirmed")
+OACK_SENT / SENDING   repeated RRQ, peer unproven, resend the first datagram       same
+                      tries < budget
 DONE / FAILED         anything                     ignore                          same
 ====================  ===========================  ==============================  ==========
+
+``budget`` is ``retries`` once the peer has proven its address, and
+``unproven_retries`` before (next section).
+
+Peers that do not answer
+------------------------
+
+Anyone can send an RRQ with someone else's source address, so until the peer's
+first ACK arrives from its TID (the proof that it receives our datagrams at
+that address) the transfer is **unproven**, and the server treats it as cheap
+and suspect. With ``unproven_retries`` set (the trio server sets 1), an
+unproven transfer may resend its first datagram that many times -- by the
+timer, or at once when the peer repeats its RRQ (its own retry: our datagram
+was lost), whichever comes first -- and its timer runs at
+``min(timeout, unproven_timeout)`` whatever timeout the peer negotiated. So a
+spoofed RRQ reflects at most two datagrams at its victim, and an unproven
+transfer holds its slot for two short timeouts. A server can also give its
+transfers a shared :class:`ResendBudget`: an unproven transfer that has used
+its guaranteed resends may go on up to ``retries`` while the budget has
+tokens, so a real client on a lossy link is not dropped after one lost answer,
+while a flood of spoofed requests (which drains the budget at once) reflects
+at most the budget's rate beyond two datagrams per request. Any ACK from the
+peer's TID proves it; from then on ``retries`` is the budget.
+
+Two more bounds hold for every transfer: a negotiated RFC 2349 timeout above
+``timeout_max`` is not honoured (left out of the OACK, which RFC 2347 allows
+for any option), and a transfer that has made no progress for ``max_stall``
+seconds fails whatever its timeout and retries.
 """
 
 from __future__ import annotations
@@ -82,7 +113,7 @@ __all__ = [
     "parse_packet", "encode_request", "encode_data", "encode_ack", "encode_error", "encode_oack",
     "Negotiated", "negotiate", "parse_uint", "CLIENT_RCVBUF", "datagram_cost",
     "State", "TransferComplete", "TransferFailed", "ReadTransfer", "ReadClient",
-    "NetasciiSource", "netascii_encode", "netascii_decode", "netascii_size",
+    "NetasciiSource", "NetasciiSizes", "ResendBudget", "NETASCII_MAX", "netascii_encode", "netascii_decode", "netascii_size",
 ]
 
 # --- RFC 1350 section 5: opcodes ------------------------------------------------
@@ -127,6 +158,14 @@ WINDOWSIZE_MIN, WINDOWSIZE_MAX = 1, 65535  #: RFC 7440: "between 1 and 65535 blo
 #: Bytes read from the file at a time by :class:`ReadTransfer` (rounded down to
 #: whole blocks, at least one block and one window).
 READ_AHEAD = 64 * 1024
+
+#: Largest file (before conversion) served in netascii mode. Netascii is for
+#: text -- menus and scripts of a few kB -- and its transfer size (tsize, and the
+#: last block) is only known after converting the whole file, a scan on the
+#: server's request path. A bigger file in netascii is nearly always a binary
+#: asked for in the wrong mode (tftp-hpa's client defaults to netascii), which
+#: the conversion would corrupt anyway: it is refused with a message saying so.
+NETASCII_MAX = 1 << 20
 
 MODES = ("netascii", "octet")  #: RFC 1350 section 5; "mail" is write-only and obsolete.
 
@@ -379,7 +418,10 @@ def datagram_cost(blksize: int) -> int:
     return (1 << (blksize + 64 - 1).bit_length()) + 512
 
 
-def negotiate(options: Mapping[str, str], *, tsize: int | None, blksize_max: int = PATH_MTU_BLKSIZE, windowsize_max: int = 64, client_rcvbuf: int | None = CLIENT_RCVBUF) -> Negotiated:
+def negotiate(
+    options: Mapping[str, str], *, tsize: int | None, blksize_max: int = PATH_MTU_BLKSIZE, windowsize_max: int = 64,
+    client_rcvbuf: int | None = CLIENT_RCVBUF, timeout_max: int = TIMEOUT_MAX,
+) -> Negotiated:
     """Apply RFC 2347/2348/2349/7440 to a read request's options.
 
     RFC 2347: "Options which the server does not support should be omitted from
@@ -394,7 +436,9 @@ def negotiate(options: Mapping[str, str], *, tsize: int | None, blksize_max: int
     value that is not larger than the request, so the option is ignored and RFC
     1350's defaults apply (the client sees no OACK entry and knows it). RFC 2349's
     timeout is never clamped: "the server ... sends an OACK with the same value"
-    -- out of range means ignored.
+    -- out of range means ignored, and so does a value above ``timeout_max``: a
+    server need not honour a retransmit interval that would let one silent
+    client hold a transfer slot for many minutes (255 s x the retry budget).
 
     RFC 7440 lets the server answer a smaller windowsize, and we also cap the
     window so it fits ``client_rcvbuf`` (see :data:`CLIENT_RCVBUF`), whatever
@@ -404,6 +448,8 @@ def negotiate(options: Mapping[str, str], *, tsize: int | None, blksize_max: int
         raise LocalProtocolError(f"blksize_max {blksize_max} outside RFC 2348's {BLKSIZE_MIN}..{BLKSIZE_MAX}")
     if not (WINDOWSIZE_MIN <= windowsize_max <= WINDOWSIZE_MAX):
         raise LocalProtocolError(f"windowsize_max {windowsize_max} outside RFC 7440's range")
+    if not (TIMEOUT_MIN <= timeout_max <= TIMEOUT_MAX):
+        raise LocalProtocolError(f"timeout_max {timeout_max} outside RFC 2349's {TIMEOUT_MIN}..{TIMEOUT_MAX}")
     blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, None
     oack: dict[str, str] = {}
     for name, raw in options.items():
@@ -430,7 +476,8 @@ def negotiate(options: Mapping[str, str], *, tsize: int | None, blksize_max: int
             oack[name] = str(tsize)
         elif name == "timeout":
             # RFC 2349: "Valid values range between 1 and 255 seconds, inclusive."
-            if value is None or not (TIMEOUT_MIN <= value <= TIMEOUT_MAX):
+            # Above timeout_max: not honoured, so not acknowledged (RFC 2347).
+            if value is None or not (TIMEOUT_MIN <= value <= timeout_max):
                 continue
             timeout = value
             oack[name] = str(value)
@@ -487,6 +534,68 @@ def netascii_size(source: _Source, chunk: int = 1 << 20) -> int:
     return total
 
 
+class ResendBudget:
+    """Resends to unproven peers beyond their guaranteed ones, shared by one server's transfers.
+
+    A token bucket (``rate`` resends per second, at most ``burst`` banked);
+    pure: the time is passed in. :meth:`take` is called from whichever thread
+    drives a transfer; two takes racing can lose an update, which lets one
+    more resend through: the bound is approximate by that much.
+    """
+
+    __slots__ = ("rate", "burst", "tokens", "_last")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if rate < 0 or burst < 0:
+            raise LocalProtocolError("rate and burst must be >= 0")
+        self.rate, self.burst, self.tokens = float(rate), float(burst), float(burst)
+        self._last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """One resend now, if the bucket holds a token."""
+        if self._last is not None and now > self._last:
+            self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate)
+        if self._last is None or now > self._last:
+            self._last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class NetasciiSizes:
+    """Converted sizes of files already scanned, by file identity (a bounded LRU map).
+
+    :func:`netascii_size` reads the whole file; without this, a client repeating
+    a netascii RRQ (and aborting it) makes the server scan the same file again
+    and again. The key is the file's ``identity`` attribute (for a file on
+    disk, ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``): any write
+    changes the ctime (to the file system's timestamp granularity), even one
+    that puts the mtime back (``cp -p``, ``rsync -t``), so a changed file is a
+    new key. Files without an identity (in-memory, dynamic content) are not
+    cached.
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self.maxsize = maxsize
+        self._sizes: dict[object, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def get(self, key: object) -> int | None:
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._sizes[key] = size  # most recently used last
+        return size
+
+    def put(self, key: object, size: int) -> None:
+        self._sizes.pop(key, None)
+        self._sizes[key] = size
+        while len(self._sizes) > self.maxsize:
+            del self._sizes[next(iter(self._sizes))]
+
+
 class NetasciiSource:
     """A read-only view of a file as its netascii conversion, block by block.
 
@@ -499,10 +608,11 @@ class NetasciiSource:
     ``acked`` only grows) -- so checkpoints behind the read offset are dropped.
     """
 
-    def __init__(self, source: _Source, blksize: int) -> None:
+    def __init__(self, source: _Source, blksize: int, size: int | None = None) -> None:
         self._src = source
         self._bs = blksize
-        self.size = netascii_size(source)
+        #: The converted size: ``size`` when the caller knows it (see :class:`NetasciiSizes`), else one scan.
+        self.size = netascii_size(source) if size is None else size
         self._marks: dict[int, tuple[int, int]] = {0: (0, 0)}  # out offset -> (in offset, skip)
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -594,8 +704,16 @@ class ReadTransfer:
     :class:`~orchestrator.bootserver.files.BootFile`). Reading file data through it
     is the one effect this class performs; it never blocks on the network.
 
-    ``timeout`` (seconds) is used unless the client negotiated RFC 2349's; after
-    ``retries`` consecutive timeouts without progress the transfer fails.
+    ``timeout`` (seconds) is used unless the client negotiated RFC 2349's (up to
+    ``timeout_max``); after ``retries`` consecutive timeouts without progress the
+    transfer fails, and after ``max_stall`` seconds without progress (None: no
+    bound) whatever the retries. ``unproven_retries`` and ``unproven_timeout``
+    (None: no special case) govern a peer that has not ACKed yet: see "Peers
+    that do not answer" in the module docstring.
+
+    Netascii: a file larger than ``netascii_max`` bytes is refused
+    (:class:`RemoteProtocolError`, before any read); ``netascii_sizes`` keeps
+    converted sizes between transfers.
     """
 
     def __init__(
@@ -608,6 +726,13 @@ class ReadTransfer:
         client_rcvbuf: int | None = CLIENT_RCVBUF,
         timeout: float = 1.0,
         retries: int = 5,
+        timeout_max: int = TIMEOUT_MAX,
+        max_stall: float | None = None,
+        unproven_retries: int | None = None,
+        unproven_timeout: float | None = None,
+        netascii_max: int | None = NETASCII_MAX,
+        netascii_sizes: NetasciiSizes | None = None,
+        resend_budget: ResendBudget | None = None,
     ) -> None:
         if request.mode not in MODES:
             # RFC 1350 section 5 defines netascii, octet and mail; mail is for
@@ -615,13 +740,17 @@ class ReadTransfer:
             raise RemoteProtocolError(f"unsupported transfer mode {request.mode!r}")
         if timeout <= 0 or retries < 0:
             raise LocalProtocolError("timeout must be > 0 and retries >= 0")
+        if (max_stall is not None and max_stall <= 0) or (unproven_timeout is not None and unproven_timeout <= 0):
+            raise LocalProtocolError("max_stall and unproven_timeout must be > 0")
+        if unproven_retries is not None and unproven_retries < 0:
+            raise LocalProtocolError("unproven_retries must be >= 0")
         self.request = request
         self.mode = request.mode
-        limits = dict(blksize_max=blksize_max, windowsize_max=windowsize_max, client_rcvbuf=client_rcvbuf)
+        limits = dict(blksize_max=blksize_max, windowsize_max=windowsize_max, client_rcvbuf=client_rcvbuf, timeout_max=timeout_max)
         self.negotiated = negotiate(request.options, tsize=None, **limits)
         self.blksize = self.negotiated.blksize
         if self.mode == "netascii":
-            source = NetasciiSource(source, self.blksize)
+            source = self._netascii(source, netascii_max, netascii_sizes)
         self._source = source
         self.size = source.size
         # Renegotiate with the now-known size (tsize must be the converted size).
@@ -629,6 +758,12 @@ class ReadTransfer:
         self.windowsize = self.negotiated.windowsize
         self.timeout = float(self.negotiated.timeout) if self.negotiated.timeout is not None else float(timeout)
         self.retries = retries
+        self.max_stall = max_stall
+        self._resend_budget = resend_budget
+        #: False until the peer's first ACK from its TID (True from the start without an unproven policy).
+        self.proven = unproven_retries is None
+        self._unproven_retries = min(retries, unproven_retries) if unproven_retries is not None else retries
+        self._unproven_timeout = min(self.timeout, unproven_timeout) if unproven_timeout is not None else self.timeout
         #: Absolute index of the final block, which is short (possibly empty):
         #: RFC 1350 section 6, "a data packet of less than 512 bytes signals termination".
         self.last_block = self.size // self.blksize + 1
@@ -644,6 +779,8 @@ class ReadTransfer:
         self.dup_acks = 0
         self._sent_at: float | None = None
         self._tries = 0
+        self._progress_at = 0.0  # when the transfer last moved: start, or an ACK that advanced
+        self._first: bytes | None = None  # the first datagram, resent to an unproven peer
         self._oack = encode_oack(self.negotiated.oack) if self.negotiated.oack else None
         # Read-ahead buffer (see _window): file bytes [_buf_off, _buf_off + len(_buf)).
         self._read_ahead = max(READ_AHEAD // self.blksize, 1) * self.blksize
@@ -663,18 +800,47 @@ class ReadTransfer:
     def bytes_acked(self) -> int:
         return min(max(self.acked, 0) * self.blksize, self.size)
 
+    @property
+    def rto(self) -> float:
+        """The retransmit timeout in force: the short unproven one until the peer's first ACK."""
+        return self.timeout if self.proven else self._unproven_timeout
+
     def start(self, now: float) -> tuple[list[bytes], tuple]:
         """The first datagram(s): an OACK (RFC 2347) or the first window (RFC 1350)."""
         if self.state is not State.START:
             raise LocalProtocolError("start() called twice")
-        self.next_deadline = now + self.timeout
+        self.next_deadline = now + self.rto
         self._sent_at = now
+        self._progress_at = now
         if self._oack is not None:
             self.state = State.OACK_SENT
             self.acked = -1  # the OACK is "block 0": RFC 2347 has the client ACK it with 0
+            self._first = self._oack
             return [self._oack], _NOTHING
         self.state = State.SENDING
-        return self._window(1), _NOTHING
+        pkts = self._window(1)
+        self._first = pkts[0]  # windowsize > 1 needs an OACK: without one this is the only datagram
+        return pkts, _NOTHING
+
+    def repeated_request(self, now: float) -> list[bytes]:
+        """The peer sent its RRQ again from the same TID: our first datagram again, or nothing.
+
+        Before its first ACK a peer repeats its RRQ because our first datagram
+        (OACK or DATA 1) did not reach it: resend that datagram at once if the
+        unproven budget allows -- it is shared with the timer, so a spoofed peer
+        still gets at most ``1 + unproven_retries`` datagrams -- and give the
+        peer a full timeout to answer. Once the peer has ACKed, a repeated RRQ
+        is a stale duplicate: nothing. A resend counts as a retransmission.
+        """
+        if self.proven or self.state not in _ACTIVE or self._first is None:
+            return []
+        if self._tries >= self._unproven_retries and not self._extra_resend(self._tries + 1, now):
+            return []
+        self._tries += 1
+        self.retransmits += 1
+        self._sent_at = None  # Karn: an ACK after a retransmission is no round-trip sample
+        self.next_deadline = self._clamp(now + self.rto)
+        return [self._first]
 
     def datagram(self, data: bytes, now: float) -> tuple[list[bytes], tuple]:
         """A datagram from the peer's TID. Raises RemoteProtocolError for garbage (state unchanged)."""
@@ -689,6 +855,9 @@ class ReadTransfer:
         if op == ACK:
             if len(data) < 4:
                 raise RemoteProtocolError("ACK shorter than 4 bytes")
+            # Any ACK from the peer's TID proves that the peer receives at its address:
+            # without our packets a spoofer does not know our new port (RFC 1350 section 4).
+            self.proven = True
             wire = (data[2] << 8) | data[3]
             k = self._ack_index(wire)
             if k is None:
@@ -773,12 +942,18 @@ class ReadTransfer:
         if not (self.acked < acked < self.last_block) or self.state is not State.SENDING:
             raise LocalProtocolError(f"fast_forward to block {acked} from acked={self.acked} state={self.state.value}")
         self._tries = 0
+        self.proven = True
         self.acked = acked
         self.high = min(acked + self.windowsize, self.last_block)
         self._sent_at = sent_at
+        self._progress_at = deadline - self.timeout  # the native loop sets deadline = last ACK + timeout
         self.next_deadline = deadline
         self.rtt_sum += rtt_sum
         self.rtt_n += rtt_n
+
+    def _extra_resend(self, tries: int, now: float) -> bool:
+        """May an unproven peer have resend number ``tries`` beyond its guaranteed ones (the shared budget)?"""
+        return not self.proven and tries <= self.retries and self._resend_budget is not None and self._resend_budget.take(now)
 
     def timer(self, now: float) -> tuple[list[bytes], tuple]:
         """Call when ``now >= next_deadline``: retransmit, or give up after ``retries``."""
@@ -787,12 +962,14 @@ class ReadTransfer:
         if self.next_deadline is None or now < self.next_deadline:
             return [], _NOTHING
         self._tries += 1
-        if self._tries > self.retries:
+        budget = self.retries if self.proven else self._unproven_retries
+        stalled = self.max_stall is not None and now >= self._progress_at + self.max_stall
+        if stalled or (self._tries > budget and not self._extra_resend(self._tries, now)):
             # Every block went out at least once (so every earlier window was
             # acknowledged): only the final ACK is missing. Not a failure we can prove.
             unconfirmed = self.state is State.SENDING and self.high >= self.last_block
             return [], (self._fail("unconfirmed" if unconfirmed else "timeout"),)
-        self.next_deadline = now + self.timeout
+        self.next_deadline = self._clamp(now + self.rto)
         self._sent_at = None  # Karn: an ACK after a retransmission is no round-trip sample
         if self.state is State.OACK_SENT:
             pkts = [self._oack]  # type: ignore[list-item]
@@ -802,9 +979,13 @@ class ReadTransfer:
         return pkts, _NOTHING
 
     def restart_timer(self, now: float) -> None:
-        """Count the timeout from ``now`` (the shell held the packets back, e.g. rate limiting)."""
+        """Count the timeout from ``now`` (the shell held the packets back, e.g. rate limiting).
+
+        The ``max_stall`` clock goes on: time held back counts as time without
+        progress, so pacing cannot keep a silent peer's transfer alive.
+        """
         if self.next_deadline is not None:
-            self.next_deadline = now + self.timeout
+            self.next_deadline = now + self.rto
         if self._sent_at is not None:
             self._sent_at = now  # the round trip starts when the packets really leave
 
@@ -815,9 +996,28 @@ class ReadTransfer:
         return self._fail(reason)
 
     # -- internals --------------------------------------------------------------
+    def _netascii(self, source: _Source, limit: int | None, sizes: NetasciiSizes | None) -> NetasciiSource:
+        """``source`` as netascii: refused above ``limit`` before a byte is read; the size from ``sizes`` when known."""
+        if limit is not None and source.size > limit:
+            raise RemoteProtocolError(f"file too large for netascii mode ({source.size} > {limit} bytes): use octet", ERR_NOT_DEFINED)
+        key = getattr(source, "identity", None)
+        size = sizes.get(key) if sizes is not None and key is not None else None
+        view = NetasciiSource(source, self.blksize, size)
+        if size is None and sizes is not None and key is not None:
+            sizes.put(key, view.size)
+        return view
+
+    def _clamp(self, deadline: float) -> float:
+        """``deadline``, or the end of the ``max_stall`` allowance if that comes first."""
+        if self.max_stall is not None:
+            return min(deadline, self._progress_at + self.max_stall)
+        return deadline
+
     def _advance(self, k: int, now: float) -> None:
         """The client acknowledged up to block ``k``: progress, and a round-trip sample (Karn)."""
         self._tries = 0
+        self.proven = True
+        self._progress_at = now
         self.acked = k
         sent = self._sent_at
         if sent is not None:

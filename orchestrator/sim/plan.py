@@ -36,14 +36,14 @@ def write_client_key(path: Path) -> None:
 
 def _random_file(path: Path, size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size == size:
-        return
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(os.urandom(n))
-            left -= n
+    if not (path.exists() and path.stat().st_size == size):
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 1 << 20)
+                f.write(os.urandom(n))
+                left -= n
+    path.chmod(0o644)  # the boot servers serve only files others may read (tftpd-hpa's rule)
 
 
 @dataclass
