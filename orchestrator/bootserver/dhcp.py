@@ -14,6 +14,11 @@ broadcasts to, any other interface. Without an interface (unit tests on
 loopback) nothing is ever broadcast: a reply that would be broadcast goes back
 to the datagram's source address instead.
 
+A datagram that makes the core raise (a bug, since the core drops what it
+cannot parse) is dropped and counted as ``internal_error`` in the core's
+counters, logged on one line (at 1, 2, 4, 8, ... occurrences, so a packet that
+keeps hitting the bug cannot flood the log); the server goes on.
+
 Binding port 67 needs root or CAP_NET_BIND_SERVICE, and SO_BINDTODEVICE needs
 CAP_NET_RAW on kernels before 5.7; :class:`DhcpPrivilegeError` says which.
 """
@@ -21,8 +26,10 @@ CAP_NET_RAW on kernels before 5.7; :class:`DhcpPrivilegeError` says which.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import time
+import traceback
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Iterable
@@ -41,6 +48,9 @@ from orchestrator.protocols.dhcp_server import (
     ServerConfig,
     Subnet,
 )
+from orchestrator.safetext import safe_text
+
+log = logging.getLogger(__name__)
 
 BATCH = 256
 MAX_DATAGRAM = 4096
@@ -280,7 +290,11 @@ async def _serve_socket(
                 # answered late costs the client its whole DORA, a DISCOVER only a retry.
                 batch.sort(key=_discover_last)
             for data, src in batch:
-                out = core.receive(data, src, now, wall, logical_port)
+                try:
+                    out = core.receive(data, src, now, wall, logical_port)
+                except Exception as exc:  # noqa: BLE001 -- one datagram must not stop the server
+                    _internal_error(core, src, exc)
+                    continue
                 if out.dirty:
                     held.extend((r, src) for r in out.replies)
                     more.set()
@@ -295,6 +309,16 @@ async def _serve_socket(
             stats.batches += 1
             _send_all(sock, now_replies, may_broadcast, stats)
             await trio.lowlevel.checkpoint()
+
+
+def _internal_error(core: DhcpServerCore, src: tuple[str, int], exc: Exception) -> None:
+    core.counters["internal_error"] += 1
+    n = core.counters["internal_error"]
+    if n & (n - 1) == 0:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
+        log.error("dhcp: a datagram from %s:%s raised %s at %s; dropped (%d so far)",
+                  src[0], src[1], safe_text(repr(exc), 200), where, n)
 
 
 def _discover_last(item: tuple[bytes, tuple[str, int]]) -> bool:

@@ -18,11 +18,21 @@ The address rules, in the order they are tried (RFC 2131 §4.3.1):
    planned node's address);
 2. the client's current lease or pending offer;
 3. the address it asks for (option 50), if free in the pool;
-4. the next free pool address (offers are held ``offer_hold`` seconds, in
-   memory: one per MAC and at most one per pool address, so memory is bounded
-   by the pool size whatever arrives).
+4. the next free pool address after the last one handed out (a cursor that
+   wraps around). Offers are held ``offer_hold`` seconds, in memory: one per
+   MAC and at most one per pool address, so memory is bounded by the pool size
+   whatever arrives. The search skips the addresses it already knows are held
+   (:class:`_FreeHints`), so a flood of DISCOVERs from new MACs against a full
+   pool costs O(1) each, not a walk over the pool; the address chosen is the
+   one the walk would choose.
 
 No reservation and no pool: the client gets no answer (``deny unknown clients``).
+
+Replies that RFC 2131 §4.1 sends to ``ciaddr`` (an OFFER or an INFORM's ACK)
+are only sent there when ``ciaddr`` is a host address of a served network;
+otherwise the request is dropped and counted (``dropped_<type>_ciaddr_not_served``),
+so a spoofed datagram cannot make the server send to an arbitrary host. A
+DECLINE counts only from the client the address was offered or leased to.
 
 Where a reply goes is :func:`reply_destination` (RFC 2131 §4.1), one pure
 function, as in pixiecore's ``txType``.
@@ -33,6 +43,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
 
@@ -118,6 +129,13 @@ class Subnet:
     def in_pool(self, ip: int) -> bool:
         return self.pool is not None and self.pool[0] <= ip <= self.pool[1]
 
+    def has_host(self, ip: int) -> bool:
+        """``ip`` is a host of this network: neither its network nor its broadcast address (a /31 or /32 has no such)."""
+        lo, hi = int(self.network.network_address), int(self.network.broadcast_address)
+        if self.network.prefixlen >= 31:
+            return lo <= ip <= hi
+        return lo < ip < hi
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -172,8 +190,96 @@ def reply_destination(req: Packet, reply: MessageType, port: int, src_ip: str, s
     return "255.255.255.255", CLIENT_PORT, True
 
 
+# The clock a hold ends on (for _FreeHints): never, trio's monotonic clock, the wall clock.
+_FOREVER, _MONO, _WALL = 0, 1, 2
+_Hold = tuple[int, float]  # (clock, the moment the hold ends on that clock)
+
+
+class _FreeHints:
+    """Which addresses of one pool may be free, so the pool search skips those it knows are held.
+
+    ``maybe[i]`` is 1 when address ``first + i`` may be free: the search checks
+    it exactly. It is 0 only while the address is held for every client but,
+    possibly, the one whose offer or lease holds it (the search checks the
+    asking client's own offer and lease apart): the search found it held, and
+    nothing that could free it has happened since. What can free it:
+
+    * time: the hold found runs out (an offer's or a decline's on the monotonic
+      clock, a lease's on the wall clock). Each 0 queues the end of the hold
+      found in a heap, and :meth:`due` turns the addresses whose moment has come
+      back into 1s. An address held several ways is queued for one of them;
+      still held when that one ends, it is found held again and queued again;
+    * an event: the core calls :meth:`touch` whenever an offer, a decline or a
+      lease on the address is made, changed or dropped (the core is the only
+      writer of its lease store);
+    * nothing, for the server's own address, the router and reservations: the
+      policy's reservations must not change while the core runs.
+
+    Cost: a 1 found held becomes 0, and becomes 1 again only through an event
+    (a few per packet at most) or its queued moment (one per 0). So a search
+    does O(1) exact checks amortised, plus a ``bytearray.find`` (memchr) over
+    the pool; with no 1 left (an exhausted pool) it does none. Each 0 has one
+    live heap entry, so at most ``size`` are live; the entries of addresses
+    touched before their moment are stale. Past ``2 * size + SLACK`` entries
+    the hints start over (all 1s): finding the held addresses again costs at
+    most ``size`` checks, paid for by the ``size + SLACK`` events (packets)
+    that it took to get there.
+    """
+
+    __slots__ = ("first", "size", "maybe", "ones", "_mono", "_wall")
+    SLACK = 64
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first = first
+        self.size = max(0, last - first + 1)
+        self.maybe = bytearray(b"\x01") * self.size
+        self.ones = self.size
+        self._mono: list[tuple[float, int]] = []
+        self._wall: list[tuple[float, int]] = []
+
+    def touch(self, ip: int) -> None:
+        i = ip - self.first
+        if 0 <= i < self.size and not self.maybe[i]:
+            self.maybe[i] = 1
+            self.ones += 1
+
+    def held(self, i: int, hold: _Hold) -> None:
+        if self.maybe[i]:
+            self.maybe[i] = 0
+            self.ones -= 1
+        clock, until = hold
+        if clock == _MONO:
+            heappush(self._mono, (until, i))
+        elif clock == _WALL:
+            heappush(self._wall, (until, i))
+        if len(self._mono) + len(self._wall) > 2 * self.size + self.SLACK:
+            self.reset()
+
+    def due(self, now: float, wall: float) -> None:
+        for heap, t in ((self._mono, now), (self._wall, wall)):
+            while heap and heap[0][0] <= t:
+                i = heappop(heap)[1]
+                if not self.maybe[i]:
+                    self.maybe[i] = 1
+                    self.ones += 1
+
+    def reset(self) -> None:
+        self.maybe = bytearray(b"\x01") * self.size
+        self.ones = self.size
+        self._mono.clear()
+        self._wall.clear()
+
+    def find(self, lo: int, hi: int) -> int:
+        """The first index in ``[lo, hi)`` that may be free, or -1."""
+        return self.maybe.find(1, lo, hi) if self.ones and lo < hi else -1
+
+
 class DhcpServerCore:
-    """One server's state: pending offers, declines, counters; leases in the store."""
+    """One server's state: pending offers, declines, pool hints, counters; leases in the store.
+
+    The core must be the only writer of its lease store while it runs (the
+    pool hints follow the changes it makes).
+    """
 
     def __init__(self, config: ServerConfig, policy: BootPolicy, leases: LeaseStore) -> None:
         self.config = config
@@ -185,6 +291,7 @@ class DhcpServerCore:
         self._offered_ips: dict[int, str] = {}  # ip -> mac
         self._declined: dict[int, float] = {}  # ip -> until (monotonic)
         self._cursor: dict[IPv4Network, int] = {}
+        self._hints: dict[IPv4Network, _FreeHints] = {}
         self.counters: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ entry
@@ -210,6 +317,17 @@ class DhcpServerCore:
         if subnet is None:
             self.counters["dropped_no_subnet"] += 1
             return out
+        if (
+            mtype in (MessageType.DISCOVER, MessageType.INFORM) and req.ciaddr and not req.giaddr and port != PXE_PORT
+            and not any(s.has_host(req.ciaddr) for s in self.config.subnets)
+        ):
+            # The reply would be unicast to ciaddr (RFC 2131 §4.1; §4.3.5 for INFORM). A client
+            # we serve has its address in a network we serve; any other ciaddr is a stranger's,
+            # and answering would let one spoofed datagram aim our replies at any host. (A
+            # REQUEST's ACK goes to ciaddr only when it is the client's own address, in the
+            # subnet; its NAK is broadcast. Relayed replies go to the relay.)
+            self.counters[f"dropped_{mtype.name.lower()}_ciaddr_not_served"] += 1
+            return out
         if port == PXE_PORT or self.config.mode == "proxy":
             self._proxy(req, mtype, subnet, src, port, now, wall, out)
         else:
@@ -222,9 +340,11 @@ class DhcpServerCore:
             if until <= now:
                 del self._offers[mac]
                 self._offered_ips.pop(ip, None)
+                self._touch(ip)
         for ip, until in list(self._declined.items()):
             if until <= now:
                 del self._declined[ip]
+                self._touch(ip)
 
     # ------------------------------------------------------------------ full mode
 
@@ -243,15 +363,26 @@ class DhcpServerCore:
             ip = req.requested_ip
             if ip is not None and req.server_id in (None, self.server_ip):
                 lease = self.leases.by_ip(ip_str(ip))
-                if lease is not None and lease.mac == mac:
+                leased = lease is not None and lease.mac == mac
+                offer = self._offers.get(mac)
+                if not leased and (offer is None or offer[0] != ip):
+                    # Only the client the address was offered or leased to can have found it
+                    # in use (Kea ignores the rest too: DHCP4_DECLINE_LEASE_MISMATCH). Anyone
+                    # else's DECLINE would quarantine any address for one spoofed datagram, and
+                    # add an entry per address named to _declined, without bound.
+                    self.counters["dropped_decline_not_holder"] += 1
+                    return
+                if leased:
                     self.leases.remove(mac)
                     out.dirty = True
                 self._drop_offer(mac)
                 self._declined[ip] = now + self.config.decline_hold
+                self._touch(ip)
         elif mtype == MessageType.RELEASE:
             lease = self.leases.by_mac(mac)
             if lease is not None and (not req.ciaddr or ip_str(req.ciaddr) == lease.ip):
                 self.leases.remove(mac)
+                self._touch(ip_int(lease.ip))
                 out.dirty = True
         elif mtype == MessageType.INFORM:
             # RFC 2131 §4.3.5: configuration only; no yiaddr, no lease time.
@@ -307,6 +438,8 @@ class DhcpServerCore:
                 # A stale holder (expired, released, declined), or a pool lease on an
                 # address the plan now reserves: the reservation wins.
                 self.leases.remove(holder.mac)
+                self._touch(ip)
+        previous = self.leases.by_mac(req.mac)
         try:
             self.leases.put(Lease(mac=req.mac, ip=ip_str(ip), expires=wall + subnet.lease_time, state="bound", hostname=hostname))
         except LeaseConflict:
@@ -317,6 +450,9 @@ class DhcpServerCore:
             self.counters["dropped_bad_client"] += 1  # e.g. hlen 0: no usable hardware address
             return
         out.dirty = True
+        self._touch(ip)  # its lease's end moved
+        if previous is not None:
+            self._touch(ip_int(previous.ip))  # the client's earlier address, if another, is free
         self._drop_offer(req.mac)
         self._reply(req, MessageType.ACK, subnet, ip, src, port, now, wall, out)
 
@@ -336,21 +472,34 @@ class DhcpServerCore:
             return offer[0]
         return None
 
-    def _held_by_other(self, ip: int, mac: str, now: float, wall: float) -> bool:
+    def _hold(self, ip: int, mac: str, now: float, wall: float) -> _Hold | None:
+        """What keeps ``ip`` from ``mac``, and until when; None if nothing does."""
         if self.policy.is_reserved_ip(ip):
-            return True
+            return _FOREVER, 0.0
         lease = self.leases.by_ip(ip_str(ip))
         if lease is not None and lease.mac != mac and lease.expires > wall and lease.state == "bound":
-            return True
+            return _WALL, lease.expires
         holder = self._offered_ips.get(ip)
-        if holder is not None and holder != mac and self._offers.get(holder, (0, 0.0))[1] > now:
-            return True
-        return self._declined.get(ip, 0.0) > now
+        if holder is not None and holder != mac:
+            until = self._offers.get(holder, (0, 0.0))[1]
+            if until > now:
+                return _MONO, until
+        until = self._declined.get(ip, 0.0)
+        if until > now:
+            return _MONO, until
+        return None
+
+    def _held_by_other(self, ip: int, mac: str, now: float, wall: float) -> bool:
+        return self._hold(ip, mac, now, wall) is not None
+
+    def _pool_hold(self, ip: int, mac: str, subnet: Subnet, now: float, wall: float) -> _Hold | None:
+        """Like :meth:`_hold`, and addresses outside the pool, the server's and the router's are held for good."""
+        if not subnet.in_pool(ip) or ip == self.server_ip or (subnet.router and ip == int(subnet.router)):
+            return _FOREVER, 0.0
+        return self._hold(ip, mac, now, wall)
 
     def _free_in_pool(self, ip: int, mac: str, subnet: Subnet, now: float, wall: float) -> bool:
-        if not subnet.in_pool(ip) or ip == self.server_ip or (subnet.router and ip == int(subnet.router)):
-            return False
-        return not self._held_by_other(ip, mac, now, wall)
+        return self._pool_hold(ip, mac, subnet, now, wall) is None
 
     def _choose(self, mac: str, req: Packet, subnet: Subnet, now: float, wall: float) -> int | None:
         known = self._known_address(mac, subnet, now, wall)
@@ -366,16 +515,52 @@ class DhcpServerCore:
             self._hold_offer(mac, wanted, now)
             return wanted
         first, last = subnet.pool
-        size = last - first + 1
-        start = self._cursor.get(subnet.network, first)
-        for k in range(size):
-            ip = first + (start - first + k) % size
-            if self._free_in_pool(ip, mac, subnet, now, wall):
-                self._cursor[subnet.network] = ip + 1 if ip < last else first
-                self._hold_offer(mac, ip, now)
-                return ip
+        ip = self._search(mac, subnet, self._cursor.get(subnet.network, first), now, wall)
+        if ip is not None:
+            self._cursor[subnet.network] = ip + 1 if ip < last else first
+            self._hold_offer(mac, ip, now)
+            return ip
         self.counters["pool_exhausted"] += 1
         return None
+
+    def _search(self, mac: str, subnet: Subnet, start: int, now: float, wall: float) -> int | None:
+        """The first address free for ``mac`` in pool order from ``start`` (wrapping around):
+        what a walk over the whole pool would find, without looking at the addresses the
+        hints know are held."""
+        assert subnet.pool is not None
+        hints = self._hints.get(subnet.network)
+        if hints is None:
+            hints = self._hints[subnet.network] = _FreeHints(*subnet.pool)
+        size = hints.size
+        if size == 0:
+            return None
+        hints.due(now, wall)
+        first, k0 = hints.first, start - hints.first
+        # The client's own offer and lease are free for it though held for everyone else, so
+        # the hints may show them held: check them apart. The walk then only needs to look at
+        # the positions before the nearer of them.
+        limit, own = size, None
+        offer, lease = self._offers.get(mac), self.leases.by_mac(mac)
+        for ip in (offer[0] if offer else None, ip_int(lease.ip) if lease else None):
+            if ip is not None and 0 <= ip - first < size and not hints.maybe[ip - first]:
+                pos = (ip - start) % size
+                if pos < limit and self._pool_hold(ip, mac, subnet, now, wall) is None:
+                    limit, own = pos, ip
+        for lo, hi in ((k0, min(size, k0 + limit)), (0, k0 + limit - size)):
+            i = hints.find(lo, hi)
+            while i >= 0:
+                ip = first + i
+                hold = self._pool_hold(ip, mac, subnet, now, wall)
+                if hold is None:
+                    return ip
+                hints.held(i, hold)
+                i = hints.find(i + 1, hi)
+        return own
+
+    def _touch(self, ip: int) -> None:
+        """An offer, decline or lease on ``ip`` was made, changed or dropped: the pool search must look at it again."""
+        for hints in self._hints.values():
+            hints.touch(ip)
 
     def _hold_offer(self, mac: str, ip: int, now: float) -> None:
         self._drop_offer(mac)
@@ -384,11 +569,13 @@ class DhcpServerCore:
             self._drop_offer(previous)  # its hold ran out: keep one offer per address
         self._offers[mac] = (ip, now + self.config.offer_hold)
         self._offered_ips[ip] = mac
+        self._touch(ip)
 
     def _drop_offer(self, mac: str) -> None:
         old = self._offers.pop(mac, None)
         if old is not None and self._offered_ips.get(old[0]) == mac:
             del self._offered_ips[old[0]]
+            self._touch(old[0])
 
     def _subnet_for(self, req: Packet) -> Subnet | None:
         """Relayed: the subnet holding giaddr (RFC 2131 §4.3.1). Direct: ciaddr's, else the first."""
