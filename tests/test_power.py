@@ -157,6 +157,7 @@ def test_resolve_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("BT_PW", "abc")
     assert resolve_secret(Secret(env="BT_PW")) == "abc"
     (tmp_path / "pw").write_text("xyz\n")
+    (tmp_path / "pw").chmod(0o600)  # a credential file must be private (tests/test_power_security.py)
     assert resolve_secret(Secret(file=Path("pw")), tmp_path) == "xyz"
     monkeypatch.delenv("BT_PW")
     with pytest.raises(SecretError, match="BT_PW is not set"):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import shlex
-from typing import Any
+from typing import Any, Collection
 
 import httpx
 import trio
 
-from orchestrator.power import PowerResult, Target, fill, resolve_secret
+from orchestrator.power import PowerResult, Target, child_env, fill, resolve_secret, secret_env_names
+from orchestrator.safetext import safe_text
 
 # --------------------------------------------------------------------------- wol
 
@@ -59,6 +59,31 @@ class WolDriver:
 # --------------------------------------------------------------------------- redfish
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what a credential is bound to."""
+    return url.scheme, url.host, url.port if url.port is not None else _DEFAULT_PORTS.get(url.scheme)
+
+
+def _origin_text(url: httpx.URL) -> str:
+    scheme, host, port = _origin(url)
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}" if port == _DEFAULT_PORTS.get(scheme) else f"{scheme}://{host}:{port}"
+
+
+class Refused(Exception):
+    """A BMC answer the Redfish driver will not act on (another origin, a redirect); the message says why."""
+
+
+def _json_object(r: httpx.Response) -> dict[str, Any]:
+    body = r.json()  # ValueError when it is not JSON
+    if not isinstance(body, dict):
+        raise ValueError(f"{r.request.url}: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
 class RedfishDriver:
     """Redfish ``ComputerSystem.Reset``.
 
@@ -67,7 +92,16 @@ class RedfishDriver:
     member of ``/redfish/v1/Systems`` is used. Authentication: a Redfish session
     (``POST /redfish/v1/SessionService/Sessions``, then ``X-Auth-Token``) when
     the BMC offers one, else HTTP basic. TLS is verified unless the plan says
-    ``verify_tls: false``.
+    ``verify_tls: false``. The reset is posted to the action ``target`` the
+    system advertises, else to ``{system}/Actions/ComputerSystem.Reset``.
+
+    Every request carries a credential, so every request stays on the origin
+    (scheme, host, port) of the address the plan gave. The BMC's answers are
+    untrusted: a system ``@odata.id`` or an action ``target`` on another origin
+    (an absolute URL, ``//host/...``, ``http`` for an ``https`` BMC, another
+    port) is refused, and so is any redirect (never followed; the result names
+    its ``Location``). Refusals, malformed answers and an action that takes
+    longer than ``deadline`` (four times ``timeout``) are failed results.
     """
 
     name = "redfish"
@@ -76,6 +110,9 @@ class RedfishDriver:
                  timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.address, self.username, self.password = address, username, password
         self.verify, self.timeout, self.transport = verify_tls, timeout, transport
+        # httpx's timeout bounds each read, so a BMC trickling an endless answer would never time out:
+        # a whole action (login, discovery, reset: up to four requests) gets this long.
+        self.deadline = 4 * timeout
         self._tokens: dict[str, str] = {}
 
     def _system_url(self, t: Target) -> str:
@@ -85,7 +122,32 @@ class RedfishDriver:
         return addr.rstrip("/")
 
     async def _client(self, base: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(verify=self.verify, timeout=self.timeout, transport=self.transport)
+        # follow_redirects=False is httpx's default, spelled out: a redirect would carry the credentials to its Location.
+        return httpx.AsyncClient(verify=self.verify, timeout=self.timeout, transport=self.transport, follow_redirects=False)
+
+    @staticmethod
+    def _same_origin(base: str, ref: Any, what: str, relative_to: str | None = None) -> str:
+        """``ref``, a URL the BMC at ``base`` named (``what`` it is), resolved; refused unless on ``base``'s origin."""
+        if not isinstance(ref, str) or not ref:
+            raise ValueError(f"{what} is not a URL: {ref!r}")
+        b = httpx.URL(base)
+        try:
+            url = httpx.URL(relative_to or base).join(ref)
+        except httpx.InvalidURL as e:
+            raise ValueError(f"{what} is not a URL: {ref!r} ({e})") from None
+        if _origin(url) != _origin(b):
+            raise Refused(f"BMC at {_origin_text(b)} named {what} on another host {_origin_text(url)}: refused "
+                          f"(credentials go only to the address the plan gives)")
+        # user:password@ in a URL would become httpx's basic auth: the credentials are ours to choose, not the BMC's.
+        return str(url.copy_with(userinfo=b"", fragment=None))
+
+    @staticmethod
+    def _no_redirect(r: httpx.Response) -> httpx.Response:
+        if 300 <= r.status_code < 400:
+            raise Refused(f"BMC at {_origin_text(r.request.url)} answered HTTP {r.status_code} to {r.request.method} "
+                          f"{r.request.url.path}, redirecting to {r.headers.get('Location', '(no Location)')!r}: refused "
+                          f"(redirects are not followed with credentials)")
+        return r
 
     async def _request(self, client: httpx.AsyncClient, method: str, url: str, **kw: Any) -> httpx.Response:
         root = url.split("/redfish/", 1)[0]
@@ -97,10 +159,10 @@ class RedfishDriver:
             headers["X-Auth-Token"] = token
             r = await client.request(method, url, headers=headers, **kw)
             if r.status_code != 401:
-                return r
+                return self._no_redirect(r)
             self._tokens.pop(root, None)  # session expired: fall through to basic
         auth = httpx.BasicAuth(self.username, self.password or "") if self.username else None
-        return await client.request(method, url, headers=headers, auth=auth, **kw)
+        return self._no_redirect(await client.request(method, url, headers=headers, auth=auth, **kw))
 
     async def _login(self, client: httpx.AsyncClient, root: str) -> str | None:
         try:
@@ -108,6 +170,7 @@ class RedfishDriver:
                                   json={"UserName": self.username, "Password": self.password or ""})
         except httpx.HTTPError:
             return None
+        self._no_redirect(r)
         token = r.headers.get("X-Auth-Token") if r.status_code in (200, 201) else None
         if token:
             self._tokens[root] = token
@@ -116,39 +179,60 @@ class RedfishDriver:
     async def _resolve(self, client: httpx.AsyncClient, url: str) -> str:
         if "/redfish/v1/Systems/" in url:
             return url
-        r = await self._request(client, "GET", f"{url}/redfish/v1/Systems")
+        collection = f"{url}/redfish/v1/Systems"
+        r = await self._request(client, "GET", collection)
         r.raise_for_status()
-        members = r.json().get("Members") or []
-        if not members:
-            raise httpx.HTTPError(f"{url} lists no systems")
-        return url + members[0]["@odata.id"] if members[0]["@odata.id"].startswith("/") else members[0]["@odata.id"]
+        members = _json_object(r).get("Members")
+        if not isinstance(members, list) or not members:
+            raise ValueError(f"{collection} lists no systems")
+        first = members[0]
+        return self._same_origin(url, first.get("@odata.id") if isinstance(first, dict) else None, "a system",
+                                 relative_to=collection)
+
+    async def _reset_action(self, client: httpx.AsyncClient, system: str) -> tuple[str, set[str] | None]:
+        """(URL to post the reset to, reset types the BMC allows or None when it does not say)."""
+        default = f"{system}/Actions/ComputerSystem.Reset"
+        try:
+            body = _json_object(await self._request(client, "GET", system))
+        except (httpx.HTTPError, ValueError):
+            return default, None
+        actions = body.get("Actions")
+        action = actions.get("#ComputerSystem.Reset") if isinstance(actions, dict) else None
+        if not isinstance(action, dict):
+            return default, None
+        values = action.get("ResetType@Redfish.AllowableValues")
+        allowed = {v for v in values if isinstance(v, str)} if isinstance(values, list) else set()
+        target = action.get("target")
+        try:
+            url = self._same_origin(system, target, "a reset action") if target is not None else default
+        except ValueError:  # not a URL: the conventional path is worth a try
+            url = default
+        return url, allowed or None
 
     async def _reset(self, t: Target, kinds: list[str]) -> PowerResult:
         url = self._system_url(t)
+        with trio.move_on_after(self.deadline):
+            return await self._reset_once(url, kinds)
+        return PowerResult(False, f"Redfish {url}: no complete answer within {self.deadline:g}s")
+
+    async def _reset_once(self, url: str, kinds: list[str]) -> PowerResult:
         try:
             async with await self._client(url) as client:
                 system = await self._resolve(client, url)
-                allowed = await self._allowed(client, system)
+                action, allowed = await self._reset_action(client, system)
                 kind = next((k for k in kinds if allowed is None or k in allowed), None)
                 if kind is None:
                     return PowerResult(False, f"BMC offers none of {kinds} (allowed: {sorted(allowed or [])})")
-                r = await self._request(client, "POST", f"{system}/Actions/ComputerSystem.Reset", json={"ResetType": kind})
+                r = await self._request(client, "POST", action, json={"ResetType": kind})
                 if r.status_code in (200, 202, 204):
                     return PowerResult(True, f"Redfish {kind} on {system}: HTTP {r.status_code}")
                 return PowerResult(False, f"Redfish {kind} on {system}: HTTP {r.status_code} {r.text[:200]}")
-        except httpx.HTTPError as e:
+        except Refused as e:
+            return PowerResult(False, f"Redfish {url}: {e}")
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             return PowerResult(False, f"Redfish {url}: {type(e).__name__}: {e}")
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             return PowerResult(False, f"Redfish {url}: unexpected answer: {e}")
-
-    async def _allowed(self, client: httpx.AsyncClient, system: str) -> set[str] | None:
-        try:
-            r = await self._request(client, "GET", system)
-            action = r.json().get("Actions", {}).get("#ComputerSystem.Reset", {})
-            values = action.get("ResetType@Redfish.AllowableValues")
-            return set(values) if values else None
-        except (httpx.HTTPError, ValueError):
-            return None
 
     async def on(self, t: Target) -> PowerResult:
         return await self._reset(t, ["On"])
@@ -161,25 +245,30 @@ class RedfishDriver:
 
     async def status(self, t: Target) -> str | None:
         url = self._system_url(t)
-        try:
-            async with await self._client(url) as client:
-                r = await self._request(client, "GET", await self._resolve(client, url))
-                state = r.json().get("PowerState")
-                return state.lower() if isinstance(state, str) else None
-        except (httpx.HTTPError, ValueError):
-            return None
+        with trio.move_on_after(self.deadline):
+            try:
+                async with await self._client(url) as client:
+                    r = await self._request(client, "GET", await self._resolve(client, url))
+                    state = _json_object(r).get("PowerState")
+                    return safe_text(state.lower(), 32) if isinstance(state, str) else None
+            except (Refused, httpx.HTTPError, httpx.InvalidURL, ValueError, KeyError, TypeError):
+                return None
+        return None
 
 
 # --------------------------------------------------------------------------- ipmi / command
 
 
-async def _run(argv: list[str], env: dict[str, str] | None, timeout: float) -> tuple[int | None, str]:
+async def _run(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int | None, str]:
+    """Run ``argv`` with exactly ``env`` (see :func:`~orchestrator.power.child_env`): (exit code or None, output tail)."""
     with trio.move_on_after(timeout):
         try:
             p = await trio.run_process(argv, env=env, check=False, capture_stdout=True, capture_stderr=True)
         except FileNotFoundError:
             return None, f"{argv[0]}: command not found"
-        return p.returncode, (p.stdout + p.stderr).decode(errors="replace").strip()[-500:]
+        # The tail says what went wrong: keep the last 400 characters once escaped, so escapes cannot push it out.
+        out = (p.stdout + p.stderr)[-4096:].decode(errors="replace").strip()
+        return p.returncode, safe_text(out, 10 * len(out) + 3)[-400:]  # room for every character escaped
     return None, f"{argv[0]} timed out after {timeout:g}s"
 
 
@@ -203,15 +292,17 @@ class IpmiDriver(_ActionDriver):
     """``ipmitool -I lanplus -H HOST -U USER -E chassis power ...``.
 
     ``-E`` makes ipmitool read the password from ``IPMI_PASSWORD``: it never
-    appears on a command line (where ``ps`` and /proc would show it).
+    appears on a command line (where ``ps`` and /proc would show it). ipmitool
+    runs without the variables named in ``secret_env`` (the plan's credential
+    variables): ``IPMI_PASSWORD`` is the only credential it gets.
     """
 
     name = "ipmi"
 
     def __init__(self, *, address: str, username: str | None, password: str | None, ipmitool: str = "ipmitool",
-                 timeout: float = 20.0) -> None:
+                 timeout: float = 20.0, secret_env: Collection[str] = ()) -> None:
         self.address, self.username, self.password = address, username, password
-        self.ipmitool, self.timeout = ipmitool, timeout
+        self.ipmitool, self.timeout, self.secret_env = ipmitool, timeout, frozenset(secret_env)
 
     def _argv(self, t: Target, *cmd: str) -> list[str]:
         argv = [self.ipmitool, "-I", "lanplus", "-H", t.bmc or fill(self.address, t)]
@@ -220,7 +311,7 @@ class IpmiDriver(_ActionDriver):
         return argv + ["-E", *cmd]
 
     async def _power(self, t: Target, what: str) -> tuple[int | None, str]:
-        env = {**os.environ, "IPMI_PASSWORD": self.password or ""}
+        env = child_env(self.secret_env, IPMI_PASSWORD=self.password or "")
         return await _run(self._argv(t, "chassis", "power", what), env, self.timeout)
 
     async def _act(self, t: Target, action: str) -> PowerResult:
@@ -239,17 +330,25 @@ class CommandDriver(_ActionDriver):
 
     The template is split like a shell would (``shlex``) and each word filled in
     separately: no shell runs, so node fields cannot inject commands.
+
+    The command runs without the variables named in ``secret_env`` (the plan's
+    credential variables). Its own credential, ``power.bmc.password`` when the
+    plan gives one, arrives as ``BOOTORCH_BMC_PASSWORD`` (never on the command line).
     """
 
     name = "command"
+    #: The variable the command finds ``power.bmc.password`` in.
+    PASSWORD_ENV = "BOOTORCH_BMC_PASSWORD"
 
-    def __init__(self, *, command: str, timeout: float = 60.0) -> None:
+    def __init__(self, *, command: str, timeout: float = 60.0, password: str | None = None,
+                 secret_env: Collection[str] = ()) -> None:
         self.words = shlex.split(command)
-        self.timeout = timeout
+        self.timeout, self.password, self.secret_env = timeout, password, frozenset(secret_env)
 
     async def _act(self, t: Target, action: str) -> PowerResult:
         argv = [fill(w, t).replace("{action}", action) for w in self.words]
-        code, out = await _run(argv, None, self.timeout)
+        own = {self.PASSWORD_ENV: self.password} if self.password is not None else {}
+        code, out = await _run(argv, child_env(self.secret_env | {self.PASSWORD_ENV}, **own), self.timeout)
         return PowerResult(code == 0, f"{shlex.join(argv)}: {'ok' if code == 0 else out or code}")
 
     async def status(self, t: Target) -> str | None:
@@ -290,8 +389,14 @@ class SshPowerDriver:
 
 
 def plan_drivers(lp) -> tuple[WolDriver, Any | None]:
-    """(wake driver, BMC driver or None) for a LoadedPlan. Raises SecretError for a missing credential."""
+    """(wake driver, BMC driver or None) for a LoadedPlan. Raises SecretError for a missing credential.
+
+    Drivers that run programs are told every variable the plan's credential
+    references name (:func:`~orchestrator.power.secret_env_names`), to keep them
+    out of those programs' environments.
+    """
     power = lp.model.power
+    secrets = secret_env_names(lp.model)
     net = lp.model.network
     w = power.wol
     base = lp.base
@@ -307,12 +412,13 @@ def plan_drivers(lp) -> tuple[WolDriver, Any | None]:
         return wake, RedfishDriver(address=b.address or "", username=b.username, password=resolve_secret(b.password, base),
                                    verify_tls=b.verify_tls)
     if b.driver == "ipmi":
-        return wake, IpmiDriver(address=b.address or "", username=b.username, password=resolve_secret(b.password, base))
+        return wake, IpmiDriver(address=b.address or "", username=b.username, password=resolve_secret(b.password, base),
+                                secret_env=secrets)
     if b.driver == "sim":
         from orchestrator.sim.power import SimPowerDriver
 
         return wake, SimPowerDriver(lp.resolve_path(b.address or ""))
-    return wake, CommandDriver(command=b.command or "")
+    return wake, CommandDriver(command=b.command or "", password=resolve_secret(b.password, base), secret_env=secrets)
 
 
 def target(node) -> Target:
