@@ -50,6 +50,8 @@ def ensure_lab_secret(lp: LoadedPlan) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(18) + "\n")
+    elif path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)  # the lab's own file, from an older bootorch: credentials are read only when private
 
 
 def archive_journal(lp: LoadedPlan) -> None:

@@ -125,6 +125,7 @@ async def test_control_api_streams_a_reboot_and_refuses_a_busy_node(tmp_path, au
 
 async def test_control_api_over_tcp_needs_the_token(tmp_path, autojump_clock):
     (tmp_path / "token").write_text("s3cret\n")
+    (tmp_path / "token").chmod(0o600)
     lp = make_plan(tmp_path, n=1, extra=f"control: {{listen: '127.0.0.1:0', token: {{file: {tmp_path / 'token'}}}}}")
     h = Harness(lp, tmp_path)
 
