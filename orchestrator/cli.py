@@ -83,7 +83,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         print(json.dumps({"ok": True, "out": str(out), "files": [str(p.relative_to(out)) for p in written]}, indent=2))
     else:
         cfgs = sum(1 for p in written if p.parent.name == "pxelinux.cfg")
-        print(f"wrote {len(written)} files to {out}: dhcpd.conf, dnsmasq.conf, {cfgs} pxelinux.cfg files, iPXE scripts")
+        keys = sum(1 for p in written if p.parent.name == "hostkeys")
+        extra = f", {keys} host-key archives (owner-only: serve each only to its node, see docs/plan.md)" if keys else ""
+        print(f"wrote {len(written)} files to {out}: dhcpd.conf, dnsmasq.conf, {cfgs} pxelinux.cfg files, iPXE scripts{extra}")
     return EXIT_OK
 
 

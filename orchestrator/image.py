@@ -12,16 +12,20 @@ For every profile this writes into the plan's boot root:
   headers ask for (resolved from the Debian packages, not the build host), the
   profile's kernel modules with their dependencies (decompressed, loaded with
   ``insmod`` in dependency order), ``/root/.ssh/authorized_keys`` from
-  ``readiness.ssh.key``, a dropbear host key and an ``/init`` that brings the
-  node up (network from the kernel's ``ip=`` parameter or DHCP, mounts,
-  commands, SSH) and prints :data:`READY_MARKER` on the console;
+  ``readiness.ssh.key`` and an ``/init`` that brings the node up (network from
+  the kernel's ``ip=`` parameter or DHCP, mounts, commands, SSH) and prints
+  :data:`READY_MARKER` on the console. It holds **no host key**;
 - the **BIOS boot loader** ``pxelinux.0`` and its ``ldlinux.c32``, copied from
-  Debian's pxelinux / syslinux-common packages.
+  Debian's pxelinux / syslinux-common packages;
 
-**Reproducible**: the same cached packages, plan and keys give byte-identical
-files. The cpio is written in sorted order with fixed inode numbers, uid/gid 0
-and one mtime (``SOURCE_DATE_EPOCH``, default 0); gzip gets no name and mtime
-0. Nothing reads the build host's clock, file times or user database.
+and, outside the boot root, for every node whose profile says ``host_key:
+per-node`` (the default), **its own dropbear host key** (see below).
+
+**Reproducible**: the same cached packages, plan and authorized key give
+byte-identical files (the host keys are not in them). The cpio is written in
+sorted order with fixed inode numbers, uid/gid 0 and one mtime
+(``SOURCE_DATE_EPOCH``, default 0); gzip gets no name and mtime 0. Nothing
+reads the build host's clock, file times or user database.
 
 **``root: ramdisk`` vs ``root: initramfs``.** The seed article's RAM disk is an
 ext2 image the kernel copies into ``/dev/ram0``. Debian's kernel builds the RAM
@@ -34,14 +38,39 @@ either way, which is what the seed's recipe is for.
 
 **SSH keys.** The node's authorized key is ``readiness.ssh.key`` + ``.pub``;
 when the private key does not exist yet (a fresh lab), an ed25519 key pair is
-generated there. The dropbear **host key is generated once per build cache**
-(``<cache>/keys/``) and baked into the image, so builds stay reproducible and a
-node keeps its host key across reboots: readiness's ``accept-new`` policy
-learns it once and a power cycle does not look like a changed key. Every node
-booting the image shares that host key: right for a lab, and the price of a
-shared read-only image; a site that wants per-node host keys generates them at
-boot (``dropbear -R``) and must accept that ``accept-new`` then refuses the
-second boot, or clear known_hosts on re-provisioning.
+generated there.
+
+**Host keys, one per node.** :func:`ensure_host_keys` makes each node an
+ed25519 key with the packaged ``dropbearkey`` (run through the packaged
+loader), in ``<state_dir>/hostkeys/<node>/dropbear_ed25519_host_key`` (0600;
+the directories 0700) with the OpenSSH public line beside it (``.pub``). A key
+is made once and kept, so a node presents the same key across reboots and
+rebuilds. The build then writes each public key into readiness's known_hosts
+for the node's address, replacing an older entry
+(:func:`orchestrator.readiness.pin_host_keys`): readiness trusts that key and
+no other, under ``tofu`` as under ``strict``.
+
+The shared image carries no host key. The boot server sends each node its key
+as a second initrd, a tiny newc cpio holding only
+``etc/dropbear/dropbear_ed25519_host_key`` (:func:`host_key_archive`), listed
+after the profile's initrds as ``hostkeys/<ip>.cpio`` (the kernel unpacks
+initrds in order into the same root), and answers that name only to a client
+whose address is the node's (:func:`orchestrator.render.dynamic_source`). The
+image's ``/init`` starts dropbear with that key; when it is missing (the node
+did not get its archive) it says so on the console and starts ``dropbear
+-R``, which makes a key at boot, and readiness refuses that key as changed,
+naming the likely cause.
+
+Limits, honestly: a netboot cannot deliver a secret confidentially. TFTP and
+HTTP are clear text without client authentication, so the key goes to
+whoever holds the node's IP address when it asks (a machine that takes over
+the address, e.g. by answering ARP for it while the node is off, gets it) and
+to anyone who can read the boot LAN's traffic. Compared with one key in a
+shared image that the boot server hands to every client (anyone on the boot
+LAN could fetch it and impersonate every node), a key is sent only to its own
+node's address, a stolen key impersonates that one node, and a node that comes
+up with any other key is refused. A site that needs more puts host keys on the
+node's own disk or TPM and says ``host_key: none``.
 """
 
 from __future__ import annotations
@@ -120,7 +149,9 @@ class ImageReport:
     kernel_release: str = ""
     images: dict[str, dict[str, Any]] = field(default_factory=dict)  # initrd name -> contents summary
     authorized_key: str | None = None
-    host_key: str | None = None  # the dropbear host public key line
+    host_key: str | None = None  # always None: nodes have their own host keys (host_keys)
+    host_keys: dict[str, str] = field(default_factory=dict)  # node name -> its host public key line
+    known_hosts: str | None = None  # where host_keys were pinned
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -134,8 +165,10 @@ class ImageReport:
         version used), ``images`` (per RAM-disk image: ``profile``, ``root``,
         ``entries``, ``cpio_bytes``, ``modules`` in load order,
         ``builtin_modules``, ``mounts``, ``commands``), ``authorized_key``,
-        ``host_key`` (the dropbear host public key every node presents),
-        ``warnings``, ``seconds``. On failure: ``{"ok": false, "plan", "error"}``
+        ``host_key`` (null: no key is shared by the nodes), ``host_keys``
+        (node name -> the OpenSSH public key line of its own host key, for
+        every node with ``host_key: per-node``), ``known_hosts`` (the file
+        they were written into), ``warnings``, ``seconds``. On failure: ``{"ok": false, "plan", "error"}``
         (or ``"problems"`` for plan errors) and exit status 1.
         """
         return {
@@ -150,6 +183,8 @@ class ImageReport:
             "images": self.images,
             "authorized_key": self.authorized_key,
             "host_key": self.host_key,
+            "host_keys": dict(self.host_keys),
+            "known_hosts": self.known_hosts,
             "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
         }
@@ -469,6 +504,91 @@ def ensure_user_key(private: Path, log: Callable[[str], None]) -> str:
     return line.decode()
 
 
+HOST_KEY_FILE = "dropbear_ed25519_host_key"
+#: Where the image's /init looks for the node's host key (the key archive's one file).
+HOST_KEY_PATH = f"etc/dropbear/{HOST_KEY_FILE}"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def host_key_paths(lp: LoadedPlan, node: Any) -> tuple[Path, Path]:
+    """(private key, ``.pub``) of ``node``'s host key: ``<state_dir>/hostkeys/<node>/``.
+
+    Raises ValueError for a node name that cannot be a directory name.
+    """
+    if not _SAFE_NAME.fullmatch(node.name):
+        raise ValueError(f"node name {node.name!r} cannot name a host-key directory (letters, digits, '.', '_', '-')")
+    d = lp.state_dir / "hostkeys" / node.name
+    return d / HOST_KEY_FILE, d / f"{HOST_KEY_FILE}.pub"
+
+
+def ensure_host_keys(lp: LoadedPlan, dropbearkey: list[str], log: Callable[[str], None] = print) -> dict[str, str]:
+    """Node name -> host public key line for every node whose profile says ``host_key: per-node``.
+
+    A missing key is made with ``dropbearkey`` (an argv prefix: the packaged one
+    through its loader); an existing key is kept. Directories are 0700, private
+    keys 0600; two builds at once never replace each other's key (hard link).
+    """
+    out: dict[str, str] = {}
+    made = 0
+    for node in lp.nodes:
+        if lp.model.profiles[node.profile].host_key != "per-node":
+            continue
+        try:
+            private, public = host_key_paths(lp, node)
+        except ValueError as e:
+            raise ImageError(f"{e}: rename the node, or give its profile host_key: none") from None
+        for d in (private.parent.parent, private.parent):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, 0o700)
+        pub = ""
+        if not private.exists():
+            tmp = private.with_name(f".{private.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            r = _run([*dropbearkey, "-t", "ed25519", "-f", str(tmp)])
+            if r.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise ImageError(f"dropbearkey (host key of {node.name}) failed: {r.stderr.strip()}")
+            os.chmod(tmp, 0o600)
+            try:
+                os.link(tmp, private)  # never replaces a key a concurrent build already made
+                pub = next((x for x in r.stdout.splitlines() if x.startswith("ssh-")), "")
+                made += 1
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        elif public.exists():
+            pub = public.read_text().strip()
+        if not pub:
+            r = _run([*dropbearkey, "-y", "-f", str(private)])
+            pub = next((x for x in r.stdout.splitlines() if x.startswith("ssh-")), "")
+            if r.returncode != 0 or not pub:
+                raise ImageError(f"dropbearkey -y {private} failed: {r.stderr.strip()}")
+        line = " ".join(pub.split()[:2]) + f" {node.name}"
+        if not public.exists() or public.read_text().strip() != line:
+            tmp_pub = public.with_name(f".{public.name}.{os.getpid()}.tmp")
+            tmp_pub.write_text(line + "\n")
+            os.replace(tmp_pub, public)
+        out[node.name] = line
+    if made:
+        log(f"image: made {made} node host key(s) in {lp.state_dir / 'hostkeys'}")
+    return out
+
+
+def host_key_archive(private_key: bytes) -> bytes:
+    """The second initrd a node boots: a newc cpio holding only its host key (0600 in a 0700 dir).
+
+    Uncompressed (a few hundred bytes) and a multiple of 4 bytes long; the
+    kernel unpacks it after the image into the same root
+    (Documentation/driver-api/early-userspace/buffer-format.rst).
+    """
+    t = Tree()
+    t.dir("etc", 0o755)
+    t.dir("etc/dropbear", 0o700)
+    t.file(HOST_KEY_PATH, private_key, 0o600)
+    return newc_archive(t)
+
+
 # --------------------------------------------------------------------------- cpio (newc)
 
 S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK, stat.S_IFCHR
@@ -649,6 +769,21 @@ run_command() {
     rc=$?
     [ $rc -eq 0 ] || say "command failed (exit $rc): $1"
 }
+
+# start_ssh KEYFILE: dropbear in the background with this node's own host key,
+# which the boot server sent as a second initrd. Without it dropbear makes a key
+# now (-R), which readiness refuses: say why on the console. -s: no password
+# logins; -E -F: log to the console, stay a child of PID 1.
+start_ssh() {
+    if [ -s "$1" ]; then
+        say "ssh: this node's own host key (delivered by the boot server)"
+        ${DROPBEAR:-dropbear} -r "$1" -p 22 -s -E -F -P /run/dropbear.pid &
+    else
+        say "warning: no host key was delivered (the boot server's hostkeys/ archive did not arrive):" \
+            "dropbear -R makes one now, and readiness will refuse it as changed"
+        ${DROPBEAR:-dropbear} -R -p 22 -s -E -F -P /run/dropbear.pid &
+    fi
+}
 """
 
 UDHCPC_SCRIPT = r"""#!/bin/sh
@@ -762,10 +897,8 @@ NODE_MAC=$(cat "/sys/class/net/$ip_dev/address" 2>/dev/null)
 # guest without entropy still gets dropbear, just later.
 timeout 60 head -c 1 /dev/random >/dev/null 2>&1 || say "warning: kernel random pool not ready after 60 s"
 
-# SSH. The host key was generated at build time (one per build cache), so it
-# survives reboots. -s: no password logins; -E -F: log to the console, stay a
-# child of PID 1.
-dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 -s -E -F -P /run/dropbear.pid &
+# SSH, with the node's own host key (made once by image build, so it survives reboots).
+start_ssh /@HOST_KEY_PATH@
 i=0
 while ! netstat -ltn 2>/dev/null | grep -q ':22 ' && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 
@@ -811,6 +944,7 @@ def render_init(lp: LoadedPlan, pname: str, prof: Profile, kver: str, modules: l
         "@MODULES@": " ".join(modules) or "none",
         "@MOUNTS@": mounts,
         "@COMMANDS@": commands,
+        "@HOST_KEY_PATH@": HOST_KEY_PATH,
     }.items():
         text = text.replace(k, v)
     return text
@@ -827,8 +961,9 @@ class Userland:
     applets: list[str]  # paths like "bin/sh", relative to /
     dropbear: bytes
     libs: dict[str, bytes]  # image path -> contents (the loader included)
-    host_key: bytes
-    host_pub: str
+    #: argv prefix running the packaged dropbearkey through the packaged loader
+    #: (the build host need not have dropbear's libraries).
+    dropbearkey: list[str]
 
 
 def _find_lib(roots: list[Path], soname: str) -> Path | None:
@@ -861,7 +996,7 @@ def _lib_closure(
     return roots
 
 
-def _userland(cache: DebCache, keys_dir: Path, report: ImageReport, log: Callable[[str], None]) -> Userland:
+def _userland(cache: DebCache, report: ImageReport) -> Userland:
     bb_tree, bb_ver = cache.unpacked(BUSYBOX_PKG)
     report.packages[BUSYBOX_PKG] = bb_ver
     bb_path = bb_tree / "bin" / "busybox"
@@ -903,33 +1038,9 @@ def _userland(cache: DebCache, keys_dir: Path, report: ImageReport, log: Callabl
         libs[f"lib/{MULTIARCH}/{so}"] = data
         todo += elf_needed(data)[1]
 
-    # The host key: once per build cache, generated by the packaged dropbearkey
-    # run through the packaged loader (the host need not have dropbear's libraries).
-    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    hk = keys_dir / "dropbear_ed25519_host_key"
     lib_dirs = sorted({str(_find_lib(roots, so).parent) for so in seen})  # type: ignore[union-attr]
-    run_db = [str(loader), "--library-path", ":".join(lib_dirs)]
-    if not hk.exists():
-        log(f"image: generating the dropbear host key {hk} (shared by every node booting this cache's images)")
-        tmp = hk.with_name(f"{hk.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        r = _run([*run_db, str(db_tree / "usr/bin/dropbearkey"), "-t", "ed25519", "-f", str(tmp)])
-        if r.returncode != 0:
-            raise ImageError(f"dropbearkey failed: {r.stderr.strip()}")
-        os.chmod(tmp, 0o600)
-        try:
-            os.link(tmp, hk)  # never replaces a key a concurrent build already made
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    r = _run([*run_db, str(db_tree / "usr/bin/dropbearkey"), "-y", "-f", str(hk)])
-    pub = next((line for line in r.stdout.splitlines() if line.startswith("ssh-")), "")
-    if r.returncode != 0 or not pub:
-        raise ImageError(f"dropbearkey -y {hk} failed: {r.stderr.strip()}")
-    pub = " ".join(pub.split()[:2]) + " bootorch-image-host"
-    (keys_dir / "dropbear_ed25519_host_key.pub").write_text(pub + "\n")
-    return Userland(busybox, applets, dropbear, libs, hk.read_bytes(), pub)
+    dropbearkey = [str(loader), "--library-path", ":".join(lib_dirs), str(db_tree / "usr/bin/dropbearkey")]
+    return Userland(busybox, applets, dropbear, libs, dropbearkey)
 
 
 def build_tree(
@@ -982,8 +1093,7 @@ def build_tree(
     t.file("etc/udhcpc.script", UDHCPC_SCRIPT.encode(), 0o755)
     t.file("etc/bootorch/profile", f"{pname}\n".encode())
     t.file("lib/bootorch.sh", LIB_SH.encode())
-    t.dir("etc/dropbear", 0o700)
-    t.file("etc/dropbear/dropbear_ed25519_host_key", user.host_key, 0o600)
+    t.dir("etc/dropbear", 0o700)  # the node's host key arrives here in its own archive (host_key_archive)
     t.dir("root/.ssh", 0o700)
     if authorized_key:
         t.file("root/.ssh/authorized_keys", (authorized_key + "\n").encode(), 0o600)
@@ -1005,6 +1115,7 @@ def _write(boot_root: Path, name: str, data: bytes) -> Path:
     if dest.is_symlink():
         dest.unlink()
     elif dest.exists() and dest.stat().st_size == len(data) and dest.read_bytes() == data:
+        os.chmod(dest, 0o644)  # the boot servers serve only what others may read
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
@@ -1095,8 +1206,7 @@ def build_images(
                 f"profile {pname}: readiness.ssh.key is not set: the image has no authorized key and nobody can SSH in"
             )
         if user is None:
-            user = _userland(cache, cache.root / "keys", report, log)
-            report.host_key = user.host_pub
+            user = _userland(cache, report)
         wanted = list(prof.modules)
         for m in prof.mounts:
             wanted += [x for x in FS_MODULES.get(m.type, []) if x not in wanted]
@@ -1138,6 +1248,17 @@ def build_images(
         role, data, source = outputs[name]
         _write(boot_root, name, data)
         report.files.append(OutputFile(name, role, len(data), _sha256(data), source))
+
+    # The nodes' own host keys, and readiness's trust in exactly those.
+    if any(lp.model.profiles[n.profile].host_key == "per-node" for n in lp.nodes):
+        from orchestrator.readiness import known_hosts_path, pin_host_keys
+
+        if user is None:
+            user = _userland(cache, report)
+        report.host_keys = ensure_host_keys(lp, user.dropbearkey, log)
+        if pin_host_keys(lp, report.host_keys):
+            log(f"image: {len(report.host_keys)} node host key(s) pinned in {known_hosts_path(lp)}")
+        report.known_hosts = str(known_hosts_path(lp))
     report.seconds = time.monotonic() - t0
     return report
 
@@ -1195,8 +1316,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"boot root {report.boot_root} (kernel {report.kernel_release}), built in {report.seconds:.1f} s:")
         for f in report.files:
             print(f"  {f.name:<16} {f.size:>10} bytes  sha256 {f.sha256}  ({f.role}, {f.source})")
-        if report.host_key:
-            print(f"  host key: {report.host_key}")
+        if report.host_keys:
+            print(f"  host keys: {len(report.host_keys)} nodes, each its own ({lp.state_dir / 'hostkeys'}), "
+                  f"pinned in {report.known_hosts}")
     return 0
 
 

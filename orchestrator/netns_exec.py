@@ -29,12 +29,19 @@ def needs_reexec(lp: LoadedPlan) -> bool:
 
 
 def _missing_boot_files(lp: LoadedPlan) -> list[str]:
+    """Boot files, and nodes' own host keys, that ``bootorch image build`` would make and that are missing."""
+    from orchestrator.image import host_key_paths
+
     root = lp.boot_root
     names = {lp.model.boot.loaders.bios}
     for prof in lp.model.profiles.values():
         names.add(prof.kernel)
         names.update(prof.initrd)
-    return sorted(n for n in names if not (root / n.lstrip("/")).is_file())
+    missing = sorted(n for n in names if not (root / n.lstrip("/")).is_file())
+    for n in lp.nodes:
+        if lp.model.profiles[n.profile].host_key == "per-node" and not host_key_paths(lp, n)[0].is_file():
+            missing.append(f"{n.name}'s host key")
+    return missing
 
 
 def ensure_lab_secret(lp: LoadedPlan) -> None:

@@ -21,12 +21,38 @@ records a new host's key on first sight and refuses a changed one (a
 re-imaged node, or someone in the middle), reporting the command that accepts
 the new key. There is no blind auto-add. Keys for non-22 ports are stored as
 ``[host]:port`` like OpenSSH. The known_hosts file is rewritten atomically
-(temp file + fsync + rename) under a lock: paramiko's own ``save_host_keys`` is
-neither atomic nor safe against concurrent writers.
+(temp file + fsync + rename) under a thread lock and an ``flock`` on
+``<known_hosts>.lock``, re-reading the file first, so a ``bootorch image build``
+and a running rollout do not lose each other's entries: paramiko's own
+``save_host_keys`` is neither atomic nor safe against concurrent writers.
+
+Nodes booting a bootorch image with ``host_key: per-node`` (the default) have
+their own host key, made by ``bootorch image build``
+(:func:`orchestrator.image.ensure_host_keys`). :func:`pin_host_keys` writes
+each one into known_hosts for the node's address, replacing any older entry,
+and :meth:`Readiness.from_plan` does it again from the key files, so under
+``tofu`` as under ``strict`` such a node is accepted with exactly that key and
+any other key is refused as CHANGED, with the likely cause (the node did not
+get its key archive and made a key at boot) instead of the advice to accept
+the new key.
+
+Authentication offers only what the plan names: ``readiness.ssh.key``, and the
+SSH agent's keys only with ``readiness.ssh.agent: true``. ``~/.ssh`` keys are
+never offered: under ``tofu`` a first connection reaches whatever answers at a
+node's address before anything about it is verified.
+
+What a node sends back is untrusted: a check's output is read up to
+:data:`OUTPUT_CAP` bytes (stdout and stderr together; more fails the check
+with "output exceeds 64 KiB" and the channel is closed), paramiko's buffer per
+check is bounded by a small channel window, and :class:`CheckResult` and
+:class:`Verdict` pass their texts through :func:`~orchestrator.safetext.safe_text`.
 """
 
 from __future__ import annotations
 
+import base64
+import fcntl
+import hashlib
 import os
 import re
 import shlex
@@ -35,10 +61,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import paramiko
 import trio
+
+from orchestrator.safetext import safe_text
+
+#: Most bytes of one check's output (stdout and stderr together) that readiness reads; more fails the check.
+OUTPUT_CAP = 64 * 1024
+#: Characters of a check's output kept in its result: the tail, where errors are.
+OUTPUT_SHOWN = 2000
+#: Characters kept of an error or a reason.
+ERROR_SHOWN = 2000
+#: SSH channel window of a check: paramiko buffers at most this much that we have not read yet.
+CHANNEL_WINDOW = 2 * OUTPUT_CAP
 
 # --------------------------------------------------------------------------- checks
 
@@ -67,18 +104,32 @@ def check_specs(checks) -> list[CheckSpec]:
     return out
 
 
+def _tail(text: str) -> str:
+    """The last :data:`OUTPUT_SHOWN` characters of ``text``, made safe (escaping lengthens it: the tail is kept)."""
+    shown = safe_text(text[-OUTPUT_SHOWN:], OUTPUT_SHOWN * 10)  # \UXXXXXXXX is the longest escape: never cut here
+    return shown if len(shown) <= OUTPUT_SHOWN else "..." + shown[-(OUTPUT_SHOWN - 3):]
+
+
 @dataclass(frozen=True, slots=True)
 class CheckResult:
+    """One check on one node. ``output`` (the tail of its stdout) and ``reason`` are safe text."""
+
     name: str
     ok: bool
     exit_status: int | None
     output: str
     reason: str = ""
 
+    def __post_init__(self) -> None:
+        # The node wrote the output; paramiko's messages quote the server.
+        object.__setattr__(self, "name", safe_text(self.name, 200))
+        object.__setattr__(self, "output", safe_text(self.output, OUTPUT_SHOWN))
+        object.__setattr__(self, "reason", safe_text(self.reason, ERROR_SHOWN))
+
 
 @dataclass(slots=True)
 class Verdict:
-    """The outcome of one readiness attempt."""
+    """The outcome of one readiness attempt. ``error`` is safe text."""
 
     ok: bool
     reachable: bool
@@ -86,6 +137,9 @@ class Verdict:
     error: str = ""
     #: A host-key problem is final: retrying will not fix it.
     host_key_error: bool = False
+
+    def __post_init__(self) -> None:
+        self.error = safe_text(self.error, ERROR_SHOWN)
 
     @property
     def failed_checks(self) -> list[CheckResult]:
@@ -103,8 +157,13 @@ def host_key_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's form: ``SHA256:`` and the unpadded base64 of the key blob's SHA-256."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
 class KnownHosts:
-    """One known_hosts file shared by every SSH thread; writes are atomic and serialised."""
+    """One known_hosts file shared by every SSH thread and process; writes are atomic and serialised."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -119,22 +178,108 @@ class KnownHosts:
             return dict(entry) if entry else None
 
     def add(self, name: str, key: paramiko.PKey) -> None:
+        """Record a first-seen key (``tofu``) beside the host's others."""
+
+        def change(keys: paramiko.HostKeys) -> paramiko.HostKeys:
+            keys.add(name, key.get_name(), key)
+            return keys
+
+        self._update(change)
+
+    def pin(self, entries: Mapping[str, paramiko.PKey]) -> bool:
+        """Make ``entries`` each host's only key, replacing older ones; True when the file changed."""
+
+        def same(have: Mapping[str, paramiko.PKey] | None, key: paramiko.PKey) -> bool:
+            return have is not None and len(have) == 1 and key.get_name() in have and \
+                have[key.get_name()].asbytes() == key.asbytes()
+
+        current = paramiko.HostKeys()
+        if self.path.exists():
+            current.load(str(self.path))
+        if all(same(current.lookup(n), k) for n, k in entries.items()):
+            return False  # already pinned: no lock, no write (a reader may not own the state directory)
+
+        def change(keys: paramiko.HostKeys) -> paramiko.HostKeys | None:
+            if all(same(keys.lookup(n), k) for n, k in entries.items()):
+                return None
+            out = paramiko.HostKeys()
+            for host, entry in keys.items():
+                if host not in entries:
+                    for ktype, k in entry.items():
+                        out.add(host, ktype, k)
+            for n, k in entries.items():
+                out.add(n, k.get_name(), k)
+            return out
+
+        return self._update(change)
+
+    def _update(self, change: Callable[[paramiko.HostKeys], paramiko.HostKeys | None]) -> bool:
+        """Re-read the file, apply ``change`` (None: nothing to write), write the result; under both locks."""
         with self._lock:
-            self.keys.add(name, key.get_name(), key)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".known_hosts.")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    for host, entry in self.keys.items():
-                        for ktype, k in entry.items():
-                            f.write(f"{host} {ktype} {k.get_base64()}\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another process (image build, a second rollout) may write too
+                keys = paramiko.HostKeys()
+                if self.path.exists():
+                    keys.load(str(self.path))
+                new = change(keys)
+                if new is not None:
+                    self._write(new)
+                self.keys = new if new is not None else keys
+                return new is not None
+
+    def _write(self, keys: paramiko.HostKeys) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".known_hosts.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                for host, entry in keys.items():
+                    for ktype, k in entry.items():
+                        f.write(f"{host} {ktype} {k.get_base64()}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def known_hosts_path(lp) -> Path:
+    """The known_hosts file readiness keeps for plan ``lp``."""
+    ssh = lp.model.readiness.ssh
+    return lp.resolve_path(ssh.known_hosts) if ssh.known_hosts else lp.state_dir / "known_hosts"
+
+
+def _public_key(line: str) -> paramiko.PKey:
+    ktype, b64 = line.split()[:2]
+    return paramiko.PKey.from_type_string(ktype, base64.b64decode(b64))
+
+
+def pin_host_keys(lp, pubs: Mapping[str, str]) -> bool:
+    """Write node name -> public key line ``pubs`` into the plan's known_hosts, one entry per node's
+    address (``[ip]:port`` off port 22), replacing older entries for those addresses. True when it changed."""
+    port = lp.model.readiness.ssh.port
+    entries = {host_key_name(str(lp.by_name[n].ip), port): _public_key(line) for n, line in pubs.items()}
+    return KnownHosts(known_hosts_path(lp)).pin(entries) if entries else False
+
+
+def plan_host_keys(lp) -> dict[str, str]:
+    """Node name -> public key line of every node with a bootorch per-node host key (made by image build)."""
+    from orchestrator.image import host_key_paths
+
+    out = {}
+    for node in lp.nodes:
+        if lp.model.profiles[node.profile].host_key != "per-node":
+            continue
+        try:
+            private, public = host_key_paths(lp, node)
+            if private.is_file() and public.is_file():
+                line = public.read_text().strip()
+                _public_key(line)
+                out[node.name] = line
+        except (ValueError, paramiko.SSHException, paramiko.pkey.UnknownKeyType):  # a refused name, a damaged .pub
+            continue
+    return out
 
 
 class _Policy(paramiko.MissingHostKeyPolicy):
@@ -160,6 +305,10 @@ class SshTarget:
     port: int = 22
     user: str = "root"
     key_file: Path | None = None
+    #: Offer the SSH agent's keys too (the plan's readiness.ssh.agent).
+    agent: bool = False
+    #: Where the host's key comes from, when bootorch made it (for the CHANGED message).
+    pinned: str | None = None
 
 
 class _Session:
@@ -186,16 +335,28 @@ def _run_checks_blocking(session: _Session, target: SshTarget, known: KnownHosts
         for ktype, key in entry.items():
             client.get_host_keys().add(name, ktype, key)
     client.set_missing_host_key_policy(_Policy(known, policy))
+    if target.key_file is None and not target.agent:
+        return Verdict(False, True, error=(
+            "no key to log in with: set readiness.ssh.key (the private key the image authorizes) or "
+            "readiness.ssh.agent: true (offer your SSH agent's keys)"))
     try:
         client.connect(
             target.host, port=target.port, username=target.user,
             key_filename=str(target.key_file) if target.key_file else None,
             timeout=step_timeout, banner_timeout=step_timeout, auth_timeout=step_timeout,
-            channel_timeout=step_timeout, allow_agent=target.key_file is None, look_for_keys=target.key_file is None,
+            # Only the keys the plan names: under tofu this server is not verified yet.
+            channel_timeout=step_timeout, allow_agent=target.agent, look_for_keys=False,
         )
     except paramiko.BadHostKeyException as e:
+        got = f"got {e.key.get_name()} {fingerprint(e.key)}"
+        if target.pinned:
+            return Verdict(False, True, error=(
+                f"host key for {name} CHANGED ({got}): {target.host} should present {target.pinned}. Most likely "
+                f"the node did not get its host key at boot and made one (its console says so: check that the boot "
+                f"server served the key archive to {target.host}, then reboot the node); otherwise another machine "
+                f"answers at {target.host}"), host_key_error=True)
         return Verdict(False, True, error=(
-            f"host key for {name} CHANGED (got {e.key.get_name()} {e.key.get_fingerprint().hex()}); "
+            f"host key for {name} CHANGED ({got}); "
             f"if the node was re-imaged, accept the new key with: ssh-keygen -f {known.path} -R '{name}'"),
             host_key_error=True)
     except HostKeyError as e:
@@ -218,33 +379,48 @@ def _run_checks_blocking(session: _Session, target: SshTarget, known: KnownHosts
 def _one_check(client: paramiko.SSHClient, spec: CheckSpec, timeout: float) -> CheckResult:
     transport = client.get_transport()
     assert transport is not None
-    chan = transport.open_session(timeout=timeout)
+    # A small window: paramiko buffers what the node sends until we read it, up to the window.
+    chan = transport.open_session(window_size=CHANNEL_WINDOW, timeout=timeout)
     chan.settimeout(timeout)
     chan.exec_command(spec.command)
     chan.shutdown_write()
-    out = bytearray()
+    out = bytearray()  # stdout, what expect matches and the result shows
+    received = 0  # stdout and stderr: stderr is read (so the window stays open) but not kept
     deadline = time.monotonic() + timeout
+
+    def text() -> str:
+        return bytes(out).decode("utf-8", "surrogateescape")  # invalid bytes stay visible as \xNN
+
     while True:
+        got = False
         if chan.recv_ready():
-            out += chan.recv(65536)
+            data = chan.recv(65536)
+            out += data
+            received += len(data)
+            got = True
+        if chan.recv_stderr_ready():
+            received += len(chan.recv_stderr(65536))
+            got = True
+        if received > OUTPUT_CAP:
+            chan.close()  # stop reading: the node may send forever
+            return CheckResult(spec.name, False, None, _tail(text()[:OUTPUT_CAP]), f"output exceeds {OUTPUT_CAP // 1024} KiB")
+        if got:
             continue
-        if chan.exit_status_ready() and not chan.recv_ready():
+        if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
             break
         left = deadline - time.monotonic()
         if left <= 0:
             chan.close()
-            return CheckResult(spec.name, False, None, out.decode(errors="replace")[-2000:], f"timed out after {timeout:g}s")
+            return CheckResult(spec.name, False, None, _tail(text()), f"timed out after {timeout:g}s")
         chan.status_event.wait(min(left, 0.05))  # recv_exit_status() would wait forever
-    while chan.recv_ready():
-        out += chan.recv(65536)
     status = chan.recv_exit_status()
     chan.close()
-    text = out.decode(errors="replace")
+    shown = _tail(text())
     if status != spec.expect_exit:
-        return CheckResult(spec.name, False, status, text[-2000:], f"exit status {status}, expected {spec.expect_exit}")
-    if spec.expect is not None and not re.search(spec.expect, text, re.M):
-        return CheckResult(spec.name, False, status, text[-2000:], f"output does not match {spec.expect!r}")
-    return CheckResult(spec.name, True, status, text[-2000:])
+        return CheckResult(spec.name, False, status, shown, f"exit status {status}, expected {spec.expect_exit}")
+    if spec.expect is not None and not re.search(spec.expect, text(), re.M):
+        return CheckResult(spec.name, False, status, shown, f"output does not match {spec.expect!r}")
+    return CheckResult(spec.name, True, status, shown)
 
 
 # --------------------------------------------------------------------------- trio API
@@ -254,23 +430,43 @@ class Readiness:
     """Readiness checks for many nodes, bounded in concurrency and time."""
 
     def __init__(self, *, known_hosts: Path, policy: str, checks: Sequence[CheckSpec], user: str = "root",
-                 port: int = 22, key_file: Path | None = None, concurrency: int = 32, step_timeout: float = 10.0) -> None:
+                 port: int = 22, key_file: Path | None = None, agent: bool = False,
+                 pinned: Mapping[str, str] | None = None, concurrency: int = 32, step_timeout: float = 10.0) -> None:
+        """``agent``: offer the SSH agent's keys too. ``pinned``: host -> a description of the key bootorch
+        made for it (already in ``known_hosts``), for the message when the host presents another."""
         self.known = KnownHosts(known_hosts)
         self.policy = policy
         self.checks = list(checks)
-        self.user, self.port, self.key_file = user, port, key_file
+        self.user, self.port, self.key_file, self.agent = user, port, key_file, agent
+        self.pinned = dict(pinned or {})
         self.limiter = trio.CapacityLimiter(concurrency)
         self.step_timeout = step_timeout
 
     @classmethod
     def from_plan(cls, lp) -> "Readiness":
+        """Readiness for plan ``lp``; first pins the nodes' per-node host keys into its known_hosts."""
+        from orchestrator.render import host_key_file_name
+
         ssh = lp.model.readiness.ssh
+        pubs = plan_host_keys(lp)
+        pin_host_keys(lp, pubs)
+        pinned = {
+            str(lp.by_name[n].ip): f"{n}'s own host key ({lp.state_dir / 'hostkeys' / n}), "
+                                   f"which the boot server sends it as {host_key_file_name(lp.by_name[n])}"
+            for n in pubs
+        }
         return cls(
-            known_hosts=lp.resolve_path(ssh.known_hosts) if ssh.known_hosts else lp.state_dir / "known_hosts",
-            policy=ssh.host_key_policy, checks=check_specs(lp.model.readiness.checks), user=ssh.user, port=ssh.port,
-            key_file=lp.resolve_path(ssh.key) if ssh.key else None, concurrency=ssh.concurrency,
-            step_timeout=ssh.connect_timeout,
+            known_hosts=known_hosts_path(lp), policy=ssh.host_key_policy, checks=check_specs(lp.model.readiness.checks),
+            user=ssh.user, port=ssh.port, key_file=lp.resolve_path(ssh.key) if ssh.key else None, agent=ssh.agent,
+            pinned=pinned, concurrency=ssh.concurrency, step_timeout=ssh.connect_timeout,
         )
+
+    def derive(self, checks: Sequence[CheckSpec], *, concurrency: int | None = None) -> "Readiness":
+        """The same login and trust (known_hosts, key, agent, pins) with other checks (the SSH power driver's)."""
+        return Readiness(known_hosts=self.known.path, policy=self.policy, checks=checks, user=self.user, port=self.port,
+                         key_file=self.key_file, agent=self.agent, pinned=self.pinned,
+                         concurrency=concurrency if concurrency is not None else self.limiter.total_tokens,
+                         step_timeout=self.step_timeout)
 
     async def port_open(self, host: str, timeout: float | None = None) -> bool:
         """Does TCP ``port`` answer (the ``ssh`` stage)? Never raises."""
@@ -285,7 +481,7 @@ class Readiness:
 
     async def check(self, host: str, timeout: float | None = None) -> Verdict:
         """One attempt: connect, verify the host key, run every check. Bounded by ``timeout``."""
-        target = SshTarget(host, self.port, self.user, self.key_file)
+        target = SshTarget(host, self.port, self.user, self.key_file, self.agent, self.pinned.get(host))
         session = _Session()
         budget = timeout if timeout is not None else self.step_timeout * (3 + len(self.checks))
         with trio.move_on_after(budget) as scope:

@@ -11,10 +11,24 @@ For sites that keep their own daemons, ``bootorch render`` writes:
 * ``pxelinux.cfg/<name>`` -- one per node and name kind (``01-<mac>``, hex IP);
 * ``ipxe/<mac>.ipxe`` and ``boot.ipxe`` -- iPXE scripts for HTTP booting.
 
-:func:`boot_tree` is the single source of those boot files: the embedded
+* ``hostkeys/<ip>.cpio`` -- a node's own SSH host key (profile
+  ``host_key: per-node``, once ``bootorch image build`` has made it), a tiny
+  cpio the node's config lists after the profile's initrds.
+
+:func:`boot_tree` is the single source of the configs and scripts: the embedded
 TFTP/HTTP server answers from it live (:func:`dynamic_source`), and ``render``
 writes it to disk, so what a site's tftp-hpa serves and what bootorch serves
 are the same bytes.
+
+Host-key archives are secrets. :func:`dynamic_source` answers
+``hostkeys/<ip>.cpio`` only to a client whose address is ``<ip>``, the node's
+address in the plan, and not-found to everyone else -- also when the boot root
+holds a file of that name. ``render`` writes them beside the configs, owner-only
+(mode 0600 like every file it writes); a site serving them with its own daemon
+must give each only to its node (tftp-hpa: the ``--map-file`` rule
+``re ^/?hostkeys/.* hostkeys/\\i.cpio`` rewrites every such request to the asking
+client's own address). Keys made after the server started are served after its
+restart.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.bootserver.files import NotFound
 from orchestrator.plan import LoadedPlan, Node
 from orchestrator.protocols.pxelinux import (
     CFG_DIR,
@@ -89,8 +104,45 @@ def boot_entry(lp: LoadedPlan, node: Node | None, profile_name: str | None = Non
         args.append(_fill(prof.append, values))
     comment = f"{node.name} {node.mac} {node.ip} profile {pname}" if node is not None else f"default: profile {pname}"
     append = " ".join(args)
-    return BootEntry(label=pname, kernel=prof.kernel, initrd=tuple(prof.initrd), append=append, comment=comment,
+    initrd = tuple(prof.initrd)
+    if node is not None and node_host_key(lp, node) is not None:
+        # After the profile's images: the kernel unpacks initrds in order, so the key lands in the root they made.
+        initrd += (host_key_file_name(node),)
+    return BootEntry(label=pname, kernel=prof.kernel, initrd=initrd, append=append, comment=comment,
                      serial=serial_console(append))
+
+
+HOST_KEY_DIR = "hostkeys"
+
+
+def host_key_file_name(node: Node) -> str:
+    """The name the node fetches its host-key archive by: ``hostkeys/<ip>.cpio`` (the address it is served to)."""
+    return f"{HOST_KEY_DIR}/{node.ip}.cpio"
+
+
+def node_host_key(lp: LoadedPlan, node: Node) -> bytes | None:
+    """The node's private host key, when its profile is ``host_key: per-node`` and image build made one."""
+    from orchestrator.image import host_key_paths
+
+    if lp.model.profiles[node.profile].host_key != "per-node":
+        return None
+    private, _public = host_key_paths(lp, node)
+    try:
+        return private.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def host_key_tree(lp: LoadedPlan) -> dict[str, tuple[str, bytes]]:
+    """Every node's host-key archive: name -> (the only client address it is served to, archive)."""
+    from orchestrator.image import host_key_archive
+
+    out: dict[str, tuple[str, bytes]] = {}
+    for node in lp.nodes:
+        key = node_host_key(lp, node)
+        if key is not None:
+            out[host_key_file_name(node)] = (str(node.ip), host_key_archive(key))
+    return out
 
 
 def http_base(lp: LoadedPlan) -> str:
@@ -124,10 +176,19 @@ def boot_tree(lp: LoadedPlan) -> dict[str, bytes]:
 
 
 def dynamic_source(lp: LoadedPlan) -> Callable[[str, "str | None"], "bytes | None"]:
-    """A BootFiles overlay that serves :func:`boot_tree` without touching the disk."""
+    """A BootFiles overlay that serves :func:`boot_tree` without touching the disk, and each
+    host-key archive to its own node's address only (anything else under ``hostkeys/`` is not found)."""
     tree = boot_tree(lp)
+    keys = host_key_tree(lp)
 
     def lookup(name: str, client_ip: str | None = None) -> bytes | None:
+        if name.startswith(HOST_KEY_DIR + "/"):
+            entry = keys.get(name)
+            client = (client_ip or "").removeprefix("::ffff:")  # an IPv4 peer on a dual-stack socket
+            if entry is None or client != entry[0]:
+                # Raised, not None: None would fall through to a file of that name in the boot root.
+                raise NotFound(f"{name}: host keys are served to their own node's address only")
+            return entry[1]
         return tree.get(name)
 
     return lookup
@@ -288,13 +349,14 @@ def render_dnsmasq(lp: LoadedPlan) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -309,14 +371,17 @@ def render_all(lp: LoadedPlan) -> dict[str, bytes]:
     """Every file ``bootorch render`` writes, by relative path."""
     files = {"dhcpd.conf": render_dhcpd(lp).encode(), "dnsmasq.conf": render_dnsmasq(lp).encode()}
     files.update(boot_tree(lp))
+    files.update({name: archive for name, (_ip, archive) in host_key_tree(lp).items()})
     return files
 
 
 def write_tree(files: dict[str, bytes], out: Path) -> list[Path]:
+    """Write ``files`` under ``out`` atomically: configs 0644 (TFTP servers serve only world-readable
+    files), host-key archives (``hostkeys/``, private keys) 0600."""
     written = []
     for rel, data in sorted(files.items()):
         p = out / rel
-        _write_atomic(p, data)
+        _write_atomic(p, data, 0o600 if rel.startswith("hostkeys/") else 0o644)
         written.append(p)
     return written
 

@@ -376,6 +376,89 @@ def test_user_key_generated_once_and_usable(tmp_path: Path) -> None:
     assert ensure_user_key(key, log=lambda m: None).split()[:2] == pub.split()[:2]
 
 
+def test_start_ssh_uses_the_delivered_key_else_generates_one(tmp_path: Path) -> None:
+    """The node's own key when its key archive arrived; otherwise dropbear -R, and the console says why."""
+    lib = lib_sh(tmp_path)
+    key = tmp_path / "dropbear_ed25519_host_key"
+    key.write_bytes(b"k" * 83)
+    out = run_sh(f'. {lib}; DROPBEAR="echo dropbear"; start_ssh {key}; wait').splitlines()
+    assert out[0] == "bootorch-image: ssh: this node's own host key (delivered by the boot server)"
+    assert out[1] == f"dropbear -r {key} -p 22 -s -E -F -P /run/dropbear.pid"
+    out = run_sh(f'. {lib}; DROPBEAR="echo dropbear"; start_ssh {tmp_path}/absent; wait').splitlines()
+    assert "no host key was delivered" in out[0] and "dropbear -R" in out[0] and "refuse" in out[0]
+    assert out[1] == "dropbear -R -p 22 -s -E -F -P /run/dropbear.pid"
+
+
+def test_host_key_archive_is_a_tiny_cpio_busybox_reads(tmp_path: Path) -> None:
+    from orchestrator.image import HOST_KEY_PATH, host_key_archive
+
+    archive = host_key_archive(b"secret key bytes")
+    assert archive == host_key_archive(b"secret key bytes") and len(archive) % 4 == 0
+    listing = subprocess.run([busybox(), "cpio", "-t"], input=archive, capture_output=True, timeout=30)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.decode().split() == ["etc", "etc/dropbear", HOST_KEY_PATH]
+    assert HOST_KEY_PATH == "etc/dropbear/dropbear_ed25519_host_key"
+    r = subprocess.run([busybox(), "cpio", "-i", "-d", "-m"], input=archive, cwd=tmp_path, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / HOST_KEY_PATH).read_bytes() == b"secret key bytes"
+    assert stat.S_IMODE((tmp_path / HOST_KEY_PATH).stat().st_mode) == 0o600
+    modes = {e["name"]: stat.S_IMODE(e["mode"]) for e in parse_newc(archive)}
+    assert modes == {"etc": 0o755, "etc/dropbear": 0o700, HOST_KEY_PATH: 0o600}  # as in the image's root
+
+
+def test_host_keys_one_per_node_made_once_and_pinned(tmp_path: Path) -> None:
+    """Keys by the dropbearkey given (here the host's: an independent build of the same tool), kept across
+    builds; each node's public key goes into known_hosts for its address, replacing an older entry."""
+    from orchestrator.image import ensure_host_keys, host_key_paths
+    from orchestrator.readiness import pin_host_keys
+
+    dropbearkey = require_tool("dropbearkey")
+    plan = tiny_plan(tmp_path)
+    text = json.loads(plan.read_text())
+    text["nodes"] = [{"name": "node[01-03]", "mac": "52:54:00:77:00:01", "ip": "10.0.2.15"},
+                     {"name": "site01", "mac": "52:54:00:77:01:01", "ip": "10.0.2.40", "profile": "site"}]
+    text["profiles"]["site"] = {"kernel": "vmlinuz", "host_key": "none"}
+    text["nodes"][0]["profile"] = "ramdisk"
+    plan.write_text(json.dumps(text))
+    lp = load_plan(plan)
+    known = lp.state_dir / "known_hosts"
+    known.parent.mkdir(parents=True)
+    old, keep = ensure_user_key(tmp_path / "old", log=lambda m: None), ensure_user_key(tmp_path / "keep", log=lambda m: None)
+    known.write_text(f"10.0.2.16 {' '.join(old.split()[:2])}\n10.0.2.99 {' '.join(keep.split()[:2])}\n")
+    pubs = ensure_host_keys(lp, [dropbearkey], log=lambda m: None)
+    assert sorted(pubs) == ["node01", "node02", "node03"]  # site01's profile says host_key: none
+    assert len(set(pubs.values())) == 3
+    for node in lp.nodes[:3]:
+        private, public = host_key_paths(lp, node)
+        assert private.parent == lp.state_dir / "hostkeys" / node.name
+        assert stat.S_IMODE(private.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE((lp.state_dir / "hostkeys").stat().st_mode) == 0o700
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+        y = subprocess.run([dropbearkey, "-y", "-f", str(private)], capture_output=True, text=True, timeout=30)
+        line = next(x for x in y.stdout.splitlines() if x.startswith("ssh-ed25519 "))
+        assert line.split()[:2] == pubs[node.name].split()[:2] == public.read_text().split()[:2]
+    before = {n.name: host_key_paths(lp, n)[0].read_bytes() for n in lp.nodes[:3]}
+    assert ensure_host_keys(lp, [dropbearkey], log=lambda m: None) == pubs  # kept, not made again
+    assert {n.name: host_key_paths(lp, n)[0].read_bytes() for n in lp.nodes[:3]} == before
+
+    pin_host_keys(lp, pubs)
+    lines = known.read_text().splitlines()
+    entries = {line.split()[0]: line.split()[2] for line in lines}
+    assert entries == {"10.0.2.15": pubs["node01"].split()[1], "10.0.2.16": pubs["node02"].split()[1],
+                       "10.0.2.17": pubs["node03"].split()[1],
+                       "10.0.2.99": keep.split()[1]}
+    assert len(lines) == 4  # node02's old key replaced, not added beside
+
+    # A rollout's readiness pins them again from the key files (known_hosts lost or edited meanwhile).
+    from orchestrator.readiness import Readiness
+
+    known.unlink()
+    r = Readiness.from_plan(lp)
+    assert sorted(line.split()[0] for line in known.read_text().splitlines()) == ["10.0.2.15", "10.0.2.16", "10.0.2.17"]
+    assert "hostkeys/10.0.2.15.cpio" in r.pinned["10.0.2.15"] and "10.0.2.40" not in r.pinned
+    assert r.known.lookup("10.0.2.16")["ssh-ed25519"].get_base64() == pubs["node02"].split()[1]
+
+
 # --------------------------------------------------------------------------- real builds (slow)
 
 
@@ -413,9 +496,16 @@ def test_build_writes_every_file(built: tuple[Path, image.ImageReport]) -> None:
     entries = {e["name"]: e for e in parse_newc(gzip.decompress((d / "tftpboot" / "rootfs.gz").read_bytes()))}
     for must in ("init", "bin/busybox", "bin/sh", "sbin/udhcpc", "usr/sbin/dropbear",
                  "lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
-                 "lib64/ld-linux-x86-64.so.2", "etc/dropbear/dropbear_ed25519_host_key",
+                 "lib64/ld-linux-x86-64.so.2", "etc/dropbear",
                  "root/.ssh/authorized_keys", "etc/bootorch/modules", "dev/console"):
         assert must in entries, must
+    # The shared image holds no host key: each node has its own, outside the boot root, pinned for readiness.
+    assert not [n for n in entries if "host_key" in n]
+    assert report.host_key is None and list(report.host_keys) == ["node01"]
+    private = d / "state" / "hostkeys" / "node01" / "dropbear_ed25519_host_key"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and not private.is_relative_to(d / "tftpboot")
+    assert (d / "state" / "known_hosts").read_text().split() == ["10.0.2.15", *report.host_keys["node01"].split()[:2]]
+    assert report.known_hosts == str(d / "state" / "known_hosts")
     assert entries["root/.ssh/authorized_keys"]["data"].decode().strip() == report.authorized_key
     mods = entries["etc/bootorch/modules"]["data"].decode().split()
     assert any(m.endswith("/e1000.ko") for m in mods)
@@ -447,6 +537,9 @@ def test_build_twice_gives_identical_sha256(built: tuple[Path, image.ImageReport
     assert {f["name"]: f["sha256"] for f in second["files"]} == {f.name: f.sha256 for f in first.files}
     for f in first.files:
         assert sha256_of(tmp_path / "tftpboot2" / f.name) == f.sha256
+    # Another state directory, so other host keys: the shared files do not change with them.
+    assert second["host_keys"]["node01"] != first.host_keys["node01"]
+    assert second["known_hosts"] == str(tmp_path / "state" / "known_hosts")
     assert warm < 120, f"a warm-cache build took {warm:.0f} s"
 
 
@@ -462,6 +555,7 @@ def test_source_date_epoch_changes_only_the_image(built: tuple[Path, image.Image
     before = {f.name: f.sha256 for f in first.files}
     after = {f.name: f.sha256 for f in report.files}
     assert after["vmlinuz"] == before["vmlinuz"] and after["rootfs.gz"] != before["rootfs.gz"]
+    assert report.host_keys == first.host_keys  # same state directory: the node keeps its key across builds
     entries = parse_newc(gzip.decompress((d / "tftpboot-sde" / "rootfs.gz").read_bytes()))
     assert {e["mtime"] for e in entries} == {1700000000}
 
@@ -511,32 +605,49 @@ def free_port() -> int:
 BOOT_TIMEOUT = 150.0
 
 
+def initrds_as_a_loader_concatenates_them(parts: list[bytes]) -> bytes:
+    """What pxelinux and iPXE hand the kernel for ``initrd=a,b``: each file from a 4-byte boundary, zero-padded."""
+    return b"".join(p + b"\0" * (-len(p) % 4) for p in parts)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "cmdline",
+    "cmdline, with_key",
     [
-        # plans/full.yaml's profile: initramfs root, the kernel's ip=dhcp form -> udhcpc
-        "console=ttyS0 panic=10 ip=::::node01:eth0:dhcp",
-        # the seed's form: root: ramdisk, static ip= (no second DHCP round)
-        "console=ttyS0 panic=10 root=/dev/ram0 rw ramdisk_size=65536 "
-        "ip=10.0.2.15:10.0.2.2:10.0.2.2:255.255.255.0:node01:eth0:off",
+        # plans/full.yaml's profile: initramfs root, the kernel's ip=dhcp form -> udhcpc; the node's key delivered
+        ("console=ttyS0 panic=10 ip=::::node01:eth0:dhcp", True),
+        # the seed's form: root: ramdisk, static ip= (no second DHCP round); the key archive did not arrive
+        ("console=ttyS0 panic=10 root=/dev/ram0 rw ramdisk_size=65536 "
+         "ip=10.0.2.15:10.0.2.2:10.0.2.2:255.255.255.0:node01:eth0:off", False),
     ],
-    ids=["dhcp", "static-ramdisk"],
+    ids=["dhcp-own-key", "static-ramdisk-no-key"],
 )
-def test_image_boots_to_ssh(built: tuple[Path, image.ImageReport], tmp_path: Path, cmdline: str) -> None:
-    """QEMU (TCG) boots the kernel + image directly; the console shows the ready
-    marker and SSH through user-mode networking (restrict=on, host forward on
-    127.0.0.1 only) runs commands with the plan's key."""
+def test_image_boots_to_ssh(built: tuple[Path, image.ImageReport], tmp_path: Path, cmdline: str, with_key: bool) -> None:
+    """QEMU (TCG) boots the kernel + image (+ the node's key archive, concatenated as a
+    loader does) directly; the console shows the ready marker and SSH through user-mode
+    networking (restrict=on, host forward on 127.0.0.1 only) presents node01's own host
+    key and runs commands with the plan's key. Without the archive the node makes a key
+    at boot, and readiness refuses it, naming that cause."""
+    import trio
+
+    from orchestrator.readiness import Readiness
+
     qemu = require_tool("qemu-system-x86_64")
     paramiko = pytest.importorskip("paramiko")
     d, report = built
     boot = d / "tftpboot"
     port = free_port()
     log = tmp_path / "serial.log"
+    initrd = tmp_path / "initrd"
+    parts = [(boot / "rootfs.gz").read_bytes()]
+    if with_key:
+        key = (d / "state" / "hostkeys" / "node01" / "dropbear_ed25519_host_key").read_bytes()
+        parts.append(image.host_key_archive(key))
+    initrd.write_bytes(initrds_as_a_loader_concatenates_them(parts))
     cmd = [
         qemu, "-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-monitor", "none",
         "-no-reboot", "-serial", f"file:{log}",
-        "-kernel", str(boot / "vmlinuz"), "-initrd", str(boot / "rootfs.gz"), "-append", cmdline,
+        "-kernel", str(boot / "vmlinuz"), "-initrd", str(initrd), "-append", cmdline,
         "-nic", f"user,model=e1000,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
     ]
     t0 = time.monotonic()
@@ -558,11 +669,23 @@ def test_image_boots_to_ssh(built: tuple[Path, image.ImageReport], tmp_path: Pat
         else:
             assert "bootorch-image: network: static 10.0.2.15/24 on eth0" in text
 
+        host_type, host_b64 = report.host_keys["node01"].split()[:2]
         client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        host_type, host_b64 = report.host_key.split()[:2]
-        # strict: the host key must be the one the build reported
-        client.get_host_keys().add(f"[127.0.0.1]:{port}", host_type, paramiko.Ed25519Key(data=base64.b64decode(host_b64)))
+        if with_key:
+            assert "bootorch-image: ssh: this node's own host key" in text
+            # strict: the host key must be node01's own, as the build reported it
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            client.get_host_keys().add(f"[127.0.0.1]:{port}", host_type, paramiko.Ed25519Key(data=base64.b64decode(host_b64)))
+        else:
+            assert "no host key was delivered" in text
+            known = tmp_path / "known_hosts"
+            known.write_text(f"[127.0.0.1]:{port} {host_type} {host_b64}\n")
+            hint = "node01's own host key"
+            r = Readiness(known_hosts=known, policy="tofu", checks=[], port=port, key_file=d / "ssh" / "id_ed25519",
+                          pinned={"127.0.0.1": hint}, step_timeout=60)
+            v = trio.run(r.check, "127.0.0.1")
+            assert v.host_key_error and "CHANGED" in v.error and hint in v.error and "did not get its host key" in v.error
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # the rest: what the image does anyway
         client.connect("127.0.0.1", port=port, username="root", key_filename=str(d / "ssh" / "id_ed25519"),
                        allow_agent=False, look_for_keys=False, timeout=30, banner_timeout=60, auth_timeout=60)
         try:
@@ -592,28 +715,37 @@ def test_image_boots_to_ssh(built: tuple[Path, image.ImageReport], tmp_path: Pat
 def test_pxe_chain_boots_the_image(built: tuple[Path, image.ImageReport], tmp_path: Path) -> None:
     """The whole BIOS path with the files the build placed: QEMU's iPXE ROM
     (Debian's ipxe-qemu) gets pxelinux.0 from user-mode networking's TFTP,
-    pxelinux loads ldlinux.c32 and the node's rendered config, then the kernel
-    and the image, which comes up to the ready marker."""
-    from orchestrator.protocols.pxelinux import mac_config_name, render_config
-    from orchestrator.render import boot_entry
+    pxelinux loads ldlinux.c32 and the node's rendered config, then the kernel,
+    the image and the node's host-key archive (``initrd=rootfs.gz,hostkeys/...``),
+    and the node comes up to the ready marker presenting its own host key."""
+    import paramiko
+
+    from orchestrator.protocols.pxelinux import mac_config_name
+    from orchestrator.render import render_all
 
     qemu = require_tool("qemu-system-x86_64")
-    d, _report = built
+    d, report = built
     lp = load_plan(d / "plan.yaml")
     node = lp.nodes[0]
     root = tmp_path / "tftp"
     root.mkdir()
     for f in ("pxelinux.0", "ldlinux.c32", "vmlinuz", "rootfs.gz"):
         (root / f).write_bytes((d / "tftpboot" / f).read_bytes())
-    (root / "pxelinux.cfg").mkdir()
+    rendered = render_all(lp)  # the bytes bootorch's server answers this node with
+    cfg_name = f"pxelinux.cfg/{mac_config_name(node.mac)}"
+    assert "initrd=rootfs.gz,hostkeys/10.0.2.15.cpio " in rendered[cfg_name].decode()
+    for name in (cfg_name, "hostkeys/10.0.2.15.cpio"):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(rendered[name])
     # SERIAL: pxelinux's own messages go to the VGA console unless told.
-    cfg = b"SERIAL 0 115200\n" + render_config(boot_entry(lp, node))
-    (root / "pxelinux.cfg" / mac_config_name(node.mac)).write_bytes(cfg)
+    (root / cfg_name).write_bytes(b"SERIAL 0 115200\n" + rendered[cfg_name])
     log = tmp_path / "serial.log"
+    port = free_port()
     cmd = [
         qemu, "-accel", "tcg", "-m", "256", "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{log}", "-boot", "n",
-        "-nic", f"user,model=e1000,mac={node.mac},restrict=on,tftp={root},bootfile=pxelinux.0",
+        "-nic", f"user,model=e1000,mac={node.mac},restrict=on,tftp={root},bootfile=pxelinux.0,"
+                f"hostfwd=tcp:127.0.0.1:{port}-:22",
     ]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -627,8 +759,17 @@ def test_pxe_chain_boots_the_image(built: tuple[Path, image.ImageReport], tmp_pa
             time.sleep(0.5)
         print(f"PXE boot to ready marker: {time.monotonic() - t0:.1f} s (TCG)", file=sys.stderr)
         assert "PXELINUX 6" in text and "Loading vmlinuz" in text and "Loading rootfs.gz" in text
+        assert "Loading hostkeys/10.0.2.15.cpio" in text
         assert "ip=::::node01:eth0:dhcp" in text  # the rendered command line reached the kernel
         assert "bootorch-image: dhcp bound:" in text
+        assert "bootorch-image: ssh: this node's own host key" in text
+        host_type, host_b64 = report.host_keys["node01"].split()[:2]
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.get_host_keys().add(f"[127.0.0.1]:{port}", host_type, paramiko.Ed25519Key(data=base64.b64decode(host_b64)))
+        client.connect("127.0.0.1", port=port, username="root", key_filename=str(d / "ssh" / "id_ed25519"),
+                       allow_agent=False, look_for_keys=False, timeout=30, banner_timeout=60, auth_timeout=60)
+        client.close()
     finally:
         proc.kill()
         proc.wait(timeout=30)

@@ -392,9 +392,14 @@ c.connect({str(n1.ip)!r}, username="root", key_filename={str(key)!r}, timeout=10
           auth_timeout=20, look_for_keys=False, allow_agent=False)
 _, o, _ = c.exec_command("uname -r", timeout=20)
 print(o.read().decode().strip())
+print(c.get_transport().get_remote_server_key().get_base64())
 c.close()
 """, timeout=90)
         assert out.returncode == 0 and out.stdout.startswith("6."), out
+        # the node presented its own host key, the one image build made and pinned for its address
+        own = (lp.state_dir / "hostkeys" / n1.name / "dropbear_ed25519_host_key.pub").read_text().split()[1]
+        assert out.stdout.split()[-1] == own
+        assert f"{n1.ip} ssh-ed25519 {own}" in (lp.state_dir / "known_hosts").read_text()
 
         # Redfish ForceRestart: the booted VM PXE boots again (a new attempt at the server)
         assert _redfish(ns, f"{base}/{n1.name}/Actions/ComputerSystem.Reset", {"ResetType": "ForceRestart"})[0] == 204

@@ -1,7 +1,10 @@
 """`bootorch rollout` on the virtual lab, end to end: real QEMU PXE ROMs, pxelinux, kernel, SSH.
 
 Slow (TCG boots take ~50 s a node) and root (namespaces, taps). Each test runs a
-plan of its own in a namespace of its own, and takes its lab down afterwards.
+plan of its own in a namespace of its own, with its own boot root and state
+directory (so its own per-node host keys, made by ``bootorch image build`` and
+checked by readiness under ``host_key_policy: strict``), and takes its lab down
+afterwards.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ network:
   server: 10.77.0.1
   gateway: 10.77.0.1
 boot:
-  root: {REPO}/var/lab/tftpboot
+  root: {tmp_path}/tftpboot
   config_names: [mac]
   ipxe: loader
 profiles:
@@ -71,7 +74,7 @@ readiness:
   ssh:
     user: root
     key: {REPO}/var/lab/ssh/id_ed25519
-    host_key_policy: tofu
+    host_key_policy: strict     # each node's own key is pinned by image build
   checks:
     - {{name: kernel, kernel: '^6\\.'}}
     - {{name: sshd, service: dropbear}}
@@ -86,16 +89,25 @@ lab:
 """
     p = tmp_path / "plan.yaml"
     p.write_text(text)
+    # The plan's boot files and its nodes' own host keys (a warm package cache makes this a few seconds).
+    r = subprocess.run([*EXE, "image", "build", str(p), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = json.loads(r.stdout)["host_keys"]
+    assert sorted(keys) == [f"node{i:02d}" for i in range(1, nodes + 1)] and len(set(keys.values())) == nodes
+    (tmp_path / "host_keys.json").write_text(json.dumps(keys))
     return p, ns
+
+
+def pinned(tmp_path) -> dict[str, str]:
+    """known_hosts as address -> key (base64): what readiness trusts."""
+    lines = (tmp_path / "state" / "known_hosts").read_text().splitlines()
+    return {line.split()[0]: line.split()[2] for line in lines}
 
 
 @pytest.fixture
 def lab_ready():
     require_root()
     require_tool("qemu-system-x86_64")
-    # The shared boot files: built once (a warm cache makes this a few seconds).
-    subprocess.run([*EXE, "image", "build", str(REPO / "plans" / "full.yaml")], check=True, timeout=600,
-                   stdout=subprocess.DEVNULL)
 
 
 def lab_down(plan) -> None:
@@ -157,6 +169,16 @@ def test_rollout_ready_rewake_power_cycle_and_failed_check(tmp_path, lab_ready):
         assert out["ready"] == 2 and out["failed"] == 1 and out["ok"]
         serial = (tmp_path / "state" / "lab" / "node01.serial.log").read_text(errors="replace")
         assert "PXELINUX" in serial and "Linux version" in serial
+        # Per-node host keys: each node fetched its own archive and presented its own key, and readiness
+        # (strict) verified exactly that key; known_hosts holds one different key per node address.
+        keys = json.loads((tmp_path / "host_keys.json").read_text())
+        assert pinned(tmp_path) == {f"10.77.0.{20 + i}": keys[f"node{i:02d}"].split()[1] for i in (1, 2, 3)}
+        assert len(set(pinned(tmp_path).values())) == 3
+        for i in (1, 2, 3):
+            serial = (tmp_path / "state" / "lab" / f"node{i:02d}.serial.log").read_text(errors="replace")
+            serial = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", serial)  # pxelinux moves the cursor mid-line
+            assert f"Loading hostkeys/10.77.0.{20 + i}.cpio" in serial, f"node{i:02d}"
+            assert "bootorch-image: ssh: this node's own host key" in serial, f"node{i:02d}"
     finally:
         lab_down(plan)
     assert ns not in namespaces()

@@ -318,3 +318,36 @@ def test_cli_json_problems(tmp_path):
 def test_cli_usage_error_exit_2():
     r = run_cli("validate")
     assert r.returncode == 2
+
+
+# --------------------------------------------------------------------------- SSH trust
+
+
+def test_checks_without_key_or_agent_say_what_to_set(tmp_path):
+    """Readiness offers no key it was not given (no agent, no ~/.ssh): say so before a rollout fails every node."""
+    text = BASE + "readiness:\n  checks:\n    - {kernel: '6'}\n"
+    lp = load_plan(write(tmp_path, text))
+    said = [w for w in lp.warnings if "readiness.ssh" in w.message]
+    assert len(said) == 1 and said[0].line == 13, lp.warnings
+    assert "key:" in said[0].message and "agent: true" in said[0].message
+    for ssh in ("{key: id_ed25519}", "{agent: true}"):
+        lp = load_plan(write(tmp_path, BASE + f"readiness:\n  ssh: {ssh}\n  checks:\n    - {{kernel: '6'}}\n"))
+        assert not [w for w in lp.warnings if "readiness.ssh" in w.message], lp.warnings
+    assert load_plan(write(tmp_path, BASE)).model.readiness.ssh.agent is False  # the default
+
+
+def test_host_key_is_per_node_unless_the_profile_says_none(tmp_path):
+    assert load_plan(write(tmp_path, BASE)).model.profiles["p"].host_key == "per-node"
+    text = BASE.replace("    initrd: rootfs.gz\n", "    initrd: rootfs.gz\n    host_key: none\n")
+    assert load_plan(write(tmp_path, text)).model.profiles["p"].host_key == "none"
+    line, msg = one(write(tmp_path, BASE.replace("    initrd: rootfs.gz\n", "    initrd: rootfs.gz\n    host_key: shared\n")))
+    assert line == 9 and "per-node" in msg and "none" in msg
+
+
+def test_state_dir_inside_the_boot_root_is_refused(tmp_path):
+    """The state directory holds the nodes' private host keys: the boot server must never serve it."""
+    (tmp_path / "tftpboot").mkdir()
+    for f in ("pxelinux.0", "vmlinuz", "rootfs.gz"):
+        (tmp_path / "tftpboot" / f).write_bytes(b"x")
+    line, msg = one(write(tmp_path, "state_dir: tftpboot/state\n" + BASE))
+    assert line == 1 and "inside the boot root" in msg and "host keys" in msg

@@ -146,7 +146,8 @@ async def test_silent_server_times_out_and_thread_is_released(tmp_path):
     srv.bind(("127.0.0.1", 0))
     srv.listen()
     port = srv.getsockname()[1]
-    r = Readiness(known_hosts=tmp_path / "kh", policy="tofu", checks=[], port=port, step_timeout=30, concurrency=1)
+    r = Readiness(known_hosts=tmp_path / "kh", policy="tofu", checks=[], port=port, step_timeout=30, concurrency=1,
+                  key_file=tmp_path / "key-never-read")  # the banner never comes: authentication is never reached
     try:
         with trio.fail_after(20):
             t0 = trio.current_time()
@@ -207,3 +208,141 @@ async def test_until_ready_reports_the_failing_check_not_a_last_attempt_cut_by_t
     v = await r.until_ready("10.0.0.3", trio.current_time() + 10.5)
     assert v.failed_checks and v.failed_checks[0].name == "hostname", v
     assert r.calls >= 2
+
+
+# --------------------------------------------------------------------------- hostile nodes
+
+
+async def test_unbounded_output_is_capped_and_fails_the_check(sshd):
+    """`cat /dev/zero` once made one 10 s check keep 779 MiB: reading stops at the cap and the check fails."""
+    import tracemalloc
+
+    from orchestrator.readiness import OUTPUT_CAP
+
+    r = readiness(sshd, "tofu", [CheckSpec("flood", "cat /dev/zero"), CheckSpec("after", "echo ok", "^ok$")],
+                  step_timeout=10.0)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with trio.fail_after(40):
+            t0 = time.monotonic()
+            v = await r.check(sshd.addr)
+            took = time.monotonic() - t0
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    flood = v.checks[0]
+    assert OUTPUT_CAP == 64 * 1024
+    assert not flood.ok and flood.reason == "output exceeds 64 KiB", flood
+    assert took < 8, f"read until the deadline ({took:.1f} s) instead of stopping at the cap"
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB allocated while reading one check"
+    assert len(flood.output) <= 2000 and flood.output.isprintable()  # NULs shown as \x00, the tail only
+    assert v.checks[1].ok, v  # the session survives: the next check still runs
+
+
+async def test_check_output_and_node_errors_are_safe_text(sshd):
+    """A node's output can carry terminal escapes and bytes that are not UTF-8: results hold them escaped."""
+    r = readiness(sshd, "tofu", [CheckSpec("evil", r"printf '\033]52;c;aGk=\007\033[2J\377 boom\n'; exit 1")])
+    with trio.fail_after(30):
+        v = await r.check(sshd.addr)
+    c = v.checks[0]
+    assert not c.ok and c.reason == "exit status 1, expected 0"
+    assert "\x1b" not in c.output and c.output.isprintable()
+    assert "\\x1b]52;c;aGk=\\x07\\x1b[2J\\xff boom" in c.output
+
+
+def test_results_made_safe_where_they_are_created():
+    from orchestrator.readiness import CheckResult, Verdict
+
+    c = CheckResult("n\x1b[31m", False, 1, "out\x1b[2J" + "x" * 50_000, "bad \x9b reason")
+    assert c.name.isprintable() and c.output.isprintable() and c.reason.isprintable()
+    assert "\\x1b[2J" in c.output and len(c.output) <= 2000 and c.reason == "bad \\x9b reason"
+    v = Verdict(False, True, error="SSH session broke: \x1b]8;;http://evil\x07click\x1b]8;;\x07")
+    assert v.error.isprintable() and "\\x1b]8;;http://evil\\x07" in v.error
+
+
+class FakeAgent:
+    """An ssh-agent socket that holds no keys and counts who connects (SSH_AUTH_SOCK points here)."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.path = str(path)
+        self.connections = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import struct
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                try:
+                    while True:
+                        head = conn.recv(4)
+                        if len(head) < 4:
+                            break
+                        conn.recv(struct.unpack(">I", head)[0])
+                        conn.sendall(struct.pack(">IBI", 5, 12, 0))  # SSH2_AGENT_IDENTITIES_ANSWER, no keys
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_agent_and_home_keys_are_not_offered_unless_the_plan_says_agent(sshd, tmp_path, monkeypatch):
+    """Without readiness.ssh.key, paramiko offered the agent's and ~/.ssh's keys to whatever answered
+    at a node's address (under tofu before anything was verified). Now: only with agent: true."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    # The operator's own key in ~/.ssh is even authorized on this "node": it must still not be offered.
+    (home / ".ssh" / "id_ed25519").write_bytes(sshd.client_key.read_bytes())
+    (home / ".ssh" / "id_ed25519").chmod(0o600)
+    agent = FakeAgent(tmp_path / "agent.sock")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SSH_AUTH_SOCK", agent.path)
+    try:
+        with trio.fail_after(60):
+            no_key = Readiness(known_hosts=sshd.tmp / "known_hosts", policy="tofu", checks=[])
+            v = await no_key.check(sshd.addr)
+            assert not v.ok and "readiness.ssh.key" in v.error and "agent: true" in v.error, v
+            assert agent.connections == 0
+
+            with_key = readiness(sshd, "tofu")
+            assert (await with_key.check(sshd.addr)).ok
+            assert agent.connections == 0
+
+            # Control: with the opt-in the agent is asked (it holds no keys, so the login fails).
+            opted = Readiness(known_hosts=sshd.tmp / "known_hosts", policy="tofu", checks=[], agent=True)
+            v = await opted.check(sshd.addr)
+            assert agent.connections >= 1 and not v.ok
+    finally:
+        agent.close()
+
+
+async def test_pinned_host_key_refused_with_the_likely_cause(sshd):
+    """A node whose key bootorch made presents another one: CHANGED, naming the missing key archive."""
+    other = sshd.tmp / "pinned"
+    keygen(other)
+    ktype, b64 = (sshd.tmp / "pinned.pub").read_text().split()[:2]
+    (sshd.tmp / "known_hosts").write_text(f"{sshd.addr} {ktype} {b64}\n")
+    hint = "node07's own key (hostkeys/node07 under the state directory), sent as hostkeys/10.0.0.7.cpio"
+    for policy in ("tofu", "strict"):
+        r = Readiness(known_hosts=sshd.tmp / "known_hosts", policy=policy, key_file=sshd.client_key, checks=[],
+                      pinned={sshd.addr: hint})
+        with trio.fail_after(30):
+            v = await r.check(sshd.addr)
+        assert not v.ok and v.host_key_error and "CHANGED" in v.error, v
+        assert hint in v.error and "did not get its host key" in v.error
+        assert "ssh-keygen" not in v.error  # accepting the new key is not the fix here
+    assert (sshd.tmp / "known_hosts").read_text().split()[2] == b64  # nothing was re-learned

@@ -9,6 +9,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+import trio
 
 from orchestrator.bootserver.files import BootFiles
 from orchestrator.cli import main
@@ -176,3 +177,168 @@ def test_write_tree_replaces_existing_files(tmp_path):
     (tmp_path / "dhcpd.conf").write_text("old")
     write_tree({"dhcpd.conf": b"new"}, tmp_path)
     assert (tmp_path / "dhcpd.conf").read_text() == "new"
+
+
+# --------------------------------------------------------------------------- per-node host keys
+
+
+def plan_with_keys(tmp_path, *, nodes=("node01", "node03"), profile_extra: str = "", text: str | None = None):
+    """plans/full.yaml with its own state directory, and host keys made for ``nodes`` (fake key bytes:
+    render only wraps them)."""
+    from orchestrator.image import host_key_paths
+
+    text = text if text is not None else FULL.read_text()
+    text = text.replace("state_dir: ../var/lab/state", f"state_dir: {tmp_path / 'state'}")
+    text = text.replace("root: ../var/lab/tftpboot", f"root: {tmp_path / 'root'}")
+    text = text.replace("    append: console=ttyS0 panic=10\n", "    append: console=ttyS0 panic=10\n" + profile_extra)
+    p = tmp_path / "plan.yaml"
+    p.write_text(text)
+    lp = load_plan(p)
+    for node in lp.nodes:
+        if node.name in nodes:
+            private, public = host_key_paths(lp, node)
+            private.parent.mkdir(parents=True, exist_ok=True)
+            private.write_bytes(f"dropbear key of {node.name}".encode())
+            public.write_text(f"ssh-ed25519 AAAA{node.name} {node.name}\n")
+    return lp
+
+
+def test_node_with_a_host_key_boots_it_as_a_second_initrd(tmp_path):
+    lp = plan_with_keys(tmp_path)
+    tree = boot_tree(lp)
+    by_name = {n.name: n for n in lp.nodes}
+    n1, n2 = by_name["node01"], by_name["node02"]
+    cfg1 = tree[f"pxelinux.cfg/{mac_config_name(n1.mac)}"].decode()
+    assert "APPEND initrd=rootfs.gz,hostkeys/10.77.0.11.cpio ip=::::node01:eth0:dhcp" in cfg1
+    assert tree[f"pxelinux.cfg/{ip_hex(n1.ip)}"].decode() == cfg1
+    script = tree[f"ipxe/{n1.mac.replace(':', '-')}.ipxe"].decode().splitlines()
+    assert script[-3:] == ["initrd http://10.77.0.1:8080/rootfs.gz",
+                           "initrd http://10.77.0.1:8080/hostkeys/10.77.0.11.cpio", "boot"]
+    assert "initrd=rootfs.gz initrd=10.77.0.11.cpio " in script[-4]
+    # node02 has no key yet (image build not run for it): nothing to fetch that does not exist
+    assert "APPEND initrd=rootfs.gz ip=" in tree[f"pxelinux.cfg/{mac_config_name(n2.mac)}"].decode()
+    # the archives are not in the public tree
+    assert not [k for k in tree if k.startswith("hostkeys/")]
+
+
+def test_profile_host_key_none_adds_nothing(tmp_path):
+    lp = plan_with_keys(tmp_path, profile_extra="    host_key: none\n")
+    cfg = boot_tree(lp)[f"pxelinux.cfg/{mac_config_name(lp.nodes[0].mac)}"].decode()
+    assert "initrd=rootfs.gz ip=" in cfg and "hostkeys" not in cfg
+    assert not [k for k in render_all(lp) if k.startswith("hostkeys/")]
+
+
+def test_host_key_archive_is_served_only_to_its_node(tmp_path):
+    """Other clients get not-found, even when the boot root holds a file of that name."""
+    from orchestrator.bootserver.files import NotFound
+    from orchestrator.image import host_key_archive
+
+    lp = plan_with_keys(tmp_path)
+    root = tmp_path / "root"
+    (root / "hostkeys").mkdir(parents=True)
+    (root / "hostkeys" / "10.77.0.11.cpio").write_bytes(b"planted")
+    (root / "hostkeys" / "10.77.0.12.cpio").write_bytes(b"planted")
+    files = BootFiles(root, dynamic_source(lp))
+    want = host_key_archive(b"dropbear key of node01")
+    f = files.open("hostkeys/10.77.0.11.cpio", "10.77.0.11")
+    assert f.pread(0, f.size + 1) == want
+    f = files.open("/hostkeys//10.77.0.11.cpio", "::ffff:10.77.0.11")  # an IPv4-mapped peer address
+    assert f.pread(0, f.size + 1) == want
+    for name, client in [("hostkeys/10.77.0.11.cpio", "10.77.0.13"), ("hostkeys/10.77.0.11.cpio", None),
+                         ("hostkeys/10.77.0.12.cpio", "10.77.0.12"), ("hostkeys/10.77.0.99.cpio", "10.77.0.99")]:
+        with pytest.raises(NotFound):
+            files.open(name, client)
+    # the rest of the tree is for everyone, as before
+    cfg = f"pxelinux.cfg/{mac_config_name(lp.nodes[0].mac)}"
+    assert files.open(cfg, "10.77.0.99").size == len(boot_tree(lp)[cfg])
+
+
+def test_render_writes_the_archives_the_live_server_serves(tmp_path):
+    from orchestrator.image import host_key_archive
+
+    lp = plan_with_keys(tmp_path)
+    files = render_all(lp)
+    assert sorted(k for k in files if k.startswith("hostkeys/")) == ["hostkeys/10.77.0.11.cpio", "hostkeys/10.77.0.13.cpio"]
+    assert files["hostkeys/10.77.0.13.cpio"] == host_key_archive(b"dropbear key of node03")
+    live = BootFiles(None, dynamic_source(lp))
+    for rel, data in files.items():
+        if rel.startswith(("pxelinux.cfg/", "ipxe/", "hostkeys/")):
+            f = live.open(rel, rel.removeprefix("hostkeys/").removesuffix(".cpio") if rel.startswith("hostkeys/") else None)
+            assert f.pread(0, f.size + 1) == data, rel
+    out = tmp_path / "out"
+    write_tree(files, out)
+    assert (out / "hostkeys" / "10.77.0.11.cpio").stat().st_mode & 0o077 == 0  # not world-readable on disk
+
+
+async def test_real_clients_get_a_host_key_only_from_their_own_address(tmp_path):
+    """curl over TFTP and HTTP, bound to a node's loopback address and to another one."""
+    from orchestrator.bootserver.serve import Ports, serve_plan
+    from orchestrator.image import host_key_archive
+
+    curl = require_tool("curl")
+    text = FULL.read_text().replace("subnet: 10.77.0.0/24", "subnet: 127.77.0.0/24").replace("10.77.0.", "127.77.0.")
+    text = text.replace("namespace: bootorch-lab     #", "#")
+    lp = plan_with_keys(tmp_path, nodes=("node01",), text=text)
+    node = lp.by_name["node01"]
+    name = f"hostkeys/{node.ip}.cpio"
+    want = host_key_archive(b"dropbear key of node01")
+
+    async def fetch(url: str, source: str) -> tuple[int, bytes]:
+        r = await trio.run_process([curl, "-sS", "--fail", "--max-time", "10", "--interface", source, url],
+                                   capture_stdout=True, capture_stderr=True, check=False)
+        return r.returncode, r.stdout
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            run = await nursery.start(lambda task_status: serve_plan(
+                lp, Ports(host="127.0.0.1", tftp=0, http=0, interface=""), dhcp=False, task_status=task_status))
+            for url in (f"tftp://127.0.0.1:{run.tftp}/{name}", f"http://127.0.0.1:{run.http}/{name}"):
+                assert await fetch(url, str(node.ip)) == (0, want), url
+                rc, body = await fetch(url, "127.77.0.12")  # node02's address
+                assert rc != 0 and body == b"", url
+                rc, body = await fetch(url, "127.0.0.1")
+                assert rc != 0 and body == b"", url
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+def test_tftp_hpa_remap_rule_from_the_docs_gives_each_client_its_own_key(tmp_path):
+    """What docs/plan.md tells a site with its own tftp-hpa: render, then the --map-file rule
+    ``re ^/?hostkeys/.* hostkeys/\\i.cpio``; whatever a client asks under hostkeys/, it gets its own key."""
+    import socket
+    import time
+
+    from orchestrator.image import host_key_archive
+
+    tftpd = require_tool("in.tftpd", "/usr/sbin/in.tftpd")
+    curl = require_tool("curl")
+    text = FULL.read_text().replace("subnet: 10.77.0.0/24", "subnet: 127.77.0.0/24").replace("10.77.0.", "127.77.0.")
+    lp = plan_with_keys(tmp_path, nodes=("node01", "node02"), text=text.replace("namespace: bootorch-lab     #", "#"))
+    out = tmp_path / "srv"
+    write_tree(render_all(lp), out)
+    for p in [out, *out.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)  # tftp-hpa serves world-readable files only (unless -p)
+    (tmp_path / "map").write_text("re ^/?hostkeys/.* hostkeys/\\i.cpio\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([tftpd, "-L", "-a", f"127.0.0.1:{port}", "-s", str(out), "-m", str(tmp_path / "map")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def fetch(name: str, source: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run([curl, "-sS", "--max-time", "5", "--interface", source, f"tftp://127.0.0.1:{port}/{name}"],
+                                  capture_output=True, timeout=30)
+
+        deadline = time.monotonic() + 10
+        while (r := fetch("hostkeys/127.77.0.11.cpio", "127.77.0.11")).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # in.tftpd is starting
+        own = host_key_archive(b"dropbear key of node01")
+        assert r.returncode == 0 and r.stdout == own, r.stderr
+        # node02's name asked from node01's address: node01's own key, not node02's
+        assert fetch("hostkeys/127.77.0.12.cpio", "127.77.0.11").stdout == own
+        assert fetch("/hostkeys/127.77.0.12.cpio", "127.77.0.12").stdout == host_key_archive(b"dropbear key of node02")
+        stranger = fetch("hostkeys/127.77.0.11.cpio", "127.77.0.99")
+        assert stranger.returncode != 0 and stranger.stdout == b""
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

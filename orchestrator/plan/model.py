@@ -245,6 +245,11 @@ class Profile(Strict):
     modules: list[str] = ["e1000", "virtio_net", "af_packet"]
     #: Shell commands the image's init runs after the network and mounts are up.
     commands: list[str] = []
+    #: The SSH host key a node presents. per-node: its own dropbear key, made by
+    #: ``bootorch image build`` under <state_dir>/hostkeys/<node>/ and sent by the
+    #: boot server as a second initrd to that node's address only; readiness
+    #: trusts exactly that key. none: nothing added (an image with its own keys).
+    host_key: Literal["per-node", "none"] = "per-node"
 
     @model_validator(mode="after")
     def _nfs(self) -> "Profile":
@@ -404,8 +409,11 @@ class Check(Strict):
 class Ssh(Strict):
     user: str = "root"
     port: Port = 22
-    #: Private key file; default: the SSH agent and ~/.ssh keys.
+    #: Private key file readiness logs in with (the image's authorized key).
     key: Path | None = None
+    #: Also offer the SSH agent's keys (SSH_AUTH_SOCK). Off by default: they would be
+    #: offered to whatever answers at a node's address. ~/.ssh keys are never offered.
+    agent: bool = False
     #: known_hosts file bootorch keeps; default: <state_dir>/known_hosts.
     known_hosts: Path | None = None
     #: strict: the host key must already be in known_hosts; tofu (trust on first
@@ -461,7 +469,7 @@ class Lab(Strict):
 class Control(Strict):
     """The on-call control API of a running ``rollout``/``serve`` (``bootorch wake|reboot|slurm`` use it)."""
 
-    #: Unix socket (mode 0600, in a 0700 directory); relative paths are relative to state_dir.
+    #: Unix socket (created 0600; its directory 0700 when bootorch creates it); relative paths are relative to state_dir.
     socket: Path = Path("control/control.sock")
     #: Optional TCP listener ``host:port`` for remote on-call tools; "" = none. Needs ``token``.
     listen: str = ""

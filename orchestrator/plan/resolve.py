@@ -426,6 +426,21 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
     ssh = plan.readiness.ssh
     if ssh.key is not None and not lp.resolve_path(ssh.key).exists():
         out.append(Problem(*at("readiness", "ssh", "key"), f"SSH key {lp.resolve_path(ssh.key)} does not exist here", "warning"))
+    if ssh.key is None and not ssh.agent and plan.readiness.checks:
+        out.append(Problem(*at("readiness", "ssh", key=True), (
+            "readiness.ssh sets neither key: nor agent: true, so readiness has no key to log in with and every "
+            "node would fail its checks; set key: to the private key the image authorizes (bootorch image build "
+            "puts key + .pub in the image), or agent: true to offer your SSH agent's keys"), "warning"))
+
+    # The state directory holds the nodes' private SSH host keys (and the journal,
+    # leases, known_hosts): inside the boot root, TFTP and HTTP would serve them to anyone.
+    state, boot = os.path.realpath(lp.state_dir), os.path.realpath(lp.boot_root)
+    if state == boot or state.startswith(boot.rstrip("/") + "/"):
+        where = at("state_dir") if plan.state_dir is not None else at("boot", "root")
+        out.append(Problem(*where, (
+            f"state_dir {lp.state_dir} is inside the boot root {lp.boot_root}: the boot server would serve the "
+            "nodes' private host keys, the journal and the leases to anyone; put it outside (the default is "
+            "var/<name> beside the plan)")))
     return out
 
 

@@ -367,8 +367,8 @@ class SshPowerDriver:
         from orchestrator.readiness import CheckSpec, Readiness
 
         r: Readiness = self.readiness
-        once = Readiness(known_hosts=r.known.path, policy=r.policy, checks=[CheckSpec(command, f"({command}) >/dev/null 2>&1 &")],
-                         user=r.user, port=r.port, key_file=r.key_file, concurrency=1, step_timeout=r.step_timeout)
+        # The same login and trust as readiness (key or agent, known_hosts, the nodes' pinned host keys).
+        once = r.derive([CheckSpec(command, f"({command}) >/dev/null 2>&1 &")], concurrency=1)
         v = await once.check(t.ip)
         return PowerResult(v.ok, f"ssh {command}: {'sent' if v.ok else v.error or v.failed_checks[0].reason}")
 
