@@ -180,7 +180,7 @@ class ControlServer:
     def __init__(self, lp, scheduler, *, mode: str, token: str | None = None, log: Callable[[str], None] = lambda s: None,
                  max_connections: int = 64, max_per_client: int = 4, request_timeout: float = 10.0) -> None:
         self.lp, self.sched, self.mode, self.token, self.log = lp, scheduler, mode, token, log
-        #: Requests refused: malformed, too deep, too slow, wrong token, unknown op or nodes.
+        #: Requests that never became one: malformed, too deep, too slow, too many from one address, wrong token.
         self.bad_requests = 0
         #: Connections that ended with an unexpected error (contained; see the log).
         self.errors = 0
@@ -216,12 +216,12 @@ class ControlServer:
                     nursery.start_soon(self._accept, listeners[1:], True, nursery)
                 task_status.started((path, [tl.socket.getsockname() for tl in listeners[1:]]))
         finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
             try:
                 path.unlink()
             except OSError:
                 pass
+            for listener in listeners:  # synchronously: this runs while cancelled
+                listener.socket.close()
 
     async def _accept(self, listeners: list[trio.SocketListener], need_token: bool, nursery: trio.Nursery) -> None:
         """Accept on ``listeners`` (one kind) while fewer than ``max_connections`` of that kind are open."""
@@ -301,7 +301,6 @@ class ControlServer:
     async def _request(self, req: dict[str, Any], send) -> None:
         op = req.get("op")
         if op not in OPS:
-            self.bad_requests += 1
             await send({"event": "error", "error": f"unknown op {safe_text(op, 40)!r}; one of {', '.join(OPS)}"})
             return
         if op == "ping":
@@ -310,7 +309,6 @@ class ControlServer:
         names = req.get("nodes")
         known = {n.name for n in self.lp.nodes}
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in known for n in names):
-            self.bad_requests += 1
             await send({"event": "error", "error": "nodes: a non-empty list of node names of this plan"})
             return
         names = list(dict.fromkeys(names))  # a node named twice is one node, acted on once
