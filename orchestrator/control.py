@@ -30,9 +30,10 @@ bounds what any client can hold or cost:
 * **framing**: one request line of at most :data:`MAX_REQUEST` bytes, sent
   within ``request_timeout`` seconds; JSON nested deeper than
   :data:`MAX_DEPTH` is refused before it is parsed (Python's parser recurses);
-* **connections**: at most ``max_connections`` per listener at once, and on
-  TCP at most ``max_per_client`` per client address; further clients wait in
-  the kernel's listen backlog, which costs this process no descriptor;
+* **connections**: at most ``max_connections`` per listener at once (further
+  clients wait in the kernel's listen backlog, which costs this process no
+  descriptor), and on TCP at most ``max_per_client`` per client address (one
+  more gets an error line and is closed);
 * **errors**: each connection runs inside its own error boundary: whatever a
   client sends ends at most its own connection, never the listener or the
   orchestrator (the error is counted in ``errors`` and logged);
@@ -258,6 +259,9 @@ class ControlServer:
                 self._per_client[peer] += 1
                 if self._per_client[peer] > self.max_per_client:
                     self.bad_requests += 1
+                    with trio.move_on_after(1):
+                        await stream.send_all(json.dumps({"event": "error", "error": f"more than {self.max_per_client} "
+                                                          "connections from your address"}).encode() + b"\n")
                     return
             await self._handle(stream, need_token=need_token)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
@@ -292,7 +296,8 @@ class ControlServer:
             await send({"event": "error", "error": f"bad request: {e}"})
             return
         if need_token and not (self.token and isinstance(req.get("token"), str)
-                               and hmac.compare_digest(req["token"].encode(), self.token.encode())):
+                               # surrogatepass: JSON can carry a lone surrogate (\ud800), which is just a wrong token
+                               and hmac.compare_digest(req["token"].encode("utf-8", "surrogatepass"), self.token.encode())):
             self.bad_requests += 1
             await send({"event": "error", "error": "a TCP request needs the right token (control.token)"})
             return

@@ -250,10 +250,13 @@ class Tracker:
         self._seq = 0
         self._heap: list[tuple[float, int, str]] = []  # (since + timeout, seq, mac); stale entries dropped lazily
         self._heap_limits: dict[Stage, float] = dict(self.timeouts)
+        #: Addresses the plan reserves, by node MAC (never re-learnt for another MAC).
+        self._reserved: dict[str, str] = {}
         for mac, info in self.info.items():
             self._add(NodeState(mac, info.name, info.ip))
             if info.ip:
                 self.ip_to_mac[info.ip] = mac
+                self._reserved[info.ip] = mac
 
     # ---------------------------------------------------------------- evidence
 
@@ -265,7 +268,8 @@ class Tracker:
             return []
         st = self.nodes[mac]
         now = ev.wall if ev.wall is not None else ev.time
-        if ev.kind == EventKind.DHCP and ev.client_ip and ev.detail.get("direction") == "out" and ev.detail.get("msg") in ("ACK", "OFFER"):
+        if (ev.kind == EventKind.DHCP and ev.client_ip and ev.detail.get("direction") == "out"
+                and ev.detail.get("msg") in ("ACK", "OFFER") and not ev.detail.get("inform")):
             self._learn_ip(mac, ev.client_ip)
         stage = self._classifier(mac).stage_of(ev)
         if stage == Stage.OS_DHCP and ev.detail.get("pxe") is None:
@@ -429,6 +433,11 @@ class Tracker:
         return mac
 
     def _learn_ip(self, mac: str, ip: str) -> None:
+        """``mac`` holds ``ip`` now (a server assigned it). An address the plan reserves for another
+        node stays that node's: file reads from it are that node's evidence, whatever a DHCP exchange said."""
+        owner = self._reserved.get(ip)
+        if owner is not None and owner != mac:
+            return
         old = self.nodes[mac].ip
         if old and self.ip_to_mac.get(old) == mac and old != ip:
             del self.ip_to_mac[old]

@@ -273,3 +273,39 @@ def test_json_depth_scan():
     assert not control.json_depth_ok(b"[" * (control.MAX_DEPTH + 1))
     with pytest.raises(ValueError, match="nested"):
         control.parse_request(b"[" * 100000)
+
+
+def test_a_token_with_a_lone_surrogate_is_a_wrong_token(tmp_path):
+    """JSON can carry ``\\ud800``: encoding it for the comparison raised, and the client got no answer."""
+    lp, port = serve_plan_file(tmp_path)
+    srv = Serve(lp, tmp_path)
+    try:
+        answer = tcp_ask(port, b'{"op": "ping", "token": "\\ud800"}\n')
+        assert answer and answer[0]["event"] == "error" and "token" in answer[0]["error"]
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=3) for _ in range(6)]
+        try:  # beyond four connections from one address, each is told why it is closed (the rest wait, silent)
+            import select
+
+            told: list[bytes] = []
+            t_end = time.monotonic() + 3
+            while len(told) < 2 and time.monotonic() < t_end:  # the refused are told at once; the others wait 10 s
+                ready, _, _ = select.select([c for c in conns if c.fileno() >= 0], [], [], 0.2)
+                for c in ready:
+                    told.append(c.makefile("rb").readline())
+                    c.close()
+            assert len(told) == 2 and all(b"connections from your address" in line for line in told), told
+        finally:
+            for c in conns:
+                c.close()
+        t_end = time.monotonic() + 10
+        while True:  # until serve has seen those four close: then this address is welcome again
+            try:
+                answer = tcp_ask(port, b'{"op": "ping", "token": "s3cret"}\n')
+            except ConnectionResetError:  # refused with our request unread
+                answer = []
+            if answer and answer[0]["event"] == "pong":
+                break
+            assert time.monotonic() < t_end, answer
+            time.sleep(0.05)
+    finally:
+        assert srv.stop() == 0, srv.err.read_text()

@@ -182,8 +182,9 @@ async def run_serve(lp: LoadedPlan, ports: Ports, *, dhcp: bool, as_json: bool, 
     try:
         async with trio.open_nursery() as nursery:
             server = ControlServer(lp, sched, mode="serve", token=resolve_secret(lp.model.control.token, lp.base), log=log)
-            sock_path, _ = await nursery.start(server.serve)
-            print(f"control API on {sock_path}", file=sys.stderr, flush=True)
+            sock_path, tcp = await nursery.start(server.serve)
+            where = "".join(f", tcp {a[0]}:{a[1]}" for a in tcp)
+            print(f"control API on {sock_path}{where}", file=sys.stderr, flush=True)
             nursery.start_soon(sched.run)
             if lp.model.metrics.listen and metrics_port is not False:
                 host, port = split_listen(lp.model.metrics.listen)

@@ -78,6 +78,9 @@ log = logging.getLogger(__name__)
 _REQUEST_BUFSIZE = 65536
 #: Datagrams handled from the listening socket before yielding to transfers.
 _LISTEN_BATCH = 64
+#: Receive buffer of the listening socket, bytes (what fits: ~4 000 RRQs).
+LISTEN_RCVBUF = 4 << 20
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 #: Resends of its first datagram a transfer gets before its client's first ACK.
 UNPROVEN_RETRIES = 1
 #: Resends per second, shared by all transfers, to clients that have not ACKed yet beyond their
@@ -214,6 +217,12 @@ class TftpServer:
         sock = socket.socket(_family(host), socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            # A boot storm (or a flood) is a burst of requests: the default ~208 KiB buffer holds
+            # a few hundred; dropping a real ROM's RRQ costs it a retry timeout. FORCE passes rmem_max as root.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, LISTEN_RCVBUF)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
             sock.bind((host, port))
             self._bind_host = host
             bound = sock.getsockname()[:2]

@@ -676,11 +676,12 @@ class DhcpServerCore:
         ip, dport, bcast = reply_destination(req, mtype, port, *src)
         out.replies.append(Reply(data, ip, dport, bcast, mtype))
         self.counters[f"out_{mtype.name.lower()}"] += 1
-        out.events.append(self._event(req, mtype, "out", now, wall, port, yiaddr=yiaddr, boot_file=boot_file))
+        out.events.append(self._event(req, mtype, "out", now, wall, port, yiaddr=yiaddr, boot_file=boot_file, inform=inform))
 
     # ------------------------------------------------------------------ events
 
-    def _event(self, req: Packet, mtype: MessageType, direction: str, now: float, wall: float, port: int, *, yiaddr: int = 0, boot_file: str | None = None) -> BootEvent:
+    def _event(self, req: Packet, mtype: MessageType, direction: str, now: float, wall: float, port: int, *, yiaddr: int = 0,
+               boot_file: str | None = None, inform: bool = False) -> BootEvent:
         ip = yiaddr or req.ciaddr or (req.requested_ip or 0)
         detail: dict[str, object] = {
             "msg": mtype.name,
@@ -706,6 +707,9 @@ class DhcpServerCore:
             detail["relay"] = ip_str(req.giaddr)
         if boot_file:
             detail["boot_file"] = boot_file
+        if inform:
+            # The ACK to an INFORM assigns nothing: its address is the client's claim (ciaddr).
+            detail["inform"] = True
         source = "proxydhcp" if (port == PXE_PORT or self.config.mode == "proxy") else self.config.source
         return BootEvent(
             time=now, source=source, kind=EventKind.DHCP, client_ip=ip_str(ip) if ip else None,
