@@ -152,31 +152,15 @@ def test_renewals_between_discovers_on_a_full_pool_stay_cheap():
 
 
 class LinearScanCore(DhcpServerCore):
-    """The address choice as the plain specification: walk the pool from the cursor, take the first free address."""
+    """The address search as the plain specification: walk the pool from the cursor, take the first free address."""
 
-    def _choose(self, mac, req, subnet, now, wall):  # noqa: ANN001, ANN202
-        known = self._known_address(mac, subnet, now, wall)
-        if known is not None:
-            if self.policy.reservation(mac) is None:
-                self._hold_offer(mac, known, now)
-            return known
-        if subnet.pool is None:
-            self.counters["unknown_client"] += 1
-            return None
-        wanted = req.requested_ip
-        if wanted is not None and self._free_in_pool(wanted, mac, subnet, now, wall):
-            self._hold_offer(mac, wanted, now)
-            return wanted
+    def _search(self, mac, subnet, start, now, wall):  # noqa: ANN001, ANN202
         first, last = subnet.pool
         size = last - first + 1
-        start = self._cursor.get(subnet.network, first)
         for k in range(size):
             ip = first + (start - first + k) % size
             if self._free_in_pool(ip, mac, subnet, now, wall):
-                self._cursor[subnet.network] = ip + 1 if ip < last else first
-                self._hold_offer(mac, ip, now)
                 return ip
-        self.counters["pool_exhausted"] += 1
         return None
 
 

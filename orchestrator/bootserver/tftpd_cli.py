@@ -127,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retransmit timeout unless the client negotiates one; until the client's first ACK "
                              "never longer than this (default 1)")
     parser.add_argument("--retries", type=_bounded(0, 1000), default=5, metavar="N",
-                        help="retransmits without progress before giving up (default 5; 1 until the client's first ACK)")
+                        help="retransmits without progress before giving up (default 5; until the client's first ACK one is "
+                             "guaranteed and the rest come from a budget all transfers share, 50/s)")
     parser.add_argument("--timeout-max", type=_bounded(proto.TIMEOUT_MIN, proto.TIMEOUT_MAX), default=TIMEOUT_MAX, metavar="SECONDS",
                         help=f"largest RFC 2349 timeout a client may negotiate; a larger one is ignored (default {TIMEOUT_MAX})")
     parser.add_argument("--max-stall", type=float, default=MAX_STALL, metavar="SECONDS",
