@@ -30,7 +30,7 @@ def needs_reexec(lp: LoadedPlan) -> bool:
 
 def _missing_boot_files(lp: LoadedPlan) -> list[str]:
     """Boot files, and nodes' own host keys, that ``bootorch image build`` would make and that are missing."""
-    from orchestrator.image import host_key_paths
+    from orchestrator.hostkeys import host_key_paths
 
     root = lp.boot_root
     names = {lp.model.boot.loaders.bios}

@@ -27,14 +27,13 @@ and a running rollout do not lose each other's entries: paramiko's own
 ``save_host_keys`` is neither atomic nor safe against concurrent writers.
 
 Nodes booting a bootorch image with ``host_key: per-node`` (the default) have
-their own host key, made by ``bootorch image build``
-(:func:`orchestrator.image.ensure_host_keys`). :func:`pin_host_keys` writes
-each one into known_hosts for the node's address, replacing any older entry,
-and :meth:`Readiness.from_plan` does it again from the key files, so under
-``tofu`` as under ``strict`` such a node is accepted with exactly that key and
-any other key is refused as CHANGED, with the likely cause (the node did not
-get its key archive and made a key at boot) instead of the advice to accept
-the new key.
+their own host key, which :mod:`orchestrator.hostkeys` pins into this
+known_hosts for the node's address (:meth:`KnownHosts.pin` replaces any older
+entry), so under ``tofu`` as under ``strict`` such a node is accepted with
+exactly that key and any other key is refused as CHANGED. :class:`Readiness`'s
+``pinned`` (host -> where its key comes from) turns that refusal's advice to
+accept the new key into the likely cause (the node did not get its key archive
+and made a key at boot).
 
 Authentication offers only what the plan names: ``readiness.ssh.key``, and the
 SSH agent's keys only with ``readiness.ssh.agent: true``. ``~/.ssh`` keys are
@@ -250,38 +249,6 @@ def known_hosts_path(lp) -> Path:
     return lp.resolve_path(ssh.known_hosts) if ssh.known_hosts else lp.state_dir / "known_hosts"
 
 
-def _public_key(line: str) -> paramiko.PKey:
-    ktype, b64 = line.split()[:2]
-    return paramiko.PKey.from_type_string(ktype, base64.b64decode(b64))
-
-
-def pin_host_keys(lp, pubs: Mapping[str, str]) -> bool:
-    """Write node name -> public key line ``pubs`` into the plan's known_hosts, one entry per node's
-    address (``[ip]:port`` off port 22), replacing older entries for those addresses. True when it changed."""
-    port = lp.model.readiness.ssh.port
-    entries = {host_key_name(str(lp.by_name[n].ip), port): _public_key(line) for n, line in pubs.items()}
-    return KnownHosts(known_hosts_path(lp)).pin(entries) if entries else False
-
-
-def plan_host_keys(lp) -> dict[str, str]:
-    """Node name -> public key line of every node with a bootorch per-node host key (made by image build)."""
-    from orchestrator.image import host_key_paths
-
-    out = {}
-    for node in lp.nodes:
-        if lp.model.profiles[node.profile].host_key != "per-node":
-            continue
-        try:
-            private, public = host_key_paths(lp, node)
-            if private.is_file() and public.is_file():
-                line = public.read_text().strip()
-                _public_key(line)
-                out[node.name] = line
-        except (ValueError, paramiko.SSHException, paramiko.pkey.UnknownKeyType):  # a refused name, a damaged .pub
-            continue
-    return out
-
-
 class _Policy(paramiko.MissingHostKeyPolicy):
     def __init__(self, known: KnownHosts, policy: str) -> None:
         self.known, self.policy = known, policy
@@ -443,18 +410,10 @@ class Readiness:
         self.step_timeout = step_timeout
 
     @classmethod
-    def from_plan(cls, lp) -> "Readiness":
-        """Readiness for plan ``lp``; first pins the nodes' per-node host keys into its known_hosts."""
-        from orchestrator.render import host_key_file_name
-
+    def from_plan(cls, lp, *, pinned: Mapping[str, str] | None = None) -> "Readiness":
+        """Readiness for plan ``lp``. ``pinned``: what :func:`orchestrator.hostkeys.pin_plan_host_keys`
+        returned, having pinned the nodes' own host keys into :func:`known_hosts_path`."""
         ssh = lp.model.readiness.ssh
-        pubs = plan_host_keys(lp)
-        pin_host_keys(lp, pubs)
-        pinned = {
-            str(lp.by_name[n].ip): f"{n}'s own host key ({lp.state_dir / 'hostkeys' / n}), "
-                                   f"which the boot server sends it as {host_key_file_name(lp.by_name[n])}"
-            for n in pubs
-        }
         return cls(
             known_hosts=known_hosts_path(lp), policy=ssh.host_key_policy, checks=check_specs(lp.model.readiness.checks),
             user=ssh.user, port=ssh.port, key_file=lp.resolve_path(ssh.key) if ssh.key else None, agent=ssh.agent,

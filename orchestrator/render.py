@@ -13,7 +13,8 @@ For sites that keep their own daemons, ``bootorch render`` writes:
 
 * ``hostkeys/<ip>.cpio`` -- a node's own SSH host key (profile
   ``host_key: per-node``, once ``bootorch image build`` has made it), a tiny
-  cpio the node's config lists after the profile's initrds.
+  cpio the node's config lists after the profile's initrds
+  (:mod:`orchestrator.hostkeys` makes the archives and names them).
 
 :func:`boot_tree` is the single source of the configs and scripts: the embedded
 TFTP/HTTP server answers from it live (:func:`dynamic_source`), and ``render``
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator.bootserver.files import NotFound
+from orchestrator.hostkeys import HOST_KEY_DIR, host_key_file_name, host_key_tree, node_host_key
 from orchestrator.plan import LoadedPlan, Node
 from orchestrator.protocols.pxelinux import (
     CFG_DIR,
@@ -110,39 +112,6 @@ def boot_entry(lp: LoadedPlan, node: Node | None, profile_name: str | None = Non
         initrd += (host_key_file_name(node),)
     return BootEntry(label=pname, kernel=prof.kernel, initrd=initrd, append=append, comment=comment,
                      serial=serial_console(append))
-
-
-HOST_KEY_DIR = "hostkeys"
-
-
-def host_key_file_name(node: Node) -> str:
-    """The name the node fetches its host-key archive by: ``hostkeys/<ip>.cpio`` (the address it is served to)."""
-    return f"{HOST_KEY_DIR}/{node.ip}.cpio"
-
-
-def node_host_key(lp: LoadedPlan, node: Node) -> bytes | None:
-    """The node's private host key, when its profile is ``host_key: per-node`` and image build made one."""
-    from orchestrator.image import host_key_paths
-
-    if lp.model.profiles[node.profile].host_key != "per-node":
-        return None
-    private, _public = host_key_paths(lp, node)
-    try:
-        return private.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def host_key_tree(lp: LoadedPlan) -> dict[str, tuple[str, bytes]]:
-    """Every node's host-key archive: name -> (the only client address it is served to, archive)."""
-    from orchestrator.image import host_key_archive
-
-    out: dict[str, tuple[str, bytes]] = {}
-    for node in lp.nodes:
-        key = node_host_key(lp, node)
-        if key is not None:
-            out[host_key_file_name(node)] = (str(node.ip), host_key_archive(key))
-    return out
 
 
 def http_base(lp: LoadedPlan) -> str:
@@ -381,7 +350,7 @@ def write_tree(files: dict[str, bytes], out: Path) -> list[Path]:
     written = []
     for rel, data in sorted(files.items()):
         p = out / rel
-        _write_atomic(p, data, 0o600 if rel.startswith("hostkeys/") else 0o644)
+        _write_atomic(p, data, 0o600 if rel.startswith(HOST_KEY_DIR + "/") else 0o644)
         written.append(p)
     return written
 

@@ -185,7 +185,7 @@ def test_write_tree_replaces_existing_files(tmp_path):
 def plan_with_keys(tmp_path, *, nodes=("node01", "node03"), profile_extra: str = "", text: str | None = None):
     """plans/full.yaml with its own state directory, and host keys made for ``nodes`` (fake key bytes:
     render only wraps them)."""
-    from orchestrator.image import host_key_paths
+    from orchestrator.hostkeys import host_key_paths
 
     text = text if text is not None else FULL.read_text()
     text = text.replace("state_dir: ../var/lab/state", f"state_dir: {tmp_path / 'state'}")
@@ -231,7 +231,7 @@ def test_profile_host_key_none_adds_nothing(tmp_path):
 def test_host_key_archive_is_served_only_to_its_node(tmp_path):
     """Other clients get not-found, even when the boot root holds a file of that name."""
     from orchestrator.bootserver.files import NotFound
-    from orchestrator.image import host_key_archive
+    from orchestrator.hostkeys import host_key_archive
 
     lp = plan_with_keys(tmp_path)
     root = tmp_path / "root"
@@ -254,7 +254,7 @@ def test_host_key_archive_is_served_only_to_its_node(tmp_path):
 
 
 def test_render_writes_the_archives_the_live_server_serves(tmp_path):
-    from orchestrator.image import host_key_archive
+    from orchestrator.hostkeys import host_key_archive
 
     lp = plan_with_keys(tmp_path)
     files = render_all(lp)
@@ -273,7 +273,7 @@ def test_render_writes_the_archives_the_live_server_serves(tmp_path):
 async def test_real_clients_get_a_host_key_only_from_their_own_address(tmp_path):
     """curl over TFTP and HTTP, bound to a node's loopback address and to another one."""
     from orchestrator.bootserver.serve import Ports, serve_plan
-    from orchestrator.image import host_key_archive
+    from orchestrator.hostkeys import host_key_archive
 
     curl = require_tool("curl")
     text = FULL.read_text().replace("subnet: 10.77.0.0/24", "subnet: 127.77.0.0/24").replace("10.77.0.", "127.77.0.")
@@ -308,7 +308,7 @@ def test_tftp_hpa_remap_rule_from_the_docs_gives_each_client_its_own_key(tmp_pat
     import socket
     import time
 
-    from orchestrator.image import host_key_archive
+    from orchestrator.hostkeys import host_key_archive
 
     tftpd = require_tool("in.tftpd", "/usr/sbin/in.tftpd")
     curl = require_tool("curl")

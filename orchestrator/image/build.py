@@ -1,0 +1,271 @@
+"""The build: every profile's kernel, RAM-disk root and the BIOS loader, into the plan's boot root.
+
+:func:`build_images` fetches the Debian packages it needs into the cache
+(:mod:`~orchestrator.image.debs`; one ``apt-get download`` for the known ones),
+then for every profile
+
+- puts the kernel under the profile's ``kernel`` name;
+- builds the RAM-disk root (:func:`~orchestrator.image.rootfs.build_tree`), writes
+  it as a newc cpio and gzips it reproducibly under the profile's first
+  ``initrd`` name;
+
+places ``pxelinux.0`` (or ``lpxelinux.0``) and its ``ldlinux.c32`` when the
+plan's BIOS loader is one of them, writes every file atomically (0644, skipped
+when unchanged), and finally makes the nodes' own host keys
+(:func:`~orchestrator.image.keys.ensure_host_keys`) and pins them into
+readiness's known_hosts (:func:`orchestrator.hostkeys.pin_host_keys`).
+
+Two profiles may share a file name only when they want the same bytes there.
+``SOURCE_DATE_EPOCH`` (default 0) is the cpio's one mtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.hostkeys import pin_host_keys
+from orchestrator.image.cpio import gzip_reproducible, newc_archive
+from orchestrator.image.debs import DEFAULT_CACHE, DebCache, dep_names
+from orchestrator.image.errors import ImageError
+from orchestrator.image.keys import ensure_host_keys, ensure_user_key
+from orchestrator.image.modules import FS_MODULES, resolve_modules
+from orchestrator.image.rootfs import build_tree
+from orchestrator.image.userland import BUSYBOX_PKG, DROPBEAR_PKG, Userland, load_userland
+from orchestrator.plan import LoadedPlan
+from orchestrator.readiness import known_hosts_path
+
+KERNEL_META = "linux-image-amd64"
+PXELINUX_PKG = "pxelinux"
+SYSLINUX_PKG = "syslinux-common"
+PXELINUX_FILES = {
+    # loader name in the boot root -> path inside the pxelinux package
+    "pxelinux.0": "usr/lib/PXELINUX/pxelinux.0",
+    "lpxelinux.0": "usr/lib/PXELINUX/lpxelinux.0",
+}
+LDLINUX = "usr/lib/syslinux/modules/bios/ldlinux.c32"
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str  # relative to the boot root
+    role: str  # kernel | initrd | loader
+    size: int
+    sha256: str
+    source: str  # where it came from: package_version or "built"
+
+
+@dataclass
+class ImageReport:
+    boot_root: Path
+    files: list[OutputFile] = field(default_factory=list)
+    packages: dict[str, str] = field(default_factory=dict)  # name -> version used
+    kernel_release: str = ""
+    images: dict[str, dict[str, Any]] = field(default_factory=dict)  # initrd name -> contents summary
+    authorized_key: str | None = None
+    host_key: str | None = None  # always None: nodes have their own host keys (host_keys)
+    host_keys: dict[str, str] = field(default_factory=dict)  # node name -> its host public key line
+    known_hosts: str | None = None  # where host_keys were pinned
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object (stable; keys are only ever added):
+
+        ``ok`` (true), ``boot_root``, ``kernel_release`` (``uname -r`` of the
+        kernel), ``files`` (``name`` relative to the boot root, ``role``
+        kernel/initrd/loader, ``size`` in bytes, ``sha256``, ``source``
+        ``package_version`` or ``built``), ``packages`` (Debian package ->
+        version used), ``images`` (per RAM-disk image: ``profile``, ``root``,
+        ``entries``, ``cpio_bytes``, ``modules`` in load order,
+        ``builtin_modules``, ``mounts``, ``commands``), ``authorized_key``,
+        ``host_key`` (null: no key is shared by the nodes), ``host_keys``
+        (node name -> the OpenSSH public key line of its own host key, for
+        every node with ``host_key: per-node``), ``known_hosts`` (the file
+        they were written into), ``warnings``, ``seconds``. On failure: ``{"ok": false, "plan", "error"}``
+        (or ``"problems"`` for plan errors) and exit status 1.
+        """
+        return {
+            "ok": True,
+            "boot_root": str(self.boot_root),
+            "kernel_release": self.kernel_release,
+            "files": [
+                {"name": f.name, "role": f.role, "size": f.size, "sha256": f.sha256, "source": f.source}
+                for f in self.files
+            ],
+            "packages": dict(sorted(self.packages.items())),
+            "images": self.images,
+            "authorized_key": self.authorized_key,
+            "host_key": self.host_key,
+            "host_keys": dict(self.host_keys),
+            "known_hosts": self.known_hosts,
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(boot_root: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``boot_root/name`` atomically, skipping identical content."""
+    dest = boot_root / name
+    if dest.is_symlink():
+        dest.unlink()
+    elif dest.exists() and dest.stat().st_size == len(data) and dest.read_bytes() == data:
+        os.chmod(dest, 0o644)  # the boot servers serve only what others may read
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _source_date_epoch() -> int:
+    v = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(v) if v.isdigit() else 0
+
+
+def build_images(
+    lp: LoadedPlan,
+    *,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    refresh: bool = False,
+) -> ImageReport:
+    """Build every profile's kernel and RAM-disk root, and the BIOS loader, into the boot root."""
+    t0 = time.monotonic()
+    for pname, prof in sorted(lp.model.profiles.items()):  # before any download
+        if not prof.initrd and prof.root in ("ramdisk", "initramfs"):
+            raise ImageError(f"profile {pname}: root: {prof.root} needs an initrd: name (e.g. rootfs.gz)")
+    cache = DebCache(cache_dir or DEFAULT_CACHE, refresh=refresh, log=log)
+    boot_root = lp.boot_root
+    report = ImageReport(boot_root=boot_root)
+    mtime = _source_date_epoch()
+    outputs: dict[str, tuple[str, bytes, str]] = {}  # name -> (role, data, source)
+
+    def put(name: str, role: str, data: bytes, source: str) -> None:
+        if name in outputs and outputs[name][1] != data:
+            raise ImageError(
+                f"two profiles want different {role} files under the same name {name!r}: give them different names"
+            )
+        outputs[name] = (role, data, source)
+
+    # One apt-get for what we know we need (apt takes seconds to start).
+    cache.ensure([KERNEL_META, BUSYBOX_PKG, DROPBEAR_PKG, PXELINUX_PKG, SYSLINUX_PKG])
+    # Kernel: the meta package names the ABI package that has the files.
+    meta = cache.deb(KERNEL_META)
+    report.packages[KERNEL_META] = cache.field(meta, "Version")
+    kpkg = next((d for d in dep_names(cache.field(meta, "Depends")) if d.startswith("linux-image-")), None)
+    if kpkg is None:
+        raise ImageError(f"{meta.name} depends on no linux-image-* package")
+    ktree, kver_pkg = cache.unpacked(kpkg)
+    report.packages[kpkg] = kver_pkg
+    vmlinuz = sorted((ktree / "boot").glob("vmlinuz-*"))
+    if not vmlinuz:
+        raise ImageError(f"{kpkg} has no /boot/vmlinuz-*")
+    kver = vmlinuz[-1].name.removeprefix("vmlinuz-")
+    report.kernel_release = kver
+    moddir = ktree / "lib" / "modules" / kver
+    kernel = vmlinuz[-1].read_bytes()
+    ksource = f"{kpkg}_{kver_pkg}"
+
+    user: Userland | None = None
+    authorized_key: str | None = None
+    ssh_key = lp.model.readiness.ssh.key
+    if ssh_key is not None:
+        authorized_key = ensure_user_key(lp.resolve_path(ssh_key), log)
+    report.authorized_key = authorized_key
+
+    for pname, prof in sorted(lp.model.profiles.items()):
+        put(prof.kernel, "kernel", kernel, ksource)
+        if not prof.initrd:
+            log(f"image: profile {pname}: no initrd; kernel only")
+            continue
+        if len(prof.initrd) > 1:
+            report.warnings.append(
+                f"profile {pname}: built {prof.initrd[0]}; {', '.join(prof.initrd[1:])} are not ours to build"
+            )
+        if prof.root == "nfs":
+            report.warnings.append(
+                f"profile {pname}: root: nfs with an initrd: the image runs from RAM and does not switch to the NFS root"
+            )
+        if authorized_key is None:
+            report.warnings.append(
+                f"profile {pname}: readiness.ssh.key is not set: the image has no authorized key and nobody can SSH in"
+            )
+        if user is None:
+            user = load_userland(cache, report.packages)
+        wanted = list(prof.modules)
+        for m in prof.mounts:
+            wanted += [x for x in FS_MODULES.get(m.type, []) if x not in wanted]
+        mods = resolve_modules(moddir, wanted)
+        tree = build_tree(lp, pname, prof, user, mods, kver, authorized_key)
+        cpio = newc_archive(tree, mtime)
+        image = gzip_reproducible(cpio)
+        put(prof.initrd[0], "initrd", image, "built")
+        report.images[prof.initrd[0]] = {
+            "profile": pname,
+            "root": prof.root,
+            "entries": len(tree.entries),
+            "cpio_bytes": len(cpio),
+            "modules": [n for n, _r, _d in mods.load_order],
+            "builtin_modules": mods.builtin,
+            "mounts": [m.target for m in prof.mounts],
+            "commands": len(prof.commands),
+        }
+        log(
+            f"image: {prof.initrd[0]} for profile {pname}: {len(tree.entries)} entries, "
+            f"{len(cpio) / 2**20:.1f} MiB cpio -> {len(image) / 2**20:.1f} MiB gzip; "
+            f"modules {' '.join(report.images[prof.initrd[0]]['modules']) or 'none'}"
+            + (f" (built in: {' '.join(mods.builtin)})" if mods.builtin else "")
+        )
+
+    # The BIOS loader and the module it loads (pxelinux 6 needs ldlinux.c32 beside it).
+    bios = lp.model.boot.loaders.bios
+    if bios in PXELINUX_FILES:
+        px_tree, px_ver = cache.unpacked(PXELINUX_PKG)
+        sl_tree, sl_ver = cache.unpacked(SYSLINUX_PKG)
+        report.packages[PXELINUX_PKG] = px_ver
+        report.packages[SYSLINUX_PKG] = sl_ver
+        put(bios, "loader", (px_tree / PXELINUX_FILES[bios]).read_bytes(), f"{PXELINUX_PKG}_{px_ver}")
+        put("ldlinux.c32", "loader", (sl_tree / LDLINUX).read_bytes(), f"{SYSLINUX_PKG}_{sl_ver}")
+    else:
+        report.warnings.append(f"boot.loaders.bios is {bios!r}: not a pxelinux loader, not placed")
+
+    for name in sorted(outputs):
+        role, data, source = outputs[name]
+        _write(boot_root, name, data)
+        report.files.append(OutputFile(name, role, len(data), _sha256(data), source))
+
+    # The nodes' own host keys, and readiness's trust in exactly those.
+    if any(lp.model.profiles[n.profile].host_key == "per-node" for n in lp.nodes):
+        if user is None:
+            user = load_userland(cache, report.packages)
+        report.host_keys = ensure_host_keys(lp, user.dropbearkey, log)
+        if pin_host_keys(lp, report.host_keys):
+            log(f"image: {len(report.host_keys)} node host key(s) pinned in {known_hosts_path(lp)}")
+        report.known_hosts = str(known_hosts_path(lp))
+    report.seconds = time.monotonic() - t0
+    return report
