@@ -85,7 +85,8 @@ import trio.testing
 
 from orchestrator.events import BootEvent, EventKind
 from orchestrator.metrics import Metrics
-from orchestrator.oncall import node_rows, print_status
+from orchestrator.oncall import node_rows
+from orchestrator.present import print_status
 from orchestrator.plan import load_plan
 from orchestrator.power import PowerResult, Target
 from orchestrator.scheduler import Scheduler
@@ -475,8 +476,8 @@ def run(cfg: Config) -> dict[str, Any]:
         rep["run"] = {
             "mode": "max" if speed is None else f"rate {cfg.rate:g}/s",
             "completed": bool(summary is not None and not res["timed_out"]),
-            "ready": len(summary.ready) if summary else sum(1 for r in sched.runs.values() if r.result == "ready"),
-            "failed": len(summary.failed) if summary else sum(1 for r in sched.runs.values() if r.result == "failed"),
+            "ready": len(summary.ready) if summary else sum(1 for r in sched.jobs.values() if r.result == "ready"),
+            "failed": len(summary.failed) if summary else sum(1 for r in sched.jobs.values() if r.result == "failed"),
             "stream_seconds": round(res["stream_seconds"], 1),
             "clock_speed": None if speed is None else round(speed, 3),
             "model_events_per_s": round(natural, 1),

@@ -16,7 +16,7 @@ one request object; the server streams objects back and closes:
 * ``{"op": "ping"}`` -> ``{"event": "pong", "pid": ..., "mode": "rollout" | "serve" | "oncall"}``
 * ``{"op": "wake" | "reboot" | "power_off", "nodes": [names], "reason": str, "actor": str,
   "hard": bool, "wait": bool}`` -> ``{"event": "accepted", "acting": [...], "busy": {name: why}}``,
-  then with ``wait`` one ``{"event": "transition", ...}`` per stage change of those nodes and
+  then with ``wait`` one ``{"event": "transition", ...}`` (:func:`~orchestrator.present.transition_dict`) per stage change of those nodes and
   finally ``{"event": "done", "results": {name: {"result", "reason", "path"}}}``.
 * errors: ``{"event": "error", "error": "..."}``.
 
@@ -64,6 +64,7 @@ from typing import Any, Callable, Iterator
 
 import trio
 
+from orchestrator.present import transition_dict
 from orchestrator.safetext import safe_text
 
 log = logging.getLogger(__name__)
@@ -168,11 +169,6 @@ class OrchestratorLock:
 
 
 # --------------------------------------------------------------------------- server
-
-
-def _transition_json(t) -> dict[str, Any]:
-    return {"event": "transition", "node": t.node, "from": t.from_stage.value, "to": t.to_stage.value,
-            "time": t.time, "attempt": t.attempt, "evidence": t.evidence}
 
 
 class ControlServer:
@@ -334,7 +330,7 @@ class ControlServer:
         if not wait:
             return
         async for t in recv_ch:
-            await send(_transition_json(t))
+            await send({"event": "transition", **transition_dict(t)})
         await operation.done.wait()
         await send({"event": "done", "results": operation.results})
 

@@ -8,7 +8,7 @@ never the global one):
   window, power actions, and the boot servers' counters (DHCP, TFTP, HTTP). The
   objects they come from (:class:`~orchestrator.tracker.Tracker`,
   :class:`~orchestrator.scheduler.Scheduler`, the boot server's
-  :class:`~orchestrator.bootserver.serve.Running`, the wake driver) already count
+  :class:`~orchestrator.bootserver.serve.BootServers`, the wake driver) already count
   everything; the collector only reads them, so nothing is counted twice and
   nothing can drift. The collector never raises: each section is read from a
   snapshot (``list(...)``) and a section that fails anyway is skipped for that
@@ -338,7 +338,7 @@ class _Collector:
             return fams
         if sched is not None:
             tally = {"ready": 0, "failed": 0, "unfinished": 0}
-            for run in list(sched.runs.values()):
+            for run in list(sched.jobs.values()):
                 tally[run.result if run.result in ("ready", "failed") else "unfinished"] += 1
             for k, v in tally.items():
                 result.add_metric([k], v)
@@ -368,7 +368,7 @@ class _Collector:
         if sched is not None:
             drivers = {"wake": _driver_name(sched.wake_driver), "power_cycle": _driver_name(sched.bmc)}
             tally: dict[tuple[str, str, str], int] = {}
-            for run in list(sched.runs.values()):
+            for run in list(sched.jobs.values()):
                 for a in list(run.actions):
                     action = str(a.get("action", "unknown"))
                     key = (drivers.get(action, _driver_name(sched.bmc)), action, "ok" if a.get("ok") else "failed")

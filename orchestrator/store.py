@@ -137,6 +137,16 @@ class Store:
         return {m: Current(m, n, _stage(s), tm, a, e, _flags(fl))
                 for m, n, s, tm, a, e, fl in self.db.execute(q)}
 
+    def stage_entered(self) -> dict[str, float]:
+        """Per MAC, when the node entered its current stage (a same-stage restart within an attempt does not count)."""
+        q = """SELECT mac, MAX(time) FROM (
+                 SELECT mac, time, from_stage, to_stage, attempt,
+                        LAG(attempt) OVER (PARTITION BY mac ORDER BY id) AS prev
+                 FROM transitions)
+               WHERE from_stage != to_stage OR prev IS NULL OR prev != attempt
+               GROUP BY mac"""
+        return {mac: t for mac, t in self.db.execute(q)}
+
     # ---------------------------------------------------------------- actions (audit)
 
     def record_action(self, node: str, action: str, reason: str, result: str, *, actor: str = "bootorch",

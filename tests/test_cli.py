@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from orchestrator.cli import build_parser, dry_run_schedule, main
+from orchestrator.cli import build_parser, main
+from orchestrator.cli.run import dry_run_schedule
 from orchestrator.plan import load_plan
 from tests.conftest import REPO
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import sys
 import time
 from ipaddress import IPv4Address, IPv4Network
 
@@ -28,6 +30,7 @@ from orchestrator.protocols.dhcp_server import (
     Subnet,
     reply_destination,
 )
+from orchestrator.protocols.leases import Lease, LeaseConflict
 from tests.conftest import REPO
 from tests.test_dhcp_codec import MALFORMED
 
@@ -238,12 +241,65 @@ def test_netboot_gate_stops_offering_boot_file():
 
 def test_stale_pool_lease_on_reserved_address_loses_to_the_reservation():
     core, _ = make_core()
-    from orchestrator.bootserver.leases import Lease
-
     core.leases.put(Lease(mac="02:00:00:00:00:77", ip=NODE_IP, expires=time.time() + 999, state="bound"))
     reply, _ = one_reply(core, req("request", NODE_MAC, ("requested_addr", NODE_IP)))
     assert decode(reply.data)[1]["message-type"] == 5
     assert core.leases.by_ip(NODE_IP).mac == NODE_MAC
+
+
+# --------------------------------------------------------------------------- the lease table
+
+
+class DictLeases:
+    """The core's :class:`LeaseTable` and nothing more: two dicts, no journal, no commit."""
+
+    def __init__(self) -> None:
+        self.macs: dict[str, Lease] = {}
+        self.ips: dict[str, str] = {}
+
+    def by_mac(self, mac: str) -> Lease | None:
+        return self.macs.get(mac)
+
+    def by_ip(self, ip: str) -> Lease | None:
+        mac = self.ips.get(ip)
+        return None if mac is None else self.macs[mac]
+
+    def put(self, lease: Lease) -> None:
+        holder = self.ips.get(lease.ip)
+        if holder is not None and holder != lease.mac:
+            raise LeaseConflict(lease.ip)
+        self.remove(lease.mac)
+        self.macs[lease.mac], self.ips[lease.ip] = lease, lease.mac
+
+    def remove(self, mac: str) -> None:
+        old = self.macs.pop(mac, None)
+        if old is not None:
+            del self.ips[old.ip]
+
+
+def test_core_serves_from_any_lease_table():
+    """The protocol is all the core needs: DORA, a stale holder of a reserved address, RELEASE."""
+    table = DictLeases()
+    core, _ = make_core(leases=table)
+    one_reply(core, req("discover", NODE_MAC, *pxe()))
+    reply, out = one_reply(core, req("request", NODE_MAC, *pxe(), ("server_id", SERVER), ("requested_addr", NODE_IP)))
+    assert decode(reply.data)[1]["message-type"] == 5 and out.dirty
+    assert table.by_ip(NODE_IP).mac == NODE_MAC and table.by_mac(NODE_MAC).state == "bound"
+    table.remove(NODE_MAC)
+    table.put(Lease(mac="02:00:00:00:00:77", ip=NODE_IP, expires=time.time() + 999, state="bound"))
+    reply, _ = one_reply(core, req("request", NODE_MAC, ("requested_addr", NODE_IP)))
+    assert decode(reply.data)[1]["message-type"] == 5 and table.by_ip(NODE_IP).mac == NODE_MAC
+    out = core.receive(req("release", NODE_MAC, ciaddr=NODE_IP), ("10.5.0.10", 68), now=101.0, wall=time.time())
+    assert out.replies == [] and out.dirty and table.macs == {} and table.ips == {}
+
+
+def test_the_core_imports_no_io():
+    """``protocols/dhcp_server.py`` and its lease record load neither the journal nor threads, files locks or trio."""
+    code = ("import sys; import orchestrator.protocols.dhcp_server; "
+            "print(' '.join(m for m in ('orchestrator.bootserver', 'fcntl', 'threading', 'trio', 'subprocess') if m in sys.modules))")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.split() == []
 
 
 # --------------------------------------------------------------------------- proxy
@@ -410,7 +466,7 @@ def test_privileged_port_error_is_clear():
 
 def test_netboot_gate_follows_stages():
     """boot.gate_after_ready: ready closes the gate, a wake opens it (rollout's NetbootGate)."""
-    from orchestrator.rollout import NetbootGate
+    from orchestrator.app import NetbootGate
     from orchestrator.tracker import Stage, Transition
 
     core, policy = make_core()

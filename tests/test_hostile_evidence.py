@@ -110,7 +110,7 @@ def test_the_live_view_shows_markup_and_escapes_literally():
     from rich.console import Console
 
     from orchestrator.events import BootEvent, EventKind
-    from orchestrator.rollout import LiveProgress
+    from orchestrator.present import LiveProgress
     from orchestrator.tracker import NodeInfo, Tracker
 
     tr = Tracker({"52:54:00:00:00:09": NodeInfo("n9[/b]", "10.0.0.9")}, timeouts={Stage.CONFIG: 30.0})

@@ -37,7 +37,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.bootserver.admission import Admission
-from orchestrator.bootserver.serve import Running
+from orchestrator.bootserver.serve import BootServers
+from orchestrator.window import WindowTuning
 from orchestrator.metrics import Metrics, failure_category, serve_metrics, split_listen
 from orchestrator.plan import load_plan
 from orchestrator.power import PowerResult
@@ -88,14 +89,14 @@ def make_plan(tmp: Path, *, n: int = 4, budget: int = 0):
     return load_plan(p)
 
 
-def populated(tmp_path: Path) -> tuple[Metrics, Tracker, Scheduler, Running]:
+def populated(tmp_path: Path) -> tuple[Metrics, Tracker, Scheduler, BootServers]:
     """A Metrics attached to real objects in a mid-rollout state (no trio run needed)."""
     lp = make_plan(tmp_path, n=4, budget=1)
     tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
     wake, bmc = plan_drivers(lp)
     wake.sent = 6
-    sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None, initial_window=2)
-    running = Running(host="127.0.0.1", admission=Admission(max_active=8))
+    sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None, window_tuning=WindowTuning(initial_window=2))
+    running = BootServers(host="127.0.0.1", admission=Admission(max_active=8))
     running.tftp_counters.packets_out, running.tftp_counters.retransmits, running.tftp_counters.bytes_sent = 100, 3, 51200
     running.tftp_counters.transfers_ok, running.tftp_counters.transfers_failed = 5, 1
     running.http_stats.by_status.update({200: 4, 404: 1})
@@ -114,16 +115,16 @@ def populated(tmp_path: Path) -> tuple[Metrics, Tracker, Scheduler, Running]:
 
     for i, mac in enumerate(macs[:3]):
         m.observe_transitions(tracker.wake(mac, t0 + i))
-        sched.runs[mac].actions.append({"time": t0 + i, "action": "wake", "reason": "admitted", "ok": True, "detail": ""})
+        sched.jobs[mac].actions.append({"time": t0 + i, "action": "wake", "reason": "admitted", "ok": True, "detail": ""})
         m.observe_transitions(tracker.feed(dhcp(mac, t0 + i + 2.0)))
     ready, failed = macs[0], macs[1]
     m.observe_transitions(tracker.feed(dhcp(ready, t0 + 10, pxe=False)))
     m.observe_transitions(tracker.ssh_up(ready, t0 + 12))
     m.observe_transitions(tracker.ready(ready, t0 + 13))
-    sched.runs[ready].result = "ready"
-    sched.runs[failed].actions.append({"time": t0 + 30, "action": "power_cycle", "reason": "stuck", "ok": False, "detail": "x"})
+    sched.jobs[ready].result = "ready"
+    sched.jobs[failed].actions.append({"time": t0 + 30, "action": "power_cycle", "reason": "stuck", "ok": False, "detail": "x"})
     m.observe_transitions(tracker.fail(failed, t0 + 31, "stuck in pxe_dhcp for 20s after 1 wake(s) and 0 power cycle(s); last evidence: x"))
-    sched.runs[failed].result = "failed"
+    sched.jobs[failed].result = "failed"
     return m, tracker, sched, running
 
 
@@ -284,7 +285,7 @@ def test_nothing_attached_and_serve_mode(tmp_path):
     assert families(m.exposition().decode())["bootorch_metrics_collect_errors"].samples[0].value == 0
     lp = make_plan(tmp_path)
     tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
-    m.attach(tracker=tracker, running=Running(host="127.0.0.1"))  # `bootorch serve`: no scheduler
+    m.attach(tracker=tracker, running=BootServers(host="127.0.0.1"))  # `bootorch serve`: no scheduler
     fams = families(m.exposition().decode())
     assert {s.labels["result"]: s.value for s in fams["bootorch_rollout_nodes"].samples} == {"ready": 0, "failed": 0, "unfinished": 4}
     assert "bootorch_admission_window" not in fams and "bootorch_dhcp_packets" not in fams
@@ -614,7 +615,7 @@ async def test_real_prometheus_scrapes_a_rollout_and_every_query_has_data(tmp_pa
                     readiness = HangingReadiness(sim.SimReadiness(cluster), str(stuck.ip))
                     sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=cluster, readiness=readiness,
                                       load=lambda: run.admission.load(trio.current_time()), clock=time.time,
-                                      on_change=metrics.observe_transitions, adapt_every=1.0, probe_every=0.25)
+                                      on_change=metrics.observe_transitions, window_tuning=WindowTuning(adapt_every=1.0), probe_every=0.25)
                     metrics.attach(scheduler=sched, wake=wake)
                     nursery.start_soon(sched.run, recv)
                     traffic_done = trio.Event()
@@ -630,7 +631,7 @@ async def test_real_prometheus_scrapes_a_rollout_and_every_query_has_data(tmp_pa
                     mid_scrape = None
                     while True:
                         st = tracker.nodes[stuck.mac]
-                        results = [r.result for r in sched.runs.values()]
+                        results = [r.result for r in sched.jobs.values()]
                         if mid_scrape is None and any(r == "ready" for r in results):
                             async with httpx.AsyncClient(timeout=5) as c:
                                 mid_scrape = (await c.get(f"http://127.0.0.1:{mport}/metrics")).content
@@ -638,7 +639,7 @@ async def test_real_prometheus_scrapes_a_rollout_and_every_query_has_data(tmp_pa
                                 and time.time() - st.since > ssh_timeout + 2 and traffic_done.is_set()):
                             break
                         await trio.sleep(0.25)
-                    assert sched.runs[failing.mac].result == "failed" and sched.runs[stuck.mac].result is None
+                    assert sched.jobs[failing.mac].result == "failed" and sched.jobs[stuck.mac].result is None
                     await trio.sleep(2.5)  # two more scrapes and rule evaluations
 
                     # promtool is clean on a scrape taken during the rollout

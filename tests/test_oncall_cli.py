@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from orchestrator import control
-from orchestrator.oncall import history_rows, node_rows, run_status
+from orchestrator.cli.oncall import run_status
+from orchestrator.oncall import history_rows, node_rows
 from orchestrator.plan import load_plan
 from orchestrator.store import Store
 from orchestrator.tracker import Stage, Transition

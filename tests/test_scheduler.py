@@ -11,6 +11,7 @@ from orchestrator.plan import load_plan
 from orchestrator.scheduler import IN_FLIGHT, Scheduler
 from orchestrator.store import Store
 from orchestrator.tracker import Stage, Tracker, plan_nodes, plan_timeouts
+from orchestrator.window import WindowTuning
 from tests.sim_cluster import SimCluster, SimReadiness
 
 
@@ -56,8 +57,8 @@ async def rollout(lp, tmp_path, configure=lambda cluster: None, *, store=None, c
             peak["window_violations"] += 1  # admitted past the window (a shrink may leave more in flight: allowed)
 
     sched = Scheduler(lp, tracker, store, wake=cluster, bmc=cluster, readiness=SimReadiness(cluster), load=cluster.load,
-                      clock=trio.current_time, on_change=on_change, adapt_every=2.0, retransmit_threshold=5.0, probe_every=1.0,
-                      initial_window=2)
+                      clock=trio.current_time, on_change=on_change, probe_every=1.0,
+                      window_tuning=WindowTuning(adapt_every=2.0, retransmit_threshold=5.0, initial_window=2))
     summary = None
     async with trio.open_nursery() as nursery:
         cluster.nursery = nursery

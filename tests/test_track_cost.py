@@ -177,8 +177,8 @@ async def test_scheduler_counters_match_a_full_pass(tmp_path, autojump_clock):
     checks = {"n": 0}
 
     def brute():
-        flying = sum(1 for st in tracker.nodes.values() if st.stage in IN_FLIGHT and st.mac in sched.runs)
-        failed = sum(1 for r in sched.runs.values() if r.result == "failed" and r.wave != ONCALL_WAVE)
+        flying = sum(1 for st in tracker.nodes.values() if st.stage in IN_FLIGHT and st.mac in sched.jobs)
+        failed = sum(1 for j in sched.jobs.values() if j.result == "failed" and j.wave != ONCALL_WAVE)
         return flying, failed
 
     def on_change(ts):
@@ -194,11 +194,13 @@ async def test_scheduler_counters_match_a_full_pass(tmp_path, autojump_clock):
         nursery.cancel_scope.cancel()
     assert checks["n"] > 100 and summary.failed and summary.ready
     assert sched.failed_count() == len(summary.failed) == brute()[1]
-    # results written directly (on-call code, tests) are counted too; on-call runs are not
-    runs = list(sched.runs.values())
-    runs[0].result, runs[1].result = None, "failed"
+    # results set from outside the scheduler's own paths (on-call code, tests) are counted too; on-call jobs are not
+    jobs = list(sched.jobs.values())
+    sched.set_result(jobs[0], None)
+    sched.set_result(jobs[1], "failed")
     assert sched.failed_count() == brute()[1]
-    runs[2].wave = ONCALL_WAVE
+    jobs[2].wave = ONCALL_WAVE
+    sched.set_result(jobs[2], jobs[2].result)
     assert sched.failed_count() == brute()[1]
     assert sched.in_flight() == brute()[0]
 

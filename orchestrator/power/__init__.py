@@ -10,6 +10,11 @@ command     a site's own command template                           on, off, cyc
 ssh         ``reboot`` / ``poweroff`` in the running OS              off, cycle
 ==========  ======================================================  ===================
 
+Drivers other than these (the simulator's ``sim``) come from installed
+packages through the entry-point group ``bootorch.power_drivers``
+(:func:`orchestrator.power.drivers.plugin_driver`): production code never
+names them.
+
 Every action returns a :class:`PowerResult`; drivers never raise for an
 expected failure (BMC unreachable, command failed, a hostile answer): the
 scheduler journals the result and escalates. A result's ``detail`` quotes text
@@ -76,6 +81,22 @@ class PowerDriver(Protocol):
     async def cycle(self, t: Target) -> PowerResult: ...
 
     async def status(self, t: Target) -> str | None: ...
+
+
+class ActionDriver:
+    """on/off/cycle as one ``_act(target, action)``: the base of drivers whose actions differ only by a word."""
+
+    async def _act(self, t: Target, action: str) -> PowerResult:
+        raise NotImplementedError
+
+    async def on(self, t: Target) -> PowerResult:
+        return await self._act(t, "on")
+
+    async def off(self, t: Target) -> PowerResult:
+        return await self._act(t, "off")
+
+    async def cycle(self, t: Target) -> PowerResult:
+        return await self._act(t, "cycle")
 
 
 class SecretError(RuntimeError):

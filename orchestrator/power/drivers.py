@@ -9,7 +9,7 @@ from typing import Any, Collection
 import httpx
 import trio
 
-from orchestrator.power import PowerResult, Target, child_env, fill, resolve_secret, secret_env_names
+from orchestrator.power import ActionDriver, PowerResult, Target, child_env, fill, resolve_secret, secret_env_names
 from orchestrator.safetext import safe_text
 
 # --------------------------------------------------------------------------- wol
@@ -272,23 +272,7 @@ async def _run(argv: list[str], env: dict[str, str], timeout: float) -> tuple[in
     return None, f"{argv[0]} timed out after {timeout:g}s"
 
 
-class _ActionDriver:
-    """on/off/cycle as one ``_act(target, action)``: for drivers whose actions differ only by a word."""
-
-    async def _act(self, t: Target, action: str) -> PowerResult:
-        raise NotImplementedError
-
-    async def on(self, t: Target) -> PowerResult:
-        return await self._act(t, "on")
-
-    async def off(self, t: Target) -> PowerResult:
-        return await self._act(t, "off")
-
-    async def cycle(self, t: Target) -> PowerResult:
-        return await self._act(t, "cycle")
-
-
-class IpmiDriver(_ActionDriver):
+class IpmiDriver(ActionDriver):
     """``ipmitool -I lanplus -H HOST -U USER -E chassis power ...``.
 
     ``-E`` makes ipmitool read the password from ``IPMI_PASSWORD``: it never
@@ -325,7 +309,7 @@ class IpmiDriver(_ActionDriver):
         return "on" if out.rstrip().endswith("on") else "off" if out.rstrip().endswith("off") else None
 
 
-class CommandDriver(_ActionDriver):
+class CommandDriver(ActionDriver):
     """A site's own tool: ``command: "pdu-ctl {action} {name}"``; exit 0 means done.
 
     The template is split like a shell would (``shlex``) and each word filled in
@@ -414,11 +398,24 @@ def plan_drivers(lp) -> tuple[WolDriver, Any | None]:
     if b.driver == "ipmi":
         return wake, IpmiDriver(address=b.address or "", username=b.username, password=resolve_secret(b.password, base),
                                 secret_env=secrets)
-    if b.driver == "sim":
-        from orchestrator.sim.power import SimPowerDriver
+    if b.driver == "command":
+        return wake, CommandDriver(command=b.command or "", password=resolve_secret(b.password, base), secret_env=secrets)
+    return wake, plugin_driver(b.driver, lp)
 
-        return wake, SimPowerDriver(lp.resolve_path(b.address or ""))
-    return wake, CommandDriver(command=b.command or "", password=resolve_secret(b.password, base), secret_env=secrets)
+
+#: The entry-point group through which a package adds a BMC driver: ``name = "module:factory"``, where
+#: ``factory(plan) -> PowerDriver`` builds it from ``plan.model.power.bmc`` (the simulator's ``sim`` is one).
+DRIVER_ENTRY_POINTS = "bootorch.power_drivers"
+
+
+def plugin_driver(name: str, lp) -> Any:
+    """The BMC driver ``name`` that an installed package registers (:data:`DRIVER_ENTRY_POINTS`)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=DRIVER_ENTRY_POINTS, name=name)
+    if not found:
+        raise ValueError(f"no power driver {name!r} is installed (entry point group {DRIVER_ENTRY_POINTS})")
+    return next(iter(found)).load()(lp)
 
 
 def target(node) -> Target:

@@ -15,8 +15,7 @@ from typing import Any
 
 import trio
 
-from orchestrator.power import PowerResult, Target
-from orchestrator.power.drivers import _ActionDriver
+from orchestrator.power import ActionDriver, PowerResult, Target
 
 
 async def control_request(path: str | Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
@@ -34,7 +33,7 @@ async def control_request(path: str | Path, request: dict[str, Any], timeout: fl
     return json.loads(buf.split(b"\n", 1)[0])
 
 
-class SimPowerDriver(_ActionDriver):
+class SimPowerDriver(ActionDriver):
     """Power actions on the simulator (``power.bmc: {driver: sim, address: /path/sim.sock}``)."""
 
     name = "sim"
@@ -56,3 +55,9 @@ class SimPowerDriver(_ActionDriver):
         except (OSError, ValueError, trio.TooSlowError):
             return None
         return r.get("state") if r.get("ok") else None
+
+
+def from_plan(plan) -> SimPowerDriver:
+    """The ``sim`` driver of a plan (``power.bmc: {driver: sim, address: /path/sim.sock}``): the
+    ``bootorch.power_drivers`` entry point this package declares."""
+    return SimPowerDriver(plan.resolve_path(plan.model.power.bmc.address or ""))

@@ -1,0 +1,253 @@
+"""The application root: one place that builds and runs an orchestrator for a plan.
+
+``bootorch rollout``, ``bootorch serve`` and an on-call command that finds no
+orchestrator running (``wake``, ``reboot``, ``slurm``) are one program with three
+jobs. Each holds the plan's orchestrator lock and runs the same parts -- the
+journal, the tracker, the power drivers, the scheduler, the control API, the
+metrics endpoint and, unless the site serves the boot itself, the boot servers.
+This module builds those parts (:meth:`Orchestrator.assemble`) and runs them
+(:meth:`Orchestrator.run`); a command only chooses the :class:`Mode` (what the
+scheduler's job is) and how it prints (the ``show`` and ``log`` callbacks,
+:mod:`orchestrator.present`). pixiecore's ``Server.Serve()`` against its
+``cli/*cmd.go`` is the model.
+
+====================  =========================================  ====================================
+mode                  the scheduler's job                        returns
+====================  =========================================  ====================================
+``rollout``           the plan's waves, under admission          when every node is ready or failed
+``serve``             on-call requests only, until cancelled     never (SIGINT/SIGTERM end it)
+``oncall``            the one :class:`OncallRequest` it started  when that operation is done
+====================  =========================================  ====================================
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from orchestrator.bootserver.serve import BootServers, Ports, serve_plan
+from orchestrator.control import ControlServer, OrchestratorLock, lock_path
+from orchestrator.events import BootEvent
+from orchestrator.hostkeys import pin_plan_host_keys
+from orchestrator.metrics import Metrics, serve_metrics, split_listen
+from orchestrator.plan import LoadedPlan
+from orchestrator.power import PowerDriver, SecretError, Unavailable, resolve_secret
+from orchestrator.power.drivers import plan_drivers
+from orchestrator.readiness import Readiness
+from orchestrator.scheduler import Operation, Scheduler, Summary
+from orchestrator.store import Store
+from orchestrator.tracker import Stage, Tracker, Transition, plan_nodes, plan_timeouts
+
+__all__ = ["Mode", "NetbootGate", "OncallRequest", "Orchestrator"]
+
+#: Events the boot servers may queue for the scheduler before they drop (and count) one.
+EVENT_BUFFER = 65536
+
+
+class Mode(str, enum.Enum):
+    ROLLOUT = "rollout"
+    SERVE = "serve"
+    ONCALL = "oncall"
+
+
+@dataclass
+class OncallRequest:
+    """The one operation an ``oncall`` orchestrator starts (``bootorch wake|reboot|slurm`` with nobody running)."""
+
+    op: str  # wake | reboot | power_off
+    nodes: list[str]
+    reason: str
+    actor: str
+    hard: bool = False
+    #: False: stop once every node got its power action (``--no-wait``).
+    wait: bool = True
+    #: Set by :meth:`Orchestrator.run`: the operation started, and the nodes that were busy.
+    operation: Operation | None = None
+    busy: dict[str, str] = field(default_factory=dict)
+
+
+class NetbootGate:
+    """``boot.gate_after_ready``: ready nodes get no boot file; bootorch's own wake reopens the gate."""
+
+    def __init__(self) -> None:
+        self.policy = None
+
+    def attach(self, policy, current=()) -> None:
+        self.policy = policy
+        for c in current:  # ready before a restart: still gated
+            if c.stage == Stage.READY:
+                policy.close_gate(c.mac)
+
+    def __call__(self, ts: list[Transition]) -> None:
+        if self.policy is None:
+            return
+        for t in ts:
+            if t.to_stage == Stage.READY:
+                self.policy.close_gate(t.mac)
+            elif t.to_stage == Stage.WAKING:
+                self.policy.open_gate(t.mac)
+
+
+class BootServerLoad:
+    """The scheduler's view of the boot servers' load: idle until they run (:mod:`~orchestrator.bootserver.admission`)."""
+
+    def __init__(self) -> None:
+        self.servers: BootServers | None = None
+
+    def __call__(self) -> Any:
+        from orchestrator.bootserver.admission import Load
+
+        if self.servers is None or self.servers.admission is None:
+            return Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=0.0)
+        return self.servers.admission.load(trio.current_time())
+
+
+@dataclass
+class Orchestrator:
+    """Every part of one orchestrator for a plan, wired; :meth:`run` runs them."""
+
+    plan: LoadedPlan
+    mode: Mode
+    store: Store
+    tracker: Tracker
+    metrics: Metrics
+    wake: PowerDriver
+    bmc: PowerDriver | None
+    readiness: Readiness
+    scheduler: Scheduler
+    control: ControlServer
+    gate: NetbootGate
+    load: BootServerLoad
+    log: Callable[[str], None]
+    events_send: trio.MemorySendChannel[BootEvent]
+    events_recv: trio.MemoryReceiveChannel[BootEvent]
+    #: Events dropped between ``on_event`` and the scheduler (its channel was full).
+    events_dropped: int = 0
+
+    @classmethod
+    def assemble(cls, plan: LoadedPlan, mode: Mode, *, log: Callable[[str], None] = lambda s: None,
+                 show: Callable[[list[Transition]], None] = lambda ts: None,
+                 clock: Callable[[], float] = time.time) -> "Orchestrator":
+        """Build the parts for ``plan`` (opens the journal; starts nothing).
+
+        ``log`` gets the orchestrator's diagnostic lines, ``show`` every batch of
+        stage changes after the journal, the metrics and the netboot gate saw it.
+        Power drivers need their credentials, except in ``serve``, where power
+        acts only for on-call requests: a missing credential makes those fail with
+        the reason instead of stopping the boot server (:class:`~orchestrator.power.Unavailable`).
+        """
+        plan.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            wake, bmc = plan_drivers(plan)
+        except SecretError as e:
+            if mode is not Mode.SERVE:
+                raise
+            log(f"on-call power actions are unavailable: {e}")
+            wake = bmc = Unavailable(str(e))
+        token = resolve_secret(plan.model.control.token, plan.base)
+        # Nodes with their own host keys (bootorch image build) are pinned before any SSH reaches them.
+        readiness = Readiness.from_plan(plan, pinned=pin_plan_host_keys(plan))
+        store = Store(plan.state_dir / "state.db")
+        tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
+        metrics = Metrics().attach(tracker=tracker, wake=wake, timeouts=plan_timeouts(plan))
+        gate = NetbootGate()
+
+        def on_change(ts: list[Transition]) -> None:
+            metrics.observe_transitions(ts)
+            gate(ts)
+            show(ts)
+
+        load = BootServerLoad()
+        boot_servers = plan.model.dhcp.mode != "external"
+        scheduler = Scheduler(plan, tracker, store, wake=wake, bmc=bmc, readiness=readiness,
+                              load=load if boot_servers else None, clock=clock, log=log, on_change=on_change,
+                              rollout=mode is Mode.ROLLOUT, standing=mode is Mode.SERVE)
+        metrics.attach(scheduler=scheduler)
+        control = ControlServer(plan, scheduler, mode=mode.value, token=token, log=log)
+        send, recv = trio.open_memory_channel[BootEvent](EVENT_BUFFER)
+        return cls(plan, mode, store, tracker, metrics, wake, bmc, readiness, scheduler, control, gate, load, log, send, recv)
+
+    async def run(self, *, ports: Ports | None = None, boot_servers: bool = True, dhcp: bool = True,
+                  control: bool = True, metrics_port: int | None | bool = None,
+                  oncall: OncallRequest | None = None, follow_logs: bool = False,
+                  on_event: Callable[[BootEvent], None] | None = None,
+                  started: Callable[[], None] = lambda: None) -> Summary:
+        """Hold the lock and run every part until the scheduler's job is done (``serve``: until cancelled).
+
+        ``boot_servers``: run DHCP/TFTP/HTTP (not in ``dhcp.mode: external``),
+        ``dhcp``: DHCP among them; ``control``: answer the control API;
+        ``metrics_port``: None for the plan's, a port to override it, False for
+        none; ``follow_logs``: follow the plan's ``logs:``; ``on_event`` sees
+        every boot-server event before the scheduler does (``serve --events``);
+        ``started`` is called once everything listens. Raises :class:`~orchestrator.control.Busy`
+        when another orchestrator holds the plan's lock. Closes the journal.
+        """
+        plan, sched = self.plan, self.scheduler
+        try:
+            with OrchestratorLock(lock_path(plan)):
+                async with trio.open_nursery() as nursery:
+                    if control:
+                        sock_path, tcp = await nursery.start(self.control.serve)
+                        self.log(f"control API on {sock_path}" + "".join(f", tcp {a[0]}:{a[1]}" for a in tcp))
+                    if plan.model.metrics.listen and metrics_port is not False:
+                        host, port = split_listen(plan.model.metrics.listen)
+                        mhost, mport = await nursery.start(serve_metrics, self.metrics, host,
+                                                           port if metrics_port is None else metrics_port)
+                        self.log(f"metrics on http://{mhost}:{mport}/metrics")
+                    events = self.events_send
+                    if on_event is not None:
+                        events, seen = trio.open_memory_channel[BootEvent](EVENT_BUFFER)
+                        nursery.start_soon(self._tee, seen, on_event)
+                    if boot_servers and plan.model.dhcp.mode != "external":
+                        servers: BootServers = await nursery.start(
+                            lambda task_status: serve_plan(plan, ports or Ports(), events=events, dhcp=dhcp,
+                                                           task_status=task_status))
+                        self._boot_servers_up(servers)
+                    if follow_logs and plan.model.logs:
+                        from orchestrator.logwatch.watch import track_logs
+
+                        nursery.start_soon(lambda: track_logs(plan, self.store, self.tracker, on_change=sched.on_change))
+                        self.log(f"following {len(plan.model.logs)} log(s): "
+                                 + ", ".join(f"{e.source} {e.path}" for e in plan.model.logs))
+                    if oncall is not None:
+                        sched.restore()
+                        oncall.operation, oncall.busy = sched.submit(oncall.op, oncall.nodes, reason=oncall.reason,
+                                                                     actor=oncall.actor, hard=oncall.hard)
+                        if not oncall.wait and oncall.operation is not None:
+                            nursery.start_soon(_return_once_acted, sched, oncall.operation, nursery.cancel_scope)
+                    started()
+                    summary = await sched.run(self.events_recv)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.store.close()
+        return summary
+
+    async def _tee(self, seen: trio.MemoryReceiveChannel[BootEvent], on_event: Callable[[BootEvent], None]) -> None:
+        async for ev in seen:
+            on_event(ev)
+            try:
+                self.events_send.send_nowait(ev)
+            except trio.WouldBlock:  # the scheduler is behind: drop as the servers would
+                self.events_dropped += 1
+
+    def _boot_servers_up(self, servers: BootServers) -> None:
+        self.metrics.attach(running=servers)
+        self.load.servers = servers
+        if self.plan.model.boot.gate_after_ready and servers.dhcp_core is not None:
+            self.gate.attach(servers.dhcp_core.policy, self.store.current().values())
+        parts = [f"tftp {servers.host}:{servers.tftp}" if servers.tftp else None,
+                 f"http {servers.host}:{servers.http}" if servers.http else None,
+                 f"dhcp :{servers.dhcp}" if servers.dhcp else None, f"pxe :{servers.pxe}" if servers.pxe else None]
+        self.log("serving " + ", ".join(p for p in parts if p))
+
+
+async def _return_once_acted(sched: Scheduler, op: Operation, scope: trio.CancelScope) -> None:
+    """``--no-wait``: stop once every node of ``op`` got its power action."""
+    jobs = [j for j in sched.jobs.values() if j.node.name in op.names]
+    while not all(j.op is not op or len(j.actions) > j.op_from for j in jobs):
+        await sched.changed.wait()
+    scope.cancel()

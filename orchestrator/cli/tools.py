@@ -1,0 +1,59 @@
+"""The commands that bring their own argument parsers: ``lab``, ``image``, ``sim``, ``replay``, ``tftpd``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from orchestrator import replay
+
+    return replay.run(args)
+
+
+def cmd_tftpd(args: argparse.Namespace) -> int:
+    from orchestrator.bootserver import tftpd_cli
+
+    return tftpd_cli.run(args)
+
+
+def add_commands(sub) -> None:
+    lb = sub.add_parser("lab", help="the virtual lab cluster: up|down|status PLAN (QEMU VMs in a network namespace)",
+                        description="Bring the plan's virtual lab up (namespace, bridge, one paused QEMU VM per node, WoL "
+                                    "listener, Redfish BMC), show it, or take it down.")
+    from orchestrator.lab import lab as _lab
+
+    _lab.add_arguments(lb)
+    lb.set_defaults(func=_lab.run)
+
+    im = sub.add_parser("image", help="build a plan's boot files: kernel, RAM-disk root (busybox + dropbear), pxelinux",
+                        description="Build each profile's kernel and RAM-disk root and place pxelinux into the plan's boot root.")
+    from orchestrator import image as _image
+
+    _image.add_arguments(im)
+    im.set_defaults(func=_image.run)
+
+    sm = sub.add_parser("sim", help="the boot-storm simulator: N simulated PXE clients (DHCP, TFTP, pxelinux lookups, OS DHCP, SSH banner)",
+                        description="Simulated PXE clients that power on at a magic packet (or the sim power driver) and boot "
+                                    "from the plan's boot server over a bandwidth-limited link, like ROMs that time out and give up.")
+    from orchestrator.sim import cli as _sim_cli
+
+    _sim_cli.add_arguments(sm)
+    sm.set_defaults(func=_sim_cli.run)
+
+    rp = sub.add_parser("replay", help="a boot's post-mortem from dnsmasq / ISC dhcpd / tftp-hpa / Kea logs: each node's stage timeline",
+                        description="Parse daemon logs and print each node's (MAC's) stage timeline with the time spent in every stage.")
+    from orchestrator import replay as _replay
+
+    _replay.add_arguments(rp)
+    rp.set_defaults(func=cmd_replay)
+
+    t = sub.add_parser(
+        "tftpd",
+        help="run the TFTP server alone (a drop-in for in.tftpd -L -s DIR -u nobody)",
+        description="Serve DIR read-only over TFTP (RFC 1350 with tsize, blksize, timeout and windowsize options).",
+    )
+    from orchestrator.bootserver import tftpd_cli
+
+    tftpd_cli.add_arguments(t)
+    t.set_defaults(func=cmd_tftpd)
