@@ -6,8 +6,8 @@ cleanup); this file does the work.
 
 Setup (identical for every server): a server namespace with 10.66.0.1/16 and
 a client namespace with 10.66.0.2/16, joined by one veth
-(``tests/dhcp_harness.py``). Each server gets the same config from
-``tests.dhcp_harness.ServerConfig``: subnet 10.66.0.0/16, pool
+(``tests/dhcp_lab.py``). Each server gets the same config from
+``tests.dhcp_servers.ServerConfig``: subnet 10.66.0.0/16, pool
 10.66.1.0-10.66.127.254 (32 510 addresses), lease time 1 h, PXE clients get
 next-server, ``pxelinux.0``, option 60 and option 43; no per-packet logging;
 ping-before-offer off (dnsmasq ``--no-ping``, dhcpd ``ping-check false``; Kea
@@ -73,7 +73,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from orchestrator.lab.netns import Namespace, NetLab, NetnsError  # noqa: E402
-from tests import dhcp_harness as h  # noqa: E402
+from tests.dhcp_lab import DhcpPair, dhcp_pair, tool  # noqa: E402
+from tests.dhcp_servers import SERVER_KINDS, ServerConfig, ServerHandle, server_missing, start_server, stop_server  # noqa: E402
 
 SUBNET = "10.66.0.0/16"
 CLIENT_IP = "10.66.0.2"
@@ -153,7 +154,7 @@ def machine_ticks() -> tuple[int, int]:
     return sum(vals) - idle, sum(vals)
 
 
-def run_perfdhcp(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, args: list[str], *, timeout: float) -> tuple[int | None, str]:
+def run_perfdhcp(lab: NetLab, pair: DhcpPair, perfdhcp: str, args: list[str], *, timeout: float) -> tuple[int | None, str]:
     argv = [perfdhcp, "-4", "-g", "single", *args, "-o", PXE_OPTION, pair.server_ip]
     try:
         cp = lab.run(pair.client_ns, argv, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -166,7 +167,7 @@ def run_perfdhcp(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, args: list[str], 
 class Measured:
     """Server CPU, machine busy time and UDP overflow counters around one perfdhcp run."""
 
-    def __init__(self, pair: h.DhcpPair, srv: h.ServerHandle) -> None:
+    def __init__(self, pair: DhcpPair, srv: ServerHandle) -> None:
         self.pair, self.srv = pair, srv
 
     def __enter__(self) -> "Measured":
@@ -196,14 +197,14 @@ class Measured:
 # Scenarios
 # ---------------------------------------------------------------------------------
 
-def server_config() -> h.ServerConfig:
-    return h.ServerConfig(subnet=SUBNET, pool=POOL, lease_time=3600, fast=True)
+def server_config() -> ServerConfig:
+    return ServerConfig(subnet=SUBNET, pool=POOL, lease_time=3600, fast=True)
 
 
-def sweep_run(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, kind: str, rate: int, period: int, tag: str,
+def sweep_run(lab: NetLab, pair: DhcpPair, perfdhcp: str, kind: str, rate: int, period: int, tag: str,
               raw_dir: Path) -> dict:
     clients = min(rate * period, server_config().pool_size)
-    srv = h.start_server(pair, kind, server_config(), tag=tag)
+    srv = start_server(pair, kind, server_config(), tag=tag)
     try:
         with Measured(pair, srv) as m:
             rc, text = run_perfdhcp(lab, pair, perfdhcp,
@@ -211,7 +212,7 @@ def sweep_run(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, kind: str, rate: int
                                      "-W", str(EXIT_WAIT_US)], timeout=period + 30)
         alive = srv.alive()
     finally:
-        h.stop_server(pair, srv)
+        stop_server(pair, srv)
     (raw_dir / f"{tag}-{kind}.txt").write_text(text + "\n--- server log ---\n" + srv.log_text(20_000))
     rep = parse_perfdhcp(text)
     do, ra = rep["DO"], rep["RA"]
@@ -231,10 +232,10 @@ def sweep_run(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, kind: str, rate: int
     }
 
 
-def burst_run(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, kind: str, n: int, raw_dir: Path,
+def burst_run(lab: NetLab, pair: DhcpPair, perfdhcp: str, kind: str, n: int, raw_dir: Path,
               avalanche_timeout: float) -> dict:
     out: dict = {"server": kind, "clients": n}
-    srv = h.start_server(pair, kind, server_config(), tag=f"burst-{n}")
+    srv = start_server(pair, kind, server_config(), tag=f"burst-{n}")
     try:
         with Measured(pair, srv) as m:
             rc, text = run_perfdhcp(lab, pair, perfdhcp,
@@ -249,9 +250,9 @@ def burst_run(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, kind: str, n: int, r
         })
         (raw_dir / f"burst-{kind}.txt").write_text(text)
     finally:
-        h.stop_server(pair, srv)
+        stop_server(pair, srv)
     # The same N clients spread over one second (-r N -n N): a cluster powered on by a sequencer.
-    srv = h.start_server(pair, kind, server_config(), tag=f"ramp-{n}")
+    srv = start_server(pair, kind, server_config(), tag=f"ramp-{n}")
     try:
         rc, text = run_perfdhcp(lab, pair, perfdhcp,
                                 ["-r", str(n), "-n", str(n), "-R", str(n), "-d", str(DROP_TIME_S),
@@ -261,8 +262,8 @@ def burst_run(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, kind: str, n: int, r
                     "ramp_acks_1s": rep["RA"].get("received", 0)})
         (raw_dir / f"ramp-{kind}.txt").write_text(text)
     finally:
-        h.stop_server(pair, srv)
-    srv = h.start_server(pair, kind, server_config(), tag=f"avalanche-{n}")
+        stop_server(pair, srv)
+    srv = start_server(pair, kind, server_config(), tag=f"avalanche-{n}")
     try:
         rc, text = run_perfdhcp(lab, pair, perfdhcp, ["--scenario", "avalanche", "-R", str(n)],
                                 timeout=avalanche_timeout)
@@ -271,7 +272,7 @@ def burst_run(lab: NetLab, pair: h.DhcpPair, perfdhcp: str, kind: str, n: int, r
                     "avalanche_acks": rep["RA"].get("received")})
         (raw_dir / f"avalanche-{kind}.txt").write_text(text)
     finally:
-        h.stop_server(pair, srv)
+        stop_server(pair, srv)
     return out
 
 
@@ -401,7 +402,7 @@ def render_table(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/dhcp.sh", description=__doc__.splitlines()[0])
-    ap.add_argument("--servers", default=",".join(h.SERVER_KINDS), help="comma list (default: all four)")
+    ap.add_argument("--servers", default=",".join(SERVER_KINDS), help="comma list (default: all four)")
     ap.add_argument("--rates", help="comma list of offered DORA/s (default 125,250,500,1000,2000,4000)")
     ap.add_argument("--period", type=int, help="seconds per sweep run (default 5; --quick 2)")
     ap.add_argument("--burst", type=int, default=1000, help="clients in the burst (0 = skip)")
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         print("dhcp bench: needs root (network namespaces; DHCP is broadcast and must stay inside them)",
               file=sys.stderr)
         return 2
-    perfdhcp = h.tool("perfdhcp", "/usr/sbin/perfdhcp")
+    perfdhcp = tool("perfdhcp", "/usr/sbin/perfdhcp")
     if not perfdhcp:
         print("dhcp bench: perfdhcp not installed (Debian package kea-admin)", file=sys.stderr)
         return 2
@@ -434,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     servers = []
     for kind in [s.strip() for s in args.servers.split(",") if s.strip()]:
-        if kind not in h.SERVER_KINDS:
+        if kind not in SERVER_KINDS:
             print(f"dhcp bench: unknown server {kind!r}", file=sys.stderr)
             return 2
-        why = h.server_missing(kind)
+        why = server_missing(kind)
         if why:
             notes.append(f"{kind} skipped: {why}")
             log(f"skipping {kind}: {why}")
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.token:
         lab_kwargs["token"] = args.token
     with NetLab(**lab_kwargs) as lab:
-        pair = h.dhcp_pair(lab, run_dir / "work", subnet=SUBNET, client_ip=CLIENT_IP)
+        pair = dhcp_pair(lab, run_dir / "work", subnet=SUBNET, client_ip=CLIENT_IP)
         log(f"namespaces {pair.server_ns.name} / {pair.client_ns.name}; run dir {run_dir}")
         for rate in rates:
             for kind in servers:

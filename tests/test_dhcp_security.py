@@ -23,9 +23,10 @@ import trio
 from scapy.layers.dhcp import BOOTP
 
 from orchestrator.bootserver.dhcp import DhcpStats, StaticPolicy, serve_dhcp
-from orchestrator.bootserver.leases import Lease, LeaseStore
+from orchestrator.bootserver.leases import LeaseStore
 from orchestrator.protocols.dhcp import PXE_PORT, ip_int, ip_str
 from orchestrator.protocols.dhcp_server import ClientKind, DhcpServerCore, Reservation, ServerConfig, Subnet, _FreeHints
+from orchestrator.protocols.leases import Lease
 from tests.test_dhcp_server import NODE_IP, NODE_MAC, SERVER, decode, make_core, one_reply, pxe, req
 
 # --------------------------------------------------------------------------- pool exhaustion

@@ -1,4 +1,6 @@
-"""Durable lease store: invariants, journal format, damaged files, compaction, kill -9.
+"""Leases: the record's validation (``orchestrator/protocols/leases.py``) and the durable
+store (``orchestrator/bootserver/leases.py``): invariants, journal format, damaged files,
+compaction, kill -9.
 
 The store is tested in memory and on disk (``tmp_path``). Damaged files are
 built byte by byte. The kill -9 test runs a real child process that simulates
@@ -25,14 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.bootserver import leases as leases_mod
-from orchestrator.bootserver.leases import (
-    MAX_TEXT,
-    Lease,
-    LeaseConflict,
-    LeaseStore,
-    LeaseStoreError,
-    LeaseStoreLocked,
-)
+from orchestrator.bootserver.leases import LeaseStore, LeaseStoreError, LeaseStoreLocked
+from orchestrator.protocols import leases as record_mod
+from orchestrator.protocols.leases import MAX_TEXT, Lease, LeaseConflict
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_764_000_000.0  # a fixed wall-clock time; nothing here reads the clock
@@ -366,14 +363,14 @@ hostnames = st.one_of(
     st.sampled_from(WEIRD),
     st.text(st.characters(exclude_categories=()), max_size=64),
     st.text(st.characters(exclude_categories=()), min_size=MAX_TEXT - 8, max_size=MAX_TEXT),
-).filter(lambda h: h is None or not leases_mod._SURROGATE_PAIR_RE.search(h))
+).filter(lambda h: h is None or not record_mod._SURROGATE_PAIR_RE.search(h))
 client_ids = st.one_of(st.none(), st.binary(max_size=MAX_TEXT // 2).map(bytes.hex))
 weird_leases = st.builds(
     Lease,
     mac=st.binary(min_size=1, max_size=20).map(lambda b: ":".join(f"{x:02x}" for x in b)),
     ip=st.integers(0, 2**32 - 1).map(lambda n: ".".join(str((n >> s) & 255) for s in (24, 16, 8, 0))),
     expires=st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**53), 2**53)),
-    state=st.sampled_from(sorted(leases_mod.STATES)),
+    state=st.sampled_from(sorted(record_mod.STATES)),
     hostname=hostnames,
     client_id=client_ids,
 )

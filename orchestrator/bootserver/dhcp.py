@@ -5,7 +5,9 @@ Each wakes when its socket is readable, drains up to ``BATCH`` datagrams with
 non-blocking ``recvfrom`` (one checkpoint per batch, not per packet), feeds them
 to the core, commits the lease store once for the whole batch if anything
 changed (group commit: an ACK is never sent before its lease is on disk), then
-sends the replies.
+sends the replies. The core's lease table is the journal,
+:class:`~orchestrator.bootserver.leases.LeaseStore` (:func:`make_core`); the
+shell reaches it as ``core.leases`` to commit it.
 
 Sockets: bound to ``0.0.0.0`` (Linux delivers broadcasts only to sockets bound
 to the wildcard or the broadcast address) and pinned to the plan's interface
@@ -201,7 +203,7 @@ class DhcpStats:
 
 
 async def serve_dhcp(
-    core: DhcpServerCore,
+    core: DhcpServerCore[LeaseStore],
     *,
     host: str = "0.0.0.0",
     port: int = 67,
@@ -241,7 +243,7 @@ async def _expire_loop(core: DhcpServerCore) -> None:
 
 
 async def _serve_socket(
-    core: DhcpServerCore,
+    core: DhcpServerCore[LeaseStore],
     sock: socket.socket,
     logical_port: int,
     may_broadcast: bool,
@@ -339,5 +341,5 @@ def _send_all(sock: socket.socket, replies: Iterable[tuple[Reply, tuple[str, int
             stats.send_errors += 1
 
 
-def make_core(config: ServerConfig, policy: StaticPolicy, leases_path: str | None) -> DhcpServerCore:
+def make_core(config: ServerConfig, policy: StaticPolicy, leases_path: str | None) -> DhcpServerCore[LeaseStore]:
     return DhcpServerCore(config, policy, LeaseStore(leases_path))

@@ -1,11 +1,18 @@
 """Durable DHCP lease store: a checksummed append-only journal with compaction.
 
-The DHCP server keeps every lease in memory (two dicts: MAC -> lease, IP -> MAC)
-and makes changes durable through one file, the *journal*. The server stages
+:class:`LeaseStore` is the lease table the DHCP core asks for
+(:class:`orchestrator.protocols.dhcp_server.LeaseTable`: ``by_mac``, ``by_ip``,
+``put``, ``remove``), made durable. The lease record itself,
+:class:`~orchestrator.protocols.leases.Lease`, and :class:`LeaseConflict` live
+on the protocol side and are re-exported here.
+
+The store keeps every lease in memory (two dicts: MAC -> lease, IP -> MAC) and
+makes changes durable through one file, the *journal*. The server stages
 changes with :meth:`LeaseStore.put` / :meth:`LeaseStore.remove` (visible at once
-to :meth:`~LeaseStore.by_mac` / :meth:`~LeaseStore.by_ip`), then calls
-:meth:`LeaseStore.commit` once per batch of packets, *before* it sends the ACKs
-of that batch: group commit, one ``fdatasync`` per batch.
+to :meth:`~LeaseStore.by_mac` / :meth:`~LeaseStore.by_ip`), then the trio shell
+(:mod:`orchestrator.bootserver.dhcp`) calls :meth:`LeaseStore.commit` once per
+batch of packets, *before* it sends the ACKs of that batch: group commit, one
+``fdatasync`` per batch.
 
 File format
 -----------
@@ -29,22 +36,20 @@ Why this and not SQLite (WAL)?
 
 * *Bad records are skipped one by one.* A record is self-contained and
   self-checking, so the loader drops exactly the damaged line and keeps the
-  rest. A damaged SQLite page ("database disk image is malformed") takes the
-  whole file down, which is the refusal to start that issue 4 forbids.
+  rest, and the server starts. A damaged SQLite page ("database disk image is
+  malformed") takes the whole file down, and the server with it.
 * *Written means loadable, by construction.* :class:`Lease` validates its
   fields on construction, and the loader builds leases through the same
   constructor. ``put`` also checks, before it changes anything, that the
   encoded record is one line within the loader's size limit and that its JSON
   decodes to exactly the values written. A lease that would not load back is
-  refused with ``ValueError`` at ``put`` and never written (Kea once wrote
-  leases it could not reload, then failed to start). The one str that JSON does
-  not round-trip, a surrogate *pair* written as two code points, is rejected
-  by ``Lease`` itself. Lone surrogates, as ``surrogateescape`` makes them,
-  round-trip fine.
+  refused with ``ValueError`` at ``put`` and never written, so a journal we
+  wrote can always be loaded. The one str that JSON does not round-trip, a
+  surrogate *pair* written as two code points, is rejected by ``Lease`` itself.
+  Lone surrogates, as ``surrogateescape`` makes them, round-trip fine.
 * *Same cost where it matters.* The commit is one ``write`` + ``fdatasync``,
-  about what an SQLite WAL commit with ``synchronous=FULL`` costs on the same
-  disk (measured: ~0.3-0.5 ms for a one-lease batch either way). And the file
-  is greppable.
+  the same disk work as an SQLite WAL commit with ``synchronous=FULL``. And the
+  file is greppable.
 
 Crash safety (``kill -9`` at any instant; power loss on a disk that honours
 flushes)
@@ -95,24 +100,12 @@ address. Either way two MACs never get the same IP.
 
 Throughput
 ----------
-Measured on the development VM (2 vCPU, ext4 on virtio, Python 3.11, load
-average ~2 from other work, best of 3). ``python -m
-orchestrator.bootserver.leases bench [DIR]`` measures again. Each put builds a
-fresh Lease over a 250-lease pool:
-
-=====  ===================  =============  ===================
-batch  journal, puts/s      ms per commit  in-memory, puts/s
-=====  ===================  =============  ===================
-1      2 700 - 3 400        0.30 - 0.37    ~50 000
-10     12 700 - 15 600      0.64 - 0.79    ~45 000 - 50 000
-100    25 800 - 34 000      2.9 - 3.9      ~38 000 - 52 000
-=====  ===================  =============  ===================
-
-A DORA exchange is two puts (offered, bound). Even committing every packet on
-its own (batch 1) carries ~1 400-1 700 DORA/s. With group commit over a burst,
-the CPU cost of ``put`` is the limit: ~20 us including building the Lease
-(validation, JSON, the round-trip check). The 1 000 DORA/s target holds at
-every batch size.
+``python -m orchestrator.bootserver.leases bench [DIR]`` measures put + commit
+for batches of 1, 10 and 100 puts, on disk and in memory; each put builds a
+fresh Lease over a 250-lease pool, as the server does. A DORA exchange is one
+put (bound); with group commit over a burst, the CPU cost of ``put`` (building
+and validating the Lease, the JSON, the round-trip check) is the limit, not the
+``fdatasync``.
 
 Threading
 ---------
@@ -127,15 +120,16 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+# The record and its conflict error are the protocol side's; the journal's API takes and returns them.
+from orchestrator.protocols.leases import MAX_TEXT, STATES, Lease, LeaseConflict, check_mac
 
 __all__ = [
     "FORMAT_VERSION",
@@ -152,30 +146,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STATES = frozenset({"offered", "bound", "released", "declined"})
-#: Longest hostname, and longest client id in hex digits, a lease may carry.
-#: DHCP options hold at most 255 bytes, so this leaves room. The limit keeps a
-#: record within MAX_LINE.
-MAX_TEXT = 1024
 #: Longest journal line the loader accepts. Worst case for a valid record:
 #: MAX_TEXT astral characters escaped as surrogate pairs (12 bytes each) +
 #: MAX_TEXT hex digits + the fixed fields, about 13.5 KiB.
 MAX_LINE = 16 * 1024
 
-# Hardware address: 1-20 octets (Ethernet is 6; IPoIB 20), lower-case hex.
-_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){0,19}")
-# Canonical dotted quad, as str(ipaddress.IPv4Address(x)) writes it (no leading zeros).
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_IPV4_RE = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
-_HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
-_SURROGATE_PAIR_RE = re.compile("[\ud800-\udbff][\udc00-\udfff]")
 _CRC_RE = re.compile(rb"[0-9a-f]{8}")
 _PUT_KEYS = frozenset({"op", "mac", "ip", "exp", "state"})
 _PUT_OPTIONAL = frozenset({"host", "cid"})
-
-
-class LeaseConflict(ValueError):
-    """``put`` of an IP that another MAC holds."""
 
 
 class LeaseStoreError(RuntimeError):
@@ -184,58 +162,6 @@ class LeaseStoreError(RuntimeError):
 
 class LeaseStoreLocked(LeaseStoreError):
     """Another open store (in this or another process) holds the lease file."""
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """One lease. Validated and normalised on construction (MAC and client id
-    to lower case, ``expires`` to float); invalid fields raise ``ValueError`` or
-    ``TypeError``.
-    """
-
-    mac: str  # "52:54:00:aa:bb:cc", lower-case
-    ip: str  # dotted quad
-    expires: float  # Unix time (wall clock)
-    state: str  # "offered" | "bound" | "released" | "declined"
-    hostname: str | None = None
-    client_id: str | None = None  # hex, even length
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mac", _check_mac(self.mac))
-        ip = self.ip
-        if not isinstance(ip, str) or not _IPV4_RE.fullmatch(ip):
-            raise ValueError(f"lease IP must be a dotted quad, got {ip!r}")
-        exp = self.expires
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
-            raise ValueError(f"lease expiry must be a finite number, got {exp!r}")
-        object.__setattr__(self, "expires", float(exp))
-        if self.state not in STATES:
-            raise ValueError(f"lease state must be one of {sorted(STATES)}, got {self.state!r}")
-        host = self.hostname
-        if host is not None:
-            if not isinstance(host, str) or len(host) > MAX_TEXT:
-                raise ValueError(f"hostname must be a str of at most {MAX_TEXT} characters")
-            if _SURROGATE_PAIR_RE.search(host):
-                # JSON would read the two escapes back as one astral character: a
-                # different str. Lone surrogates (surrogateescape) are fine.
-                raise ValueError(f"hostname holds a surrogate pair, which cannot round-trip: {host!r}")
-        cid = self.client_id
-        if cid is not None:
-            if not isinstance(cid, str) or len(cid) > MAX_TEXT:
-                raise ValueError(f"client id must be a hex str of at most {MAX_TEXT} digits")
-            cid = cid.lower()
-            if not _HEX_RE.fullmatch(cid):
-                raise ValueError(f"client id must be hex with an even number of digits, got {cid!r}")
-            object.__setattr__(self, "client_id", cid)
-
-
-def _check_mac(mac: object) -> str:
-    if not isinstance(mac, str):
-        raise TypeError(f"MAC must be a str, got {type(mac).__name__}")
-    low = mac.lower()
-    if not _MAC_RE.fullmatch(low):
-        raise ValueError(f"MAC must be colon-separated hex octets, got {mac!r}")
-    return low
 
 
 # -- record codec -------------------------------------------------------------
@@ -295,7 +221,7 @@ def _decode(line: bytes) -> tuple[str, Lease | str | None]:
     if op == "del":
         if keys != {"op", "mac"}:
             raise ValueError("del record has wrong fields")
-        return "del", _check_mac(rec["mac"])
+        return "del", check_mac(rec["mac"])
     if op == "hdr":
         if keys != {"op", "v"} or rec["v"] != FORMAT_VERSION or isinstance(rec["v"], bool):
             raise ValueError(f"unsupported header {rec!r}")
@@ -624,9 +550,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _bench(directory: str, repeat: int = 3) -> None:
-    """put+commit throughput with batches of 1, 10 and 100, best of ``repeat``
-    (figures in the module docstring). Each put builds a fresh Lease, as the
-    server does."""
+    """put+commit throughput with batches of 1, 10 and 100, best of ``repeat``,
+    printed as a table. Each put builds a fresh Lease, as the server does."""
     base = time.time() + 3600
     macs = [f"52:54:00:00:{i >> 8:02x}:{i & 0xFF:02x}" for i in range(250)]
     ips = [f"10.0.{i >> 8}.{i & 0xFF}" for i in range(250)]

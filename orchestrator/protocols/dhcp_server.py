@@ -2,14 +2,20 @@
 
 :class:`DhcpServerCore.receive` takes one datagram (and where it came from, on
 which port, at what time) and returns the replies to send (bytes and a
-destination) and the :class:`BootEvent` values it saw. The trio shell in
-:mod:`orchestrator.bootserver.dhcp` does the sockets and calls
-``LeaseStore.commit()`` before sending a batch's replies, so an ACK is never on
-the wire before its lease is on disk.
+destination) and the :class:`BootEvent` values it saw.
 
-Policy -- which address and which boot file a MAC gets -- is not decided here:
-a :class:`BootPolicy` answers (pixiecore's ``Booter`` idea), so the same core
-serves a plan, a test table or, later, an API.
+Two things the core needs come from outside, each declared here as a protocol:
+
+* policy -- which address and which boot file a MAC gets -- is not decided
+  here: a :class:`BootPolicy` answers (pixiecore's ``Booter`` idea), so the
+  same core serves a plan, a test table or an API;
+* leases live in a :class:`LeaseTable` (by MAC, by IP, put, remove) holding
+  :class:`~orchestrator.protocols.leases.Lease` values. The core changes it and
+  sets :attr:`Output.dirty`; making the change durable is the caller's job. The
+  trio shell (:mod:`orchestrator.bootserver.dhcp`) does the sockets and, with
+  the journal (:mod:`orchestrator.bootserver.leases`) as the table, commits it
+  before sending a dirty batch's replies, so an ACK is never on the wire before
+  its lease is on disk.
 
 The address rules, in the order they are tried (RFC 2131 §4.3.1):
 
@@ -45,9 +51,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
 from ipaddress import IPv4Address, IPv4Network
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
-from orchestrator.bootserver.leases import Lease, LeaseConflict, LeaseStore
 from orchestrator.events import BootEvent, EventKind
 from orchestrator.protocols.dhcp import (
     BOOTREPLY,
@@ -66,6 +71,7 @@ from orchestrator.protocols.dhcp import (
     parse,
     sanitize_hostname,
 )
+from orchestrator.protocols.leases import Lease, LeaseConflict
 
 BROADCAST = 0xFFFFFFFF
 
@@ -104,13 +110,39 @@ class Reservation:
 
 
 class BootPolicy(Protocol):
-    """What a MAC gets. Implemented by the plan (:class:`orchestrator.bootserver.dhcp.PlanPolicy`)."""
+    """What a MAC gets. Implemented by :class:`orchestrator.bootserver.dhcp.StaticPolicy` (the plan's: ``plan_policy``)."""
 
     def reservation(self, mac: str) -> Reservation | None: ...
 
     def is_reserved_ip(self, ip: int) -> bool: ...
 
     def boot(self, mac: str, kind: ClientKind) -> BootAnswer | None: ...
+
+
+class LeaseTable(Protocol):
+    """The leases the core reads and changes. Implemented by the journal
+    (:class:`orchestrator.bootserver.leases.LeaseStore`; ``LeaseStore(None)`` keeps it in memory).
+
+    A change is visible to ``by_mac`` / ``by_ip`` at once. One lease per MAC
+    (``put`` replaces the MAC's lease) and one MAC per IP: ``put`` of an IP that
+    another MAC holds raises :class:`~orchestrator.protocols.leases.LeaseConflict`,
+    so the core removes a stale holder first; ``put`` may refuse any other
+    lease it cannot keep with ``ValueError``. ``remove`` of a MAC without a
+    lease does nothing. ``ip`` is a dotted quad, ``mac`` lower-case, as in
+    :class:`~orchestrator.protocols.leases.Lease`.
+    """
+
+    def by_mac(self, mac: str) -> Lease | None: ...
+
+    def by_ip(self, ip: str) -> Lease | None: ...
+
+    def put(self, lease: Lease) -> None: ...
+
+    def remove(self, mac: str) -> None: ...
+
+
+#: The lease table a core was built with: the shell that built it keeps its full type (e.g. the journal's ``commit``).
+LeasesT = TypeVar("LeasesT", bound=LeaseTable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +193,7 @@ class Reply:
 class Output:
     replies: list[Reply] = field(default_factory=list)
     events: list[BootEvent] = field(default_factory=list)
-    #: True when leases were changed and must be committed before sending.
+    #: True when the lease table was changed: make it durable before sending these replies.
     dirty: bool = False
 
 
@@ -211,7 +243,7 @@ class _FreeHints:
       still held when that one ends, it is found held again and queued again;
     * an event: the core calls :meth:`touch` whenever an offer, a decline or a
       lease on the address is made, changed or dropped (the core is the only
-      writer of its lease store);
+      writer of its lease table);
     * nothing, for the server's own address, the router and reservations: the
       policy's reservations must not change while the core runs.
 
@@ -274,14 +306,14 @@ class _FreeHints:
         return self.maybe.find(1, lo, hi) if self.ones and lo < hi else -1
 
 
-class DhcpServerCore:
-    """One server's state: pending offers, declines, pool hints, counters; leases in the store.
+class DhcpServerCore(Generic[LeasesT]):
+    """One server's state: pending offers, declines, pool hints, counters; leases in the table.
 
-    The core must be the only writer of its lease store while it runs (the
+    The core must be the only writer of its lease table while it runs (the
     pool hints follow the changes it makes).
     """
 
-    def __init__(self, config: ServerConfig, policy: BootPolicy, leases: LeaseStore) -> None:
+    def __init__(self, config: ServerConfig, policy: BootPolicy, leases: LeasesT) -> None:
         self.config = config
         self.policy = policy
         self.leases = leases
