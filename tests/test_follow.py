@@ -6,9 +6,9 @@ Three groups:
   ``poll(now)`` with an explicit time, look at the lines. No clock, no threads.
 * Trio shell tests run :func:`follow` under pytest-trio's ``autojump_clock``, so
   ``rotate_wait`` and the poll interval cost no real time.
-* Acceptance tests (issue 5): a writer thread appends 100 000 numbered lines
-  while the follower runs on the real clock; mid-stream the file is rotated by
-  rename, or by copytruncate, or the follower is restarted from saved offsets.
+* Acceptance tests: a writer thread appends 100 000 numbered lines while the
+  follower runs on the real clock; mid-stream the file is rotated by rename,
+  or by copytruncate, or the follower is restarted from saved offsets.
   Every line must be seen exactly once, in order, and whole.
 
 Every test is bounded: threads are joined with a timeout, loops have deadlines,

@@ -1,12 +1,13 @@
 """Follow a log file like ``tail -F``: complete lines with a resumable offset.
 
-The log watchers (issue 5, build item 3) read the logs of boot servers a site
-already runs: dnsmasq, ISC dhcpd, tftp-hpa, Kea. Those files are rotated under
-our feet, and bootorch itself is restarted. This module turns "a path" into a
-stream of :class:`Line` values -- the bytes of one complete line and the
-:class:`Offset` just after it -- such that a consumer that persists the offset
-of the last line it processed, and resumes from it, sees every line exactly
-once across rotations and restarts (within the limits listed at the end).
+The log watchers (:mod:`orchestrator.logwatch.watch`) read the logs of boot
+servers a site already runs: dnsmasq, ISC dhcpd, tftp-hpa, Kea. Those files
+are rotated under our feet, and bootorch itself is restarted. This module
+turns "a path" into a stream of :class:`Line` values -- the bytes of one
+complete line and the :class:`Offset` just after it -- such that a consumer
+that persists the offset of the last line it processed, and resumes from it,
+sees every line exactly once across rotations and restarts (within the limits
+listed at the end).
 
 Two layers, in the h11 spirit:
 
