@@ -6,9 +6,42 @@ import argparse
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from orchestrator import replay
+    import json
+    import sys
+    from datetime import datetime
+    from pathlib import Path
 
-    return replay.run(args)
+    from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+    from orchestrator.present import print_timelines
+    from orchestrator.replay import SOURCES, read_events, replay, timelines
+
+    sources = [s.strip() for s in args.source.split(",") if s.strip()]
+    bad = [s for s in sources if s not in SOURCES]
+    if bad:
+        print(f"bootorch replay: unknown --source {', '.join(bad)} (choose from {', '.join(SOURCES)})", file=sys.stderr)
+        return EXIT_USAGE
+    files = [Path(f) for f in args.files]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        print(f"bootorch replay: no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_FAILED
+    plan = None
+    if args.plan:
+        from orchestrator.plan import PlanError, load_plan
+
+        try:
+            plan = load_plan(args.plan)
+        except PlanError as e:
+            print(e, file=sys.stderr)
+            return EXIT_FAILED
+    year = args.year or datetime.fromtimestamp(files[0].stat().st_mtime).year
+    events = read_events(files, sources, year_hint=year)
+    nodes = timelines(replay(events, plan))
+    if args.json:
+        print(json.dumps({"events": len(events), "nodes": nodes}, indent=2))
+    else:
+        print_timelines(nodes)
+    return EXIT_OK
 
 
 def cmd_tftpd(args: argparse.Namespace) -> int:
@@ -43,9 +76,15 @@ def add_commands(sub) -> None:
 
     rp = sub.add_parser("replay", help="a boot's post-mortem from dnsmasq / ISC dhcpd / tftp-hpa / Kea logs: each node's stage timeline",
                         description="Parse daemon logs and print each node's (MAC's) stage timeline with the time spent in every stage.")
-    from orchestrator import replay as _replay
+    from orchestrator.replay import SOURCES
 
-    _replay.add_arguments(rp)
+    rp.add_argument("files", nargs="+", metavar="FILE", help="log files (plain text, or journalctl -o json)")
+    rp.add_argument("--source", required=True,
+                    help=f"which daemon wrote them: {', '.join(SOURCES)}; 'syslog' routes each line of a shared "
+                         "syslog file to its daemon's parser by tag (ISC dhcpd + tftp-hpa in one /var/log/syslog)")
+    rp.add_argument("--plan", help="name nodes and their boot files from this plan")
+    rp.add_argument("--year", type=int, help="year for syslog timestamps that carry none (default: the file's mtime year)")
+    rp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     rp.set_defaults(func=cmd_replay)
 
     t = sub.add_parser(
