@@ -72,7 +72,7 @@ async def test_thread_engine_reaps_a_vanished_client_on_the_real_clock(nursery, 
 @pytest.mark.parametrize("options, threads", [
     # Windows get threads of their own only with the native loop (a Python thread gains nothing there).
     ({"windowsize": 8}, ["tftp-engine", "tftp-transfer", "tftp-transfer"] if lockstep_native.AVAILABLE else ["tftp-engine"]),
-    # Lock-step: the first LOCKSTEP_THREADS transfers get their own thread, the third shares the epoll.
+    # Lock-step: the first TRANSFER_THREADS transfers get their own thread, the third shares the epoll.
     ({"blksize": 512}, ["tftp-engine", "tftp-transfer", "tftp-transfer"]),
 ])
 async def test_cancelling_the_server_stops_the_thread_and_closes_every_socket(root, options, threads):

@@ -289,7 +289,7 @@ def test_spinning_pauses_after_four_misses(rig_file, monkeypatch):
     rig = Rig(rig_file)
     try:
         rig.client.recv(600)
-        st = rig.drv.st
+        st = rig.drv.loop_state
         assert st.spin_ns == 1_000_000
         for miss in (1, 2, 3):  # nobody ACKs: each call spins (up to 1 ms after the send), then blocks 5 ms
             assert rig.step() == lockstep_native.NODATA
@@ -343,7 +343,7 @@ try:
     rig.client.sendto(p.encode_ack(4), rig.tid)
     code = rig.step()
     after = [p.parse_packet(rig.client.recv(4096)) for _ in range(4)]
-    print(json.dumps({"first": first, "code": code, "gso": rig.drv.st.gso,
+    print(json.dumps({"first": first, "code": code, "gso": rig.drv.loop_state.gso,
                       "blocks": [d.block for d in after], "sizes": [len(d.payload) for d in after]}))
 finally:
     rig.close()
@@ -353,11 +353,7 @@ finally:
 @needs_native
 @pytest.mark.root
 def test_loop_falls_back_to_one_datagram_each_when_the_path_refuses_gso(tmp_path):
-    """A real refusal: loopback MTU 1500 in a namespace of our own, so 2048-byte segments get EMSGSIZE.
-
-    (The first version of the loop knew only EIO and EINVAL, took EMSGSIZE for a
-    lost window and never sent it: this test found that.)
-    """
+    """A real refusal: loopback MTU 1500 in a namespace of our own, so 2048-byte segments get EMSGSIZE."""
     require_root()
     f = tmp_path / "g"
     f.write_bytes(os.urandom(2048 * 20))

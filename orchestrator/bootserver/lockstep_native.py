@@ -8,8 +8,8 @@ the C side needs nothing from Python (no objects, no GIL -- ctypes drops the GIL
 for the whole call), so it is plain C against libc, built by the package's
 build hook (``hatch_build.py``) with the system C compiler, and it does not
 depend on the Python version's ABI. One ctypes call covers a whole time slice
-(:data:`SLICE` seconds, thousands of blocks), so the call's own cost (~1 us) does
-not count.
+(:data:`SLICE` seconds, thousands of blocks), so the call's own cost is spread
+over thousands of blocks.
 
 The library is optional. Without it (no C compiler at install time, or
 ``BOOTORCH_TFTP_NATIVE=0``) :data:`AVAILABLE` is False and the engine's Python
@@ -46,8 +46,9 @@ SPIN_US_DEFAULT = 300
 _READ_AHEAD = proto.READ_AHEAD
 
 
-class _State(ctypes.Structure):
-    # Field for field the C struct bt_lockstep (natural alignment on both sides).
+class _LoopState(ctypes.Structure):
+    """The loop's state and results: field for field the C struct bt_lockstep (natural alignment on both sides)."""
+
     _fields_ = [
         ("sock", ctypes.c_int32),
         ("filefd", ctypes.c_int32),
@@ -98,11 +99,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(path))
         lib.bt_lockstep_abi.restype = ctypes.c_int
         lib.bt_lockstep_size.restype = ctypes.c_size_t
-        lib.bt_lockstep_run.argtypes = [ctypes.POINTER(_State)]
+        lib.bt_lockstep_run.argtypes = [ctypes.POINTER(_LoopState)]
         lib.bt_lockstep_run.restype = ctypes.c_int
     except (OSError, AttributeError) as e:
         return None, f"cannot load {path}: {e}"
-    if lib.bt_lockstep_abi() != _ABI or lib.bt_lockstep_size() != ctypes.sizeof(_State):
+    if lib.bt_lockstep_abi() != _ABI or lib.bt_lockstep_size() != ctypes.sizeof(_LoopState):
         return None, f"{path.name} is from another version (ABI or struct size differs): reinstall"
     return lib, ""
 
@@ -139,13 +140,17 @@ def _sockaddr(addr: tuple, family: socket.AddressFamily) -> bytes:
 
 
 class Driver:
-    """One transfer's native state: build with :meth:`for_transfer`; then, per call, :meth:`load` (lock held),
-    :meth:`run` (no lock) and :meth:`store` (lock held)."""
+    """One transfer's native loop: build with :meth:`for_transfer`; then, per call, :meth:`load` (lock held),
+    :meth:`run` (no lock), :meth:`store` (lock held) and, after a HANDOFF, :meth:`handed_off`.
 
-    __slots__ = ("st", "_buf", "_sendbuf", "core")
+    What the loop hands back (and a receive timeout) goes to the engine's one
+    datagram handler, as a datagram from ``recvfrom`` would.
+    """
+
+    __slots__ = ("loop_state", "_buf", "_sendbuf", "core")
 
     def __init__(self, core: proto.ReadTransfer, sock: socket.socket, addr: tuple, fd: int) -> None:
-        st = _State()
+        st = _LoopState()
         bs = core.blksize
         cap = max(_READ_AHEAD // bs, core.windowsize) * bs
         self._buf = ctypes.create_string_buffer(cap)
@@ -171,7 +176,8 @@ class Driver:
         st.buf_off = st.buf_len = 0
         st.sendbuf = ctypes.cast(self._sendbuf, ctypes.c_void_p)
         st.sendbuf_cap = scap
-        self.st = st
+        #: What the C loop reads and writes (``struct bt_lockstep``): shared with it during :meth:`run`.
+        self.loop_state = st
 
     @classmethod
     def for_transfer(cls, core: proto.ReadTransfer, sock: socket.socket, addr: tuple) -> "Driver | None":
@@ -187,7 +193,7 @@ class Driver:
 
     def load(self) -> None:
         """Copy the core's state in (lock held, ``core.forwardable()``)."""
-        st, core = self.st, self.core
+        st, core = self.loop_state, self.core
         st.acked = core.acked
         st.high = core.high
         st.deadline_ns = int((core.next_deadline or 0.0) * 1e9)
@@ -197,11 +203,11 @@ class Driver:
     def run(self) -> int:
         """The loop itself; call WITHOUT the engine lock. Returns SLICE_CODE, HANDOFF or NODATA."""
         assert _lib is not None
-        return _lib.bt_lockstep_run(ctypes.byref(self.st))
+        return _lib.bt_lockstep_run(ctypes.byref(self.loop_state))
 
     def store(self) -> tuple[int, int, int]:
         """Copy the state back into the core (lock held); returns (acks in, blocks out, bytes out)."""
-        st = self.st
+        st = self.loop_state
         if st.acks_in:
             self.core.fast_forward(
                 st.acked,
@@ -214,7 +220,7 @@ class Driver:
 
     def handed_off(self) -> tuple[bytes, tuple]:
         """The datagram of a HANDOFF return and its source address."""
-        st = self.st
+        st = self.loop_state
         data = bytes(st.data[: max(0, min(st.datalen, len(st.data)))])
         raw = bytes(st.src[: st.srclen])
         family = struct.unpack_from("=H", raw)[0] if len(raw) >= 2 else 0

@@ -1,21 +1,18 @@
-"""The trio TFTP server: sockets, tasks and limits around the sans-IO core.
+"""The trio TFTP server: the listening socket, limits, admission, counters and events around the sans-IO core.
 
-Shape: one task reads the listening socket and turns each read request into a
-transfer task; each transfer task owns one ephemeral UDP socket (a new TID, RFC
-1350 section 4) and one :class:`~orchestrator.protocols.tftp.ReadTransfer`, and
-loops "send what the core returned, wait for a datagram or the core's deadline,
-feed it back". Everything about TFTP lives in the core; this module only decides
-who may talk (TIDs, limits, admission) and what to report (counters, events).
-
-The hot path lives in :mod:`orchestrator.bootserver.tftp_engine`: every transfer
-socket sits in one level-triggered epoll with one timer heap, driven by a
-dedicated OS thread (or, under a virtual clock or a byte-rate budget, by one
-trio task); windows go out with UDP GSO. That module's docstring says why (an
-``await`` per packet cost 0.4-0.6x tftpd-hpa in lock-step). This module keeps
-what is decided once per request: the listening socket (a trio task), limits,
-admission slots, counters and events. Each transfer still has a small trio task
-that holds its admission slot and its bookkeeping, and sleeps until the engine
-reports the end.
+Shape: one trio task reads the listening socket. Each read request is parsed,
+checked against the limits and opened, and becomes a
+:class:`~orchestrator.protocols.tftp.ReadTransfer` (the sans-IO core: everything
+about TFTP lives there) and a small trio task that holds the transfer's
+admission slot and bookkeeping and sleeps until the transfer ends. The
+transfer itself -- its own ephemeral UDP socket (a new TID, RFC 1350 section 4),
+its datagrams and its timers -- is driven by the engine,
+:mod:`orchestrator.bootserver.tftp_engine`: one epoll thread for most
+transfers, a thread of their own (running the native C loop when it is built)
+for the first few, windows sent with UDP GSO, or one trio task under a virtual
+clock or a byte-rate budget; that module's docstring says how. This module
+keeps what is decided once per request: who may talk (TIDs, limits,
+admission) and what to report (counters, events).
 
 Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
 ``tests/test_tftp_security.py``:
@@ -34,7 +31,7 @@ Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
   full retries; a flood of forged RRQs drains the budget, after which each
   reflects at most two datagrams at its victim and holds a slot for two short
   timeouts, not 255 s x the retries ("Peers that do not answer" in
-  :mod:`orchestrator.protocols.tftp`);
+  :mod:`orchestrator.protocols.tftp.transfer`);
 * an RRQ repeated from the *same* source port while its transfer runs is the
   client retransmitting its request: before the client's first ACK it is
   answered with that one resend of the first datagram (at once: the client's

@@ -36,6 +36,8 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from orchestrator.protocols import errors
+
 # RFC 2131 §2: op codes
 BOOTREQUEST = 1
 BOOTREPLY = 2
@@ -102,8 +104,8 @@ class Opt(enum.IntEnum):
     END = 255
 
 
-class RemoteProtocolError(Exception):
-    """The peer sent something we cannot use (h11's naming)."""
+class RemoteProtocolError(errors.RemoteProtocolError):
+    """The DHCP peer sent something we cannot use (the shared base: :mod:`orchestrator.protocols.errors`)."""
 
 
 class MalformedPacket(RemoteProtocolError):

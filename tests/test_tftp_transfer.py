@@ -1,93 +1,20 @@
-"""Sans-IO tests of the TFTP core: no sockets, no clocks.
+"""Sans-IO tests of one read transfer (``orchestrator/protocols/tftp/transfer.py``): no sockets, no clocks.
 
-A :class:`ReadClient` and a :class:`ReadTransfer` are joined by :class:`Link`, a
-fake network with an explicit clock and hooks to drop or duplicate datagrams
-(h11's tests/helpers.py shape). Timers fire only when the test advances ``now``.
+Most push bytes through a :class:`ReadClient` and a :class:`ReadTransfer` joined
+by :class:`~tests.tftp_link.Link` (a fake network with an explicit clock);
+timers fire only when the test advances ``now``.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections import deque
-from typing import Callable
 
 import pytest
 
 from orchestrator.bootserver.files import MemoryFile
 from orchestrator.protocols import tftp as p
-
-# -- the fake link --------------------------------------------------------------
-
-
-class Link:
-    """Client <-> server transfer over an in-memory network with an explicit clock.
-
-    ``drop(direction, pkt)`` returning True loses that datagram; ``dup`` likewise
-    delivers it twice. ``direction`` is "s2c" or "c2s". ``log`` records every
-    datagram that reached its destination.
-    """
-
-    def __init__(self, data: bytes, options: dict | None = None, mode: str = "octet", *, drop: Callable[[str, bytes], bool] | None = None, dup: Callable[[str, bytes], bool] | None = None, **server_kw) -> None:
-        self.now = 0.0
-        self.client = p.ReadClient("file", mode, options, timeout=1.0, retries=20)
-        rrq = self.client.start(self.now)[0]
-        req = p.parse_packet(rrq)
-        assert isinstance(req, p.ReadRequest)
-        self.server = p.ReadTransfer(req, MemoryFile("file", data), **server_kw)
-        self.drop = drop or (lambda d, pkt: False)
-        self.dup = dup or (lambda d, pkt: False)
-        self.queue: deque[tuple[str, bytes]] = deque()
-        self.log: list[tuple[str, bytes]] = []
-        self.server_events: list = []
-        self.client_events: list = []
-        out, ev = self.server.start(self.now)
-        self._push("s2c", out)
-        self.server_events += ev
-
-    def _push(self, direction: str, pkts) -> None:
-        for pkt in pkts:
-            pkt = bytes(pkt)
-            if self.drop(direction, pkt):
-                continue
-            self.queue.append((direction, pkt))
-            if self.dup(direction, pkt):
-                self.queue.append((direction, pkt))
-
-    def step(self) -> bool:
-        if self.queue:
-            direction, pkt = self.queue.popleft()
-            self.log.append((direction, pkt))
-            if direction == "s2c":
-                out, ev = self.client.datagram(pkt, self.now)
-                self.client_events += ev
-                self._push("c2s", out)
-            elif pkt[:2] == b"\x00\x01":
-                pass  # a retransmitted RRQ goes to the listening port, which ignores it
-            else:
-                out, ev = self.server.datagram(pkt, self.now)
-                self.server_events += ev
-                self._push("s2c", out)
-            return True
-        deadlines = [d for d in (self.server.next_deadline, self.client.next_deadline) if d is not None]
-        if not deadlines:
-            return False
-        self.now = min(deadlines)
-        out, ev = self.server.timer(self.now)
-        self.server_events += ev
-        self._push("s2c", out)
-        self._push("c2s", self.client.timer(self.now))
-        return True
-
-    def run(self, max_steps: int = 2_000_000) -> None:
-        for _ in range(max_steps):
-            if not self.step():
-                return
-        raise AssertionError("link did not settle")
-
-
-def data_blocks(log, direction="s2c"):
-    return [int.from_bytes(pkt[2:4], "big") for d, pkt in log if d == direction and pkt[:2] == b"\x00\x03"]
+from tests.tftp_link import Link, data_blocks
 
 
 # -- round trips ------------------------------------------------------------------
@@ -410,132 +337,6 @@ def test_api_misuse_is_local_protocol_error():
         p.negotiate({}, tsize=None, windowsize_max=0)
 
 
-# -- option negotiation edge cases ------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "value, cap, expect",
-    [
-        ("0", 1468, None),  # below RFC 2348's 8: ignored, 512 applies
-        ("7", 1468, None),
-        ("8", 1468, 8),
-        ("512", 1468, 512),
-        ("1468", 1468, 1468),
-        ("9000", 1468, 1468),  # capped by the path-MTU default
-        ("65464", 65464, 65464),
-        ("65465", 65464, 65464),  # above the range: clamped (server may answer smaller)
-        ("99999999999", 65464, None),  # more than 10 digits: not a number we parse
-        ("-1", 1468, None),
-        ("abc", 1468, None),
-        ("", 1468, None),
-        (" 512", 1468, None),
-        ("+512", 1468, None),
-        ("5_12", 1468, None),
-        ("\u0665\u0661\u0662", 1468, None),  # Arabic-Indic digits: int() would take them
-    ],
-)
-def test_blksize_values(value, cap, expect):
-    n = p.negotiate({"blksize": value}, tsize=None, blksize_max=cap)
-    if expect is None:
-        assert "blksize" not in n.oack and n.blksize == 512
-    else:
-        assert n.oack["blksize"] == str(expect) and n.blksize == expect
-
-
-@pytest.mark.parametrize("value, expect", [("0", None), ("1", 1), ("255", 255), ("256", None), ("abc", None), ("-5", None)])
-def test_timeout_values(value, expect):
-    n = p.negotiate({"timeout": value}, tsize=None)
-    assert n.timeout == expect
-    assert n.oack.get("timeout") == (None if expect is None else value)
-
-
-@pytest.mark.parametrize("value, cap, expect", [("0", 64, None), ("1", 64, 1), ("16", 64, 16), ("65", 64, 64), ("65535", 65535, 65535), ("65536", 65535, 65535), ("65536", 64, 64), ("x", 64, None)])
-def test_windowsize_values(value, cap, expect):
-    n = p.negotiate({"windowsize": value}, tsize=None, windowsize_max=cap, client_rcvbuf=None)
-    if expect is None:
-        assert "windowsize" not in n.oack and n.windowsize == 1
-    else:
-        assert n.windowsize == expect and n.oack["windowsize"] == str(expect)
-
-
-@pytest.mark.parametrize("order", ["windowsize-first", "blksize-first"])
-def test_window_is_capped_to_fit_the_client_buffer_whatever_the_option_order(order):
-    opts = {"windowsize": "64", "blksize": "8192"}
-    if order == "blksize-first":
-        opts = {"blksize": "8192", "windowsize": "64"}
-    n = p.negotiate(opts, tsize=None, blksize_max=8192, windowsize_max=64)
-    assert n.windowsize == p.CLIENT_RCVBUF // p.datagram_cost(8192) == 9
-    assert list(n.oack) == list(opts) and n.oack["windowsize"] == "9"
-    assert p.negotiate(opts, tsize=None, blksize_max=65464, client_rcvbuf=1000).windowsize == 1
-    assert p.negotiate(opts, tsize=None, blksize_max=8192, client_rcvbuf=None).windowsize == 64
-    # The path-MTU default block size keeps a 64-block window.
-    assert p.negotiate({"windowsize": "64", "blksize": "1468"}, tsize=None).windowsize == 64
-
-
-def test_tsize_answers_the_size_and_ignores_non_numbers():
-    assert p.negotiate({"tsize": "0"}, tsize=1234).oack == {"tsize": "1234"}
-    assert p.negotiate({"tsize": "99"}, tsize=1234).oack == {"tsize": "1234"}
-    assert p.negotiate({"tsize": "zero"}, tsize=1234).oack == {}
-    assert p.negotiate({"tsize": "0"}, tsize=None).oack == {}
-    assert p.negotiate({"tsize": "0"}, tsize=0).oack == {}  # curl rejects "tsize 0"
-
-
-def test_oack_keeps_client_order_and_drops_unknown():
-    n = p.negotiate({"windowsize": "4", "foo": "1", "tsize": "0", "blksize": "1024"}, tsize=10)
-    assert list(n.oack.items()) == [("windowsize", "4"), ("tsize", "10"), ("blksize", "1024")]
-
-
-def test_duplicate_options_first_wins_and_names_are_case_insensitive():
-    req = p.parse_packet(b"\x00\x01f\x00octet\x00BlkSize\x001024\x00blksize\x00512\x00TSIZE\x000\x00")
-    assert req.options == {"blksize": "1024", "tsize": "0"}
-    n = p.negotiate(req.options, tsize=5)
-    assert n.blksize == 1024 and n.oack == {"blksize": "1024", "tsize": "5"}
-
-
-# -- request parsing ---------------------------------------------------------------------
-
-
-def test_parse_well_formed_request():
-    req = p.parse_packet(b"\x00\x01pxelinux.0\x00OcTeT\x00tsize\x000\x00")
-    assert req == p.ReadRequest("pxelinux.0", "octet", {"tsize": "0"})
-    assert p.parse_packet(p.encode_request("a/b", "netascii", {"blksize": 8})) == p.ReadRequest("a/b", "netascii", {"blksize": "8"})
-    assert isinstance(p.parse_packet(p.encode_request("x", write=True)), p.WriteRequest)
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"\x00\x01",  # nothing at all
-        b"\x00\x01file",  # no NUL anywhere
-        b"\x00\x01file\x00octet",  # mode not NUL-terminated
-        b"\x00\x01file\x00",  # missing mode
-        b"\x00\x01\x00octet\x00",  # empty name
-        b"\x00\x01f\x00oct\xffet\x00",  # non-ASCII mode
-    ],
-)
-def test_malformed_requests(raw):
-    with pytest.raises(p.RemoteProtocolError) as e:
-        p.parse_packet(raw)
-    assert e.value.error_code == p.ERR_ILLEGAL_OPERATION
-
-
-@pytest.mark.parametrize(
-    "raw, options",
-    [
-        (b"\x00\x01f\x00octet\x00blksize\x00", {}),  # dangling option name
-        (b"\x00\x01f\x00octet\x00blksize\x001024", {}),  # value without NUL
-        (b"\x00\x01f\x00octet\x00tsize\x000\x00blksize\x00", {"tsize": "0"}),
-        (b"\x00\x01f\x00octet\x00\x00\x00", {}),  # empty name, empty value
-        (b"\x00\x01f\x00octet\x00\xff\xfe\x001\x00", {}),  # non-ASCII option name
-        (b"\x00\x01f\x00octet\x00a\x00b\x00c\x00", {"a": "b"}),
-    ],
-)
-def test_odd_option_tokens_are_ignored_not_fatal(raw, options):
-    req = p.parse_packet(raw)
-    assert req.filename == "f" and req.mode == "octet"
-    assert dict(req.options) == options
-
-
 @pytest.mark.parametrize("mode", ["mail", "binary", "", "octet2"])
 def test_unknown_modes_refused(mode):
     with pytest.raises(p.RemoteProtocolError) as e:
@@ -543,63 +344,7 @@ def test_unknown_modes_refused(mode):
     assert e.value.error_code == p.ERR_ILLEGAL_OPERATION
 
 
-def test_codec_round_trips():
-    assert p.parse_packet(p.encode_ack(70000)) == p.Ack(70000 & 0xFFFF)
-    assert p.parse_packet(p.encode_data(3, b"xyz")) == p.Data(3, b"xyz")
-    assert p.parse_packet(p.encode_error(1)) == p.Error(1, "File not found")
-    assert p.parse_packet(p.encode_error(0, "a\x00b")) == p.Error(0, "a b")
-    assert p.parse_packet(p.encode_oack({"tsize": "9"})) == p.OptionAck({"tsize": "9"})
-    assert p.parse_packet(b"\x00\x04\x00\x07junk") == p.Ack(7)  # lenient about padding
-    with pytest.raises(p.RemoteProtocolError):
-        p.parse_packet(b"\x00\x07")
-
-
-# -- netascii ----------------------------------------------------------------------------
-
-
-def test_netascii_encode_decode():
-    assert p.netascii_encode(b"a\nb\rc\r\n") == b"a\r\nb\r\x00c\r\x00\r\n"
-    assert p.netascii_decode(p.netascii_encode(b"a\nb\rc\r\n")) == b"a\nb\rc\r\n"
-
-
-@pytest.mark.parametrize("seed", range(20))
-@pytest.mark.parametrize("blksize", [8, 9, 512])
-def test_netascii_transfer_with_boundary_splits(seed, blksize):
-    rng = random.Random(seed)
-    # Lots of CR and LF so two-byte expansions straddle block boundaries.
-    text = bytes(rng.choice(b"ab\r\n") for _ in range(rng.randrange(0, 3000)))
-    link = Link(text, {"tsize": 0, "blksize": blksize, "windowsize": 3}, mode="netascii", drop=lambda d, pkt: rng.random() < 0.05)
-    link.run()
-    expected = p.netascii_encode(text)
-    assert bytes(link.client.data) == expected
-    assert link.client.tsize == (len(expected) or None)  # tsize is the converted size
-    assert p.netascii_decode(bytes(link.client.data)) == text
-
-
-def test_netascii_split_at_exact_boundary():
-    # blksize 8: "abcdefg\n" -> "abcdefg\r" | "\n..." (LF's CR ends block 1).
-    link = Link(b"abcdefg\nxy", {"blksize": 8}, mode="netascii")
-    link.run()
-    payloads = [pkt[4:] for d, pkt in link.log if d == "s2c" and pkt[:2] == b"\x00\x03"]
-    assert payloads == [b"abcdefg\r", b"\nxy"]
-
-
-def test_netascii_source_refuses_reads_off_boundaries():
-    src = p.NetasciiSource(MemoryFile("f", b"a\n" * 100), 8)
-    assert src.size == 300
-    assert src.pread(0, 16) == b"a\r\na\r\na\r\na\r\na\r\na"
-    with pytest.raises(p.LocalProtocolError):
-        src.pread(3, 8)
-
-
-# -- the client side (used by other tests; keep it honest) --------------------------
-
-
-def test_client_rejects_oack_for_options_it_did_not_ask():
-    c = p.ReadClient("f", "octet", {"tsize": 0})
-    c.start(0.0)
-    out, ev = c.datagram(p.encode_oack({"blksize": "1024"}), 0.0)
-    assert out[0][:4] == b"\x00\x05\x00\x08" and isinstance(ev[0], p.DownloadFailed)
+# -- round-trip samples and duplicate ACKs (the congestion signals) ----------------------
 
 
 def test_round_trip_samples_follow_karn_and_duplicate_acks_are_counted():
