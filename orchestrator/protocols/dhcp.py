@@ -31,7 +31,6 @@ ended up in logs and shell hooks of other servers).
 from __future__ import annotations
 
 import enum
-import socket
 import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -122,13 +121,16 @@ def mac_bytes(mac: str) -> bytes:
 
 def ip_int(ip: str | IPv4Address) -> int:
     if isinstance(ip, str):
-        return int.from_bytes(socket.inet_aton(ip), "big") if ip.count(".") == 3 else int(IPv4Address(ip))
+        parts = ip.split(".")
+        if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts):
+            return (int(parts[0]) << 24) | (int(parts[1]) << 16) | (int(parts[2]) << 8) | int(parts[3])
+        return int(IPv4Address(ip))  # raises ValueError with the reason
     return int(ip)
 
 
 def ip_str(v: int) -> str:
-    # inet_ntoa: ~10x cheaper than str(IPv4Address(v)) on the per-packet path.
-    return socket.inet_ntoa(v.to_bytes(4, "big"))
+    # Formatted by hand: ~3x cheaper than str(IPv4Address(v)) on the per-packet path.
+    return f"{v >> 24 & 255}.{v >> 16 & 255}.{v >> 8 & 255}.{v & 255}"
 
 
 @dataclass(slots=True)
