@@ -59,7 +59,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.peers import SERVERS, ServerSpec  # noqa: E402
+from bench.peers import SERVERS  # noqa: E402
 from orchestrator.lab.netns import Namespace, NetLab, NetnsError  # noqa: E402
 
 MiB = 1 << 20

@@ -384,7 +384,7 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def _rollout(lp, tracker: Tracker, store: Store, metrics: Metrics, cfg: Config, c: Counters) -> dict[str, Any]:
+async def _rollout(plan, tracker: Tracker, store: Store, metrics: Metrics, cfg: Config, c: Counters) -> dict[str, Any]:
     send, recv = trio.open_memory_channel(65536)
     site = SimSite(send, c, cfg.seed)
     transitions = {"n": 0}
@@ -393,7 +393,7 @@ async def _rollout(lp, tracker: Tracker, store: Store, metrics: Metrics, cfg: Co
         transitions["n"] += len(ts)
         metrics.observe_transitions(ts)
 
-    sched = Scheduler(lp, tracker, store, wake=site, bmc=None, readiness=None, load=None, clock=trio.current_time,
+    sched = Scheduler(plan, tracker, store, wake=site, bmc=None, readiness=None, load=None, clock=trio.current_time,
                       on_change=on_change)
     metrics.attach(scheduler=sched, wake=site)
     site.sched = sched
@@ -435,14 +435,14 @@ def run(cfg: Config) -> dict[str, Any]:
         # -- the plan -------------------------------------------------------------------------
         plan_path = write_plan(work, cfg.nodes, cfg.window, cfg.power_on_rate)
         t0 = time.perf_counter()
-        lp = load_plan(plan_path)
+        plan = load_plan(plan_path)
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+        tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
         t_tracker = time.perf_counter() - t0
         rss_plan = rss_now_mb()
-        store = Store(lp.state_dir / "state.db")
-        metrics = Metrics().attach(tracker=tracker, timeouts=plan_timeouts(lp))
+        store = Store(plan.state_dir / "state.db")
+        metrics = Metrics().attach(tracker=tracker, timeouts=plan_timeouts(plan))
         c = Counters()
 
         # -- the rollout ---------------------------------------------------------------------
@@ -454,7 +454,7 @@ def run(cfg: Config) -> dict[str, Any]:
             speed = None
             clock = trio.testing.MockClock(autojump_threshold=0)
         cpu0, wall0 = cpu_s(), time.perf_counter()
-        res = trio.run(_rollout, lp, tracker, store, metrics, cfg, c, clock=clock)
+        res = trio.run(_rollout, plan, tracker, store, metrics, cfg, c, clock=clock)
         wall = time.perf_counter() - wall0
         cpu = cpu_s() - cpu0
         rss_peak_run = rss_peak_mb()
@@ -468,10 +468,10 @@ def run(cfg: Config) -> dict[str, Any]:
         n_tr = res["transitions"]["n"]
         events = c.channel_events + c.readiness_calls
         orch_cpu = cpu - c.producer_cpu - c.scrape_cpu
-        db = lp.state_dir / "state.db"
+        db = plan.state_dir / "state.db"
         wal = Path(str(db) + "-wal")
         db_bytes, wal_bytes = _size(db), _size(wal)
-        rep["plan"] = {"nodes": len(lp.nodes), "load_s": round(t_load, 3), "tracker_init_s": round(t_tracker, 3),
+        rep["plan"] = {"nodes": len(plan.nodes), "load_s": round(t_load, 3), "tracker_init_s": round(t_tracker, 3),
                        "plan_yaml_bytes": plan_path.stat().st_size}
         rep["run"] = {
             "mode": "max" if speed is None else f"rate {cfg.rate:g}/s",
@@ -518,7 +518,7 @@ def run(cfg: Config) -> dict[str, Any]:
         gc.collect()
         store = Store(db)
         t0 = time.perf_counter()
-        rows = node_rows(lp, store, time.time())
+        rows = node_rows(plan, store, time.time())
         t_rows = time.perf_counter() - t0
         buf = io.StringIO()
         t0 = time.perf_counter()
@@ -528,7 +528,7 @@ def run(cfg: Config) -> dict[str, Any]:
         trs = store.transitions()
         t_read = time.perf_counter() - t0
         t0 = time.perf_counter()
-        restored = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+        restored = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
         restored.restore(trs)
         t_restore = time.perf_counter() - t0
         per_node: dict[str, int] = {}

@@ -76,13 +76,13 @@ MAX_DEPTH = 16
 OPS = ("ping", "wake", "reboot", "power_off")
 
 
-def socket_path(lp) -> Path:
-    p = lp.model.control.socket
-    return p if p.is_absolute() else lp.state_dir / p
+def socket_path(plan) -> Path:
+    p = plan.model.control.socket
+    return p if p.is_absolute() else plan.state_dir / p
 
 
-def lock_path(lp) -> Path:
-    return lp.state_dir / "control" / "orchestrator.lock"
+def lock_path(plan) -> Path:
+    return plan.state_dir / "control" / "orchestrator.lock"
 
 
 class UnsafeDirectory(RuntimeError):
@@ -174,9 +174,9 @@ class OrchestratorLock:
 class ControlServer:
     """Answers requests with a :class:`~orchestrator.scheduler.Scheduler` (limits: the module docstring)."""
 
-    def __init__(self, lp, scheduler, *, mode: str, token: str | None = None, log: Callable[[str], None] = lambda s: None,
+    def __init__(self, plan, scheduler, *, mode: str, token: str | None = None, log: Callable[[str], None] = lambda s: None,
                  max_connections: int = 64, max_per_client: int = 4, request_timeout: float = 10.0) -> None:
-        self.lp, self.sched, self.mode, self.token, self.log = lp, scheduler, mode, token, log
+        self.plan, self.sched, self.mode, self.token, self.log = plan, scheduler, mode, token, log
         #: Requests that never became one: malformed, too deep, too slow, too many from one address, wrong token.
         self.bad_requests = 0
         #: Connections that ended with an unexpected error (contained; see the log).
@@ -188,7 +188,7 @@ class ControlServer:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on the Unix socket (and TCP when configured) until cancelled; the socket file is removed after."""
-        path = socket_path(self.lp)
+        path = socket_path(self.plan)
         private_dir(path.parent)
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -203,8 +203,8 @@ class ControlServer:
             os.umask(old)
         sock.listen(16)
         listeners: list[trio.SocketListener] = [trio.SocketListener(sock)]
-        if self.lp.model.control.listen:
-            host, _, port = self.lp.model.control.listen.rpartition(":")
+        if self.plan.model.control.listen:
+            host, _, port = self.plan.model.control.listen.rpartition(":")
             listeners += await trio.open_tcp_listeners(int(port), host=host.strip("[]") or None)
         try:
             async with trio.open_nursery() as nursery:
@@ -305,10 +305,10 @@ class ControlServer:
             await send({"event": "error", "error": f"unknown op {safe_text(op, 40)!r}; one of {', '.join(OPS)}"})
             return
         if op == "ping":
-            await send({"event": "pong", "pid": os.getpid(), "mode": self.mode, "plan": str(self.lp.path)})
+            await send({"event": "pong", "pid": os.getpid(), "mode": self.mode, "plan": str(self.plan.path)})
             return
         names = req.get("nodes")
-        known = {n.name for n in self.lp.nodes}
+        known = {n.name for n in self.plan.nodes}
         if not isinstance(names, list) or not names or not all(isinstance(n, str) and n in known for n in names):
             await send({"event": "error", "error": "nodes: a non-empty list of node names of this plan"})
             return

@@ -61,19 +61,19 @@ HOST_KEY_DIR = "hostkeys"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def host_keys_dir(lp: LoadedPlan) -> Path:
+def host_keys_dir(plan: LoadedPlan) -> Path:
     """Where the plan's nodes keep their host keys: ``<state_dir>/hostkeys``, one directory per node."""
-    return lp.state_dir / "hostkeys"
+    return plan.state_dir / "hostkeys"
 
 
-def host_key_paths(lp: LoadedPlan, node: Node) -> tuple[Path, Path]:
+def host_key_paths(plan: LoadedPlan, node: Node) -> tuple[Path, Path]:
     """(private key, ``.pub``) of ``node``'s host key: ``<state_dir>/hostkeys/<node>/``.
 
     Raises ValueError for a node name that cannot be a directory name.
     """
     if not _SAFE_NAME.fullmatch(node.name):
         raise ValueError(f"node name {node.name!r} cannot name a host-key directory (letters, digits, '.', '_', '-')")
-    d = host_keys_dir(lp) / node.name
+    d = host_keys_dir(plan) / node.name
     return d / HOST_KEY_FILE, d / f"{HOST_KEY_FILE}.pub"
 
 
@@ -103,22 +103,22 @@ def host_key_file_name(node: Node) -> str:
     return f"{HOST_KEY_DIR}/{node.ip}.cpio"
 
 
-def node_host_key(lp: LoadedPlan, node: Node) -> bytes | None:
+def node_host_key(plan: LoadedPlan, node: Node) -> bytes | None:
     """The node's private host key, when its profile is ``host_key: per-node`` and image build made one."""
-    if lp.model.profiles[node.profile].host_key != "per-node":
+    if plan.model.profiles[node.profile].host_key != "per-node":
         return None
-    private, _public = host_key_paths(lp, node)
+    private, _public = host_key_paths(plan, node)
     try:
         return private.read_bytes()
     except FileNotFoundError:
         return None
 
 
-def host_key_tree(lp: LoadedPlan) -> dict[str, tuple[str, bytes]]:
+def host_key_tree(plan: LoadedPlan) -> dict[str, tuple[str, bytes]]:
     """Every node's host-key archive: name -> (the only client address it is served to, archive)."""
     out: dict[str, tuple[str, bytes]] = {}
-    for node in lp.nodes:
-        key = node_host_key(lp, node)
+    for node in plan.nodes:
+        key = node_host_key(plan, node)
         if key is not None:
             out[host_key_file_name(node)] = (str(node.ip), host_key_archive(key))
     return out
@@ -132,14 +132,14 @@ def _public_key(line: str) -> paramiko.PKey:
     return paramiko.PKey.from_type_string(ktype, base64.b64decode(b64))
 
 
-def plan_host_keys(lp: LoadedPlan) -> dict[str, str]:
+def plan_host_keys(plan: LoadedPlan) -> dict[str, str]:
     """Node name -> public key line of every node with a bootorch per-node host key (made by image build)."""
     out = {}
-    for node in lp.nodes:
-        if lp.model.profiles[node.profile].host_key != "per-node":
+    for node in plan.nodes:
+        if plan.model.profiles[node.profile].host_key != "per-node":
             continue
         try:
-            private, public = host_key_paths(lp, node)
+            private, public = host_key_paths(plan, node)
             if private.is_file() and public.is_file():
                 line = public.read_text().strip()
                 _public_key(line)
@@ -149,21 +149,21 @@ def plan_host_keys(lp: LoadedPlan) -> dict[str, str]:
     return out
 
 
-def pin_host_keys(lp: LoadedPlan, pubs: Mapping[str, str]) -> bool:
+def pin_host_keys(plan: LoadedPlan, pubs: Mapping[str, str]) -> bool:
     """Write node name -> public key line ``pubs`` into the plan's known_hosts, one entry per node's
     address (``[ip]:port`` off port 22), replacing older entries for those addresses. True when it changed."""
-    port = lp.model.readiness.ssh.port
-    entries = {host_key_name(str(lp.by_name[n].ip), port): _public_key(line) for n, line in pubs.items()}
-    return KnownHosts(known_hosts_path(lp)).pin(entries) if entries else False
+    port = plan.model.readiness.ssh.port
+    entries = {host_key_name(str(plan.by_name[n].ip), port): _public_key(line) for n, line in pubs.items()}
+    return KnownHosts(known_hosts_path(plan)).pin(entries) if entries else False
 
 
-def pin_plan_host_keys(lp: LoadedPlan) -> dict[str, str]:
+def pin_plan_host_keys(plan: LoadedPlan) -> dict[str, str]:
     """Pin every node's own host key from its key files (:func:`plan_host_keys`, :func:`pin_host_keys`);
     node address -> where that key comes from, for :class:`~orchestrator.readiness.Readiness`'s ``pinned``."""
-    pubs = plan_host_keys(lp)
-    pin_host_keys(lp, pubs)
+    pubs = plan_host_keys(plan)
+    pin_host_keys(plan, pubs)
     return {
-        str(lp.by_name[n].ip): f"{n}'s own host key ({host_keys_dir(lp) / n}), "
-                               f"which the boot server sends it as {host_key_file_name(lp.by_name[n])}"
+        str(plan.by_name[n].ip): f"{n}'s own host key ({host_keys_dir(plan) / n}), "
+                               f"which the boot server sends it as {host_key_file_name(plan.by_name[n])}"
         for n in pubs
     }

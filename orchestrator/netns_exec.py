@@ -23,35 +23,35 @@ from orchestrator.plan import LoadedPlan
 ENV = "BOOTORCH_NETNS"
 
 
-def needs_reexec(lp: LoadedPlan) -> bool:
-    ns = lp.model.network.namespace
+def needs_reexec(plan: LoadedPlan) -> bool:
+    ns = plan.model.network.namespace
     return bool(ns) and os.environ.get(ENV) != ns
 
 
-def _missing_boot_files(lp: LoadedPlan) -> list[str]:
+def _missing_boot_files(plan: LoadedPlan) -> list[str]:
     """Boot files, and nodes' own host keys, that ``bootorch image build`` would make and that are missing."""
     from orchestrator.hostkeys import host_key_paths
 
-    root = lp.boot_root
-    names = {lp.model.boot.loaders.bios}
-    for prof in lp.model.profiles.values():
+    root = plan.boot_root
+    names = {plan.model.boot.loaders.bios}
+    for prof in plan.model.profiles.values():
         names.add(prof.kernel)
         names.update(prof.initrd)
     missing = sorted(n for n in names if not (root / n.lstrip("/")).is_file())
-    for n in lp.nodes:
-        if lp.model.profiles[n.profile].host_key == "per-node" and not host_key_paths(lp, n)[0].is_file():
+    for n in plan.nodes:
+        if plan.model.profiles[n.profile].host_key == "per-node" and not host_key_paths(plan, n)[0].is_file():
             missing.append(f"{n.name}'s host key")
     return missing
 
 
-def ensure_lab_secret(lp: LoadedPlan) -> None:
+def ensure_lab_secret(plan: LoadedPlan) -> None:
     """The lab BMC's password file (a credential reference in the plan): made once, mode 0600."""
     import secrets
 
-    pw = lp.model.power.bmc.password
+    pw = plan.model.power.bmc.password
     if pw is None or pw.file is None:
         return
-    path = pw.file if pw.file.is_absolute() else lp.base / pw.file
+    path = pw.file if pw.file.is_absolute() else plan.base / pw.file
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -61,7 +61,7 @@ def ensure_lab_secret(lp: LoadedPlan) -> None:
         os.chmod(path, 0o600)  # the lab's own file, from an older bootorch: credentials are read only when private
 
 
-def archive_journal(lp: LoadedPlan) -> None:
+def archive_journal(plan: LoadedPlan) -> None:
     """New VMs, new rollout: the journal of VMs that no longer exist moves aside.
 
     When the lab was already up (a rollout killed with -9, say), the journal is
@@ -69,7 +69,7 @@ def archive_journal(lp: LoadedPlan) -> None:
     """
     import time
 
-    db = lp.state_dir / "state.db"
+    db = plan.state_dir / "state.db"
     if db.exists():
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in ("", "-wal", "-shm"):
@@ -79,45 +79,45 @@ def archive_journal(lp: LoadedPlan) -> None:
         print(f"bootorch rollout: the lab's VMs are new: previous journal kept as state.{stamp}.db", file=sys.stderr)
 
 
-def rollout_in_namespace(lp: LoadedPlan, args: argparse.Namespace) -> int:
-    ns = lp.model.network.namespace
+def rollout_in_namespace(plan: LoadedPlan, args: argparse.Namespace) -> int:
+    ns = plan.model.network.namespace
     assert ns
     if os.geteuid() != 0:
         print(f"bootorch rollout: the plan's boot network is in network namespace {ns}; "
               "entering it (ip netns exec) needs root", file=sys.stderr)
         return 1
-    manage = lp.model.lab.manage
+    manage = plan.model.lab.manage
     lab = None
     if manage:
         from orchestrator.lab import lab as lab_mod
 
         lab = lab_mod
-        missing = _missing_boot_files(lp)
+        missing = _missing_boot_files(plan)
         if missing:
             from orchestrator import image
 
             print(f"bootorch rollout: building boot files ({', '.join(missing)} missing)", file=sys.stderr)
-            image.build_images(lp)
-        ensure_lab_secret(lp)
-        fresh = not any(lab.qemu_pid(lab.Lab(lp), n) is not None for n in lp.nodes)
-        print(f"bootorch rollout: bringing up the lab ({len(lp.nodes)} VMs in namespace {ns})", file=sys.stderr)
-        lab.up(lp)
+            image.build_images(plan)
+        ensure_lab_secret(plan)
+        fresh = not any(lab.qemu_pid(lab.Lab(plan), n) is not None for n in plan.nodes)
+        print(f"bootorch rollout: bringing up the lab ({len(plan.nodes)} VMs in namespace {ns})", file=sys.stderr)
+        lab.up(plan)
         if fresh:
-            archive_journal(lp)
-    argv = ["rollout", str(lp.path)]
+            archive_journal(plan)
+    argv = ["rollout", str(plan.path)]
     if args.json:
         argv.append("--json")
     try:
-        return reexec_in_namespace(lp, argv)
+        return reexec_in_namespace(plan, argv)
     finally:
         if lab is not None and not args.keep_lab:
             print("bootorch rollout: taking the lab down (--keep-lab keeps it)", file=sys.stderr)
-            lab.down(lp)
+            lab.down(plan)
 
 
-def reexec_in_namespace(lp: LoadedPlan, argv: list[str]) -> int:
+def reexec_in_namespace(plan: LoadedPlan, argv: list[str]) -> int:
     """Run ``bootorch ARGV`` again inside the plan's namespace and return its exit code."""
-    ns = lp.model.network.namespace
+    ns = plan.model.network.namespace
     assert ns
     if os.geteuid() != 0:
         print(f"bootorch: the plan's boot network is in network namespace {ns}; entering it (ip netns exec) needs root",
@@ -130,14 +130,14 @@ def reexec_in_namespace(lp: LoadedPlan, argv: list[str]) -> int:
         return 130
 
 
-def lab_down_problem(lp: LoadedPlan) -> str | None:
+def lab_down_problem(plan: LoadedPlan) -> str | None:
     """For a managed lab: why an on-call command cannot act (the lab is not up), else None."""
-    if not lp.model.lab.manage:
+    if not plan.model.lab.manage:
         return None
     from orchestrator.lab import lab as lab_mod
 
-    lab = lab_mod.Lab(lp)
-    if not any(lab_mod.qemu_pid(lab, n) is not None for n in lp.nodes):
-        return (f"the lab is not up (no VM of plan {lp.path} runs): `bootorch rollout {lp.path} --keep-lab` "
-                f"or `bootorch lab up {lp.path}` first")
+    lab = lab_mod.Lab(plan)
+    if not any(lab_mod.qemu_pid(lab, n) is not None for n in plan.nodes):
+        return (f"the lab is not up (no VM of plan {plan.path} runs): `bootorch rollout {plan.path} --keep-lab` "
+                f"or `bootorch lab up {plan.path}` first")
     return None

@@ -243,10 +243,10 @@ class KnownHosts:
             raise
 
 
-def known_hosts_path(lp) -> Path:
-    """The known_hosts file readiness keeps for plan ``lp``."""
-    ssh = lp.model.readiness.ssh
-    return lp.resolve_path(ssh.known_hosts) if ssh.known_hosts else lp.state_dir / "known_hosts"
+def known_hosts_path(plan) -> Path:
+    """The known_hosts file readiness keeps for ``plan``."""
+    ssh = plan.model.readiness.ssh
+    return plan.resolve_path(ssh.known_hosts) if ssh.known_hosts else plan.state_dir / "known_hosts"
 
 
 class _Policy(paramiko.MissingHostKeyPolicy):
@@ -410,13 +410,13 @@ class Readiness:
         self.step_timeout = step_timeout
 
     @classmethod
-    def from_plan(cls, lp, *, pinned: Mapping[str, str] | None = None) -> "Readiness":
-        """Readiness for plan ``lp``. ``pinned``: what :func:`orchestrator.hostkeys.pin_plan_host_keys`
+    def from_plan(cls, plan, *, pinned: Mapping[str, str] | None = None) -> "Readiness":
+        """Readiness for ``plan``. ``pinned``: what :func:`orchestrator.hostkeys.pin_plan_host_keys`
         returned, having pinned the nodes' own host keys into :func:`known_hosts_path`."""
-        ssh = lp.model.readiness.ssh
+        ssh = plan.model.readiness.ssh
         return cls(
-            known_hosts=known_hosts_path(lp), policy=ssh.host_key_policy, checks=check_specs(lp.model.readiness.checks),
-            user=ssh.user, port=ssh.port, key_file=lp.resolve_path(ssh.key) if ssh.key else None, agent=ssh.agent,
+            known_hosts=known_hosts_path(plan), policy=ssh.host_key_policy, checks=check_specs(plan.model.readiness.checks),
+            user=ssh.user, port=ssh.port, key_file=plan.resolve_path(ssh.key) if ssh.key else None, agent=ssh.agent,
             pinned=pinned, concurrency=ssh.concurrency, step_timeout=ssh.connect_timeout,
         )
 

@@ -63,23 +63,23 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return template
 
 
-def node_values(lp: LoadedPlan, node: Node) -> dict[str, str]:
+def node_values(plan: LoadedPlan, node: Node) -> dict[str, str]:
     return {
         "name": node.name,
         "ip": str(node.ip),
         "mac": node.mac,
-        "server": str(lp.model.network.server),
+        "server": str(plan.model.network.server),
         "index": str(node.index),
     }
 
 
-def boot_entry(lp: LoadedPlan, node: Node | None, profile_name: str | None = None) -> BootEntry:
+def boot_entry(plan: LoadedPlan, node: Node | None, profile_name: str | None = None) -> BootEntry:
     """The kernel, initrds and command line for ``node`` (or a profile's default entry)."""
-    plan = lp.model
+    model = plan.model
     pname = node.profile if node is not None else profile_name
     assert pname is not None
-    prof = plan.profiles[pname]
-    values = node_values(lp, node) if node is not None else {"server": str(plan.network.server), "name": "", "ip": "", "mac": "", "index": ""}
+    prof = model.profiles[pname]
+    values = node_values(plan, node) if node is not None else {"server": str(model.network.server), "name": "", "ip": "", "mac": "", "index": ""}
     args: list[str] = []
     if prof.root == "ramdisk":
         args += ["root=/dev/ram0", "rw"]
@@ -92,9 +92,9 @@ def boot_entry(lp: LoadedPlan, node: Node | None, profile_name: str | None = Non
         ipp = kernel_ip_param(
             prof.ip,
             client=node.ip,
-            server=plan.network.server,
-            gateway=plan.network.gateway,
-            subnet=plan.network.subnet,
+            server=model.network.server,
+            gateway=model.network.gateway,
+            subnet=model.network.subnet,
             hostname=node.name,
             device=prof.device,
         )
@@ -107,16 +107,16 @@ def boot_entry(lp: LoadedPlan, node: Node | None, profile_name: str | None = Non
     comment = f"{node.name} {node.mac} {node.ip} profile {pname}" if node is not None else f"default: profile {pname}"
     append = " ".join(args)
     initrd = tuple(prof.initrd)
-    if node is not None and node_host_key(lp, node) is not None:
+    if node is not None and node_host_key(plan, node) is not None:
         # After the profile's images: the kernel unpacks initrds in order, so the key lands in the root they made.
         initrd += (host_key_file_name(node),)
     return BootEntry(label=pname, kernel=prof.kernel, initrd=initrd, append=append, comment=comment,
                      serial=serial_console(append))
 
 
-def http_base(lp: LoadedPlan) -> str:
-    bs = lp.model.bootserver
-    host = bs.listen or lp.model.network.server
+def http_base(plan: LoadedPlan) -> str:
+    bs = plan.model.bootserver
+    host = bs.listen or plan.model.network.server
     return f"http://{host}:{bs.http_port}" if bs.http_port != 80 else f"http://{host}"
 
 
@@ -124,31 +124,31 @@ def ipxe_script_name(mac: str) -> str:
     return f"ipxe/{mac.replace(':', '-')}.ipxe"
 
 
-def boot_tree(lp: LoadedPlan) -> dict[str, bytes]:
+def boot_tree(plan: LoadedPlan) -> dict[str, bytes]:
     """Every generated boot file, by path relative to the boot root."""
     files: dict[str, bytes] = {}
-    names = lp.model.boot.config_names
-    base = http_base(lp)
-    for node in lp.nodes:
-        entry = boot_entry(lp, node)
+    names = plan.model.boot.config_names
+    base = http_base(plan)
+    for node in plan.nodes:
+        entry = boot_entry(plan, node)
         cfg = render_config(entry)
         if "mac" in names:
             files[f"{CFG_DIR}/{mac_config_name(node.mac)}"] = cfg
         if "ip" in names:
             files[f"{CFG_DIR}/{ip_hex(node.ip)}"] = cfg
         files[ipxe_script_name(node.mac)] = render_ipxe(entry, base)
-    if lp.model.boot.default_profile:
-        files[f"{CFG_DIR}/default"] = render_config(boot_entry(lp, None, lp.model.boot.default_profile))
+    if plan.model.boot.default_profile:
+        files[f"{CFG_DIR}/default"] = render_config(boot_entry(plan, None, plan.model.boot.default_profile))
     # iPXE clients are sent here by DHCP; it chains to the per-node script by MAC.
     files["boot.ipxe"] = f"#!ipxe\nchain {base}/ipxe/${{net0/mac:hexhyp}}.ipxe\n".encode()
     return files
 
 
-def dynamic_source(lp: LoadedPlan) -> Callable[[str, "str | None"], "bytes | None"]:
+def dynamic_source(plan: LoadedPlan) -> Callable[[str, "str | None"], "bytes | None"]:
     """A BootFiles overlay that serves :func:`boot_tree` without touching the disk, and each
     host-key archive to its own node's address only (anything else under ``hostkeys/`` is not found)."""
-    tree = boot_tree(lp)
-    keys = host_key_tree(lp)
+    tree = boot_tree(plan)
+    keys = host_key_tree(plan)
 
     def lookup(name: str, client_ip: str | None = None) -> bytes | None:
         if name.startswith(HOST_KEY_DIR + "/"):
@@ -170,13 +170,13 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_dhcpd(lp: LoadedPlan) -> str:
-    plan = lp.model
-    net = plan.network
-    loaders = plan.boot.loaders
-    lease = int(plan.dhcp.lease_time)
+def render_dhcpd(plan: LoadedPlan) -> str:
+    model = plan.model
+    net = model.network
+    loaders = model.boot.loaders
+    lease = int(model.dhcp.lease_time)
     out = [
-        f"# {HEADER.format(plan=lp.path.name)}",
+        f"# {HEADER.format(plan=plan.path.name)}",
         "# Check with: dhcpd -4 -t -cf dhcpd.conf",
         "",
         "ddns-update-style none;",
@@ -222,7 +222,7 @@ def render_dhcpd(lp: LoadedPlan) -> str:
         "    option PXE.mtftp-ip 0.0.0.0;",
         f"    next-server {net.server};",
         '    if exists user-class and option user-class = "iPXE" {',
-        f"      filename {_q(http_base(lp) + '/boot.ipxe')};",
+        f"      filename {_q(http_base(plan) + '/boot.ipxe')};",
         "    } elsif option arch = 00:07 or option arch = 00:09 {",
         f"      filename {_q(loaders.uefi)};",
         "    } else {",
@@ -230,11 +230,11 @@ def render_dhcpd(lp: LoadedPlan) -> str:
         "    }",
         "  }",
     ]
-    if plan.dhcp.pool is not None:
+    if model.dhcp.pool is not None:
         out += [
             "",
             "  pool {",
-            f"    range {plan.dhcp.pool.start} {plan.dhcp.pool.end};",
+            f"    range {model.dhcp.pool.start} {model.dhcp.pool.end};",
             "    allow unknown clients;",
             "  }",
         ]
@@ -242,7 +242,7 @@ def render_dhcpd(lp: LoadedPlan) -> str:
         out += ["", "  # No pool: only the hosts below get an address (deny unknown clients)."]
     out.append("}")
     out.append("")
-    for node in lp.nodes:
+    for node in plan.nodes:
         out += [
             f"host {node.name} {{",
             f"  hardware ethernet {node.mac};",
@@ -256,15 +256,15 @@ def render_dhcpd(lp: LoadedPlan) -> str:
 # --------------------------------------------------------------------------- dnsmasq
 
 
-def render_dnsmasq(lp: LoadedPlan) -> str:
-    plan = lp.model
-    net = plan.network
-    loaders = plan.boot.loaders
-    lease = int(plan.dhcp.lease_time)
+def render_dnsmasq(plan: LoadedPlan) -> str:
+    model = plan.model
+    net = model.network
+    loaders = model.boot.loaders
+    lease = int(model.dhcp.lease_time)
     lease_s = f"{lease}s" if lease < 60 else f"{lease // 60}m"
     subnet = net.subnet
     out = [
-        f"# {HEADER.format(plan=lp.path.name)}",
+        f"# {HEADER.format(plan=plan.path.name)}",
         "# Check with: dnsmasq --test -C dnsmasq.conf",
         "",
         "# DHCP and TFTP only: no DNS.",
@@ -273,7 +273,7 @@ def render_dnsmasq(lp: LoadedPlan) -> str:
         "bind-interfaces",
         "log-dhcp",
     ]
-    if plan.dhcp.mode == "proxy":
+    if model.dhcp.mode == "proxy":
         out += [
             "# ProxyDHCP: the site's DHCP server hands out addresses; we add boot information.",
             f"dhcp-range={subnet.network_address},proxy,{subnet.netmask}",
@@ -283,8 +283,8 @@ def render_dnsmasq(lp: LoadedPlan) -> str:
     else:
         out.append("# Known hosts only unless the plan has a pool (the seed's deny unknown clients).")
         out.append(f"dhcp-range={subnet.network_address},static,{subnet.netmask},{lease_s}")
-        if plan.dhcp.pool is not None:
-            out.append(f"dhcp-range={plan.dhcp.pool.start},{plan.dhcp.pool.end},{subnet.netmask},{lease_s}")
+        if model.dhcp.pool is not None:
+            out.append(f"dhcp-range={model.dhcp.pool.start},{model.dhcp.pool.end},{subnet.netmask},{lease_s}")
         if net.gateway:
             out.append(f"dhcp-option=option:router,{net.gateway}")
         if net.dns:
@@ -298,20 +298,20 @@ def render_dnsmasq(lp: LoadedPlan) -> str:
         "dhcp-match=set:efi64,option:client-arch,7",
         "dhcp-match=set:efi64,option:client-arch,9",
     ]
-    if plan.dhcp.mode != "proxy":
+    if model.dhcp.mode != "proxy":
         out += [
-            f"dhcp-boot=tag:ipxe,{http_base(lp)}/boot.ipxe",
+            f"dhcp-boot=tag:ipxe,{http_base(plan)}/boot.ipxe",
             f"dhcp-boot=tag:efi64,tag:!ipxe,{loaders.uefi},,{net.server}",
             f"dhcp-boot=tag:!efi64,tag:!ipxe,{loaders.bios},,{net.server}",
         ]
     out += [
         "",
         "enable-tftp",
-        f"tftp-root={lp.boot_root}",
+        f"tftp-root={plan.boot_root}",
         "",
     ]
-    if plan.dhcp.mode != "proxy":
-        out += [f"dhcp-host={n.mac},{n.ip},{n.name}" for n in lp.nodes]
+    if model.dhcp.mode != "proxy":
+        out += [f"dhcp-host={n.mac},{n.ip},{n.name}" for n in plan.nodes]
     return "\n".join(out) + "\n"
 
 
@@ -336,11 +336,11 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def render_all(lp: LoadedPlan) -> dict[str, bytes]:
+def render_all(plan: LoadedPlan) -> dict[str, bytes]:
     """Every file ``bootorch render`` writes, by relative path."""
-    files = {"dhcpd.conf": render_dhcpd(lp).encode(), "dnsmasq.conf": render_dnsmasq(lp).encode()}
-    files.update(boot_tree(lp))
-    files.update({name: archive for name, (_ip, archive) in host_key_tree(lp).items()})
+    files = {"dhcpd.conf": render_dhcpd(plan).encode(), "dnsmasq.conf": render_dnsmasq(plan).encode()}
+    files.update(boot_tree(plan))
+    files.update({name: archive for name, (_ip, archive) in host_key_tree(plan).items()})
     return files
 
 

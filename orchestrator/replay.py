@@ -43,8 +43,8 @@ def read_events(files: Sequence[Path], sources: Sequence[str], year_hint: int | 
     return [e for _, _, e in events]
 
 
-def replay(events: Sequence[BootEvent], lp=None) -> Tracker:
-    tracker = Tracker(plan_nodes(lp) if lp is not None else None, track_unknown=lp is None)
+def replay(events: Sequence[BootEvent], plan=None) -> Tracker:
+    tracker = Tracker(plan_nodes(plan) if plan is not None else None, track_unknown=plan is None)
     for ev in events:
         tracker.feed(ev)
     return tracker

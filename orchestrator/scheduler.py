@@ -185,7 +185,7 @@ class Scheduler:
 
     def __init__(
         self,
-        lp: LoadedPlan,
+        plan: LoadedPlan,
         tracker: Tracker,
         store: Store,
         *,
@@ -202,13 +202,13 @@ class Scheduler:
         window_tuning: WindowTuning = WindowTuning(),
         probe_every: float = 1.0,
     ) -> None:
-        self.lp, self.tracker, self.store = lp, tracker, store
+        self.plan, self.tracker, self.store = plan, tracker, store
         self.wake_driver, self.bmc, self.readiness = wake, bmc, readiness
         self.load, self.clock, self.log, self.on_change = load, clock, log, on_change
-        plan = lp.model.rollout
-        self.adm = plan.admission
-        self.retries = plan.retries
-        self.timeouts = plan.timeouts
+        settings = plan.model.rollout
+        self.adm = settings.admission
+        self.retries = settings.retries
+        self.timeouts = settings.timeouts
         self.probe_every = probe_every
         self.admission_window = AdmissionWindow(self.adm.max_downloading, adaptive=self.adm.adaptive, tuning=window_tuning)
         #: (time, size) at the start of :meth:`run` and at every change of the admission window.
@@ -217,7 +217,7 @@ class Scheduler:
         #: False: no plan waves, only on-call operations (``bootorch reboot`` without a running rollout, ``serve``).
         self.rollout = rollout
         if rollout:
-            for wave, nodes in lp.waves():
+            for wave, nodes in plan.waves():
                 for n in nodes:
                     self.jobs[n.mac] = NodeJob(n, node_target(n), wave)
         if ssh_power is None and readiness is not None:
@@ -229,8 +229,8 @@ class Scheduler:
         self.ops: dict[str, Operation] = {}
         self._op_queue: list[NodeJob] = []
         self._node_locks: dict[str, trio.Lock] = {}
-        budget = plan.failure_budget
-        self.budget = budget if isinstance(budget, int) else math.floor(len(lp.nodes) * float(budget.rstrip("%")) / 100)
+        budget = settings.failure_budget
+        self.budget = budget if isinstance(budget, int) else math.floor(len(plan.nodes) * float(budget.rstrip("%")) / 100)
         self.changed = trio.Event()
         self.aborted = False
         self._next_power_on = 0.0
@@ -382,7 +382,7 @@ class Scheduler:
             nursery.start_soon(self._operate)
             self._started.set()
             if self.rollout:
-                for wave, nodes in self.lp.waves():
+                for wave, nodes in self.plan.waves():
                     if self.aborted:
                         break
                     self.log(f"wave {wave}: {len(nodes)} node(s)")
@@ -651,7 +651,7 @@ class Scheduler:
         if op not in ("wake", "reboot", "power_off"):
             raise ValueError(f"unknown operation {op!r}")
         names = list(dict.fromkeys(names))  # named twice is still one node, acted on once
-        by_name = {n.name: n for n in self.lp.nodes}
+        by_name = {n.name: n for n in self.plan.nodes}
         busy: dict[str, str] = {}
         acting: list[NodeJob] = []
         for name in names:

@@ -535,13 +535,13 @@ class Tracker:
             self._touch(st)
 
 
-def plan_nodes(lp) -> dict[str, NodeInfo]:
+def plan_nodes(plan) -> dict[str, NodeInfo]:
     """NodeInfo for every node of a LoadedPlan (stage-marking files from its profile)."""
-    plan = lp.model
-    loaders = frozenset({plan.boot.loaders.bios, plan.boot.loaders.uefi, "pxelinux.0", "lpxelinux.0", "ldlinux.c32"})
+    model = plan.model
+    loaders = frozenset({model.boot.loaders.bios, model.boot.loaders.uefi, "pxelinux.0", "lpxelinux.0", "ldlinux.c32"})
     out = {}
-    for n in lp.nodes:
-        prof = plan.profiles[n.profile]
+    for n in plan.nodes:
+        prof = model.profiles[n.profile]
         files = BootFilesOf(
             loaders=frozenset(_norm(x) for x in loaders),
             kernels=frozenset({_norm(prof.kernel)}),
@@ -551,6 +551,6 @@ def plan_nodes(lp) -> dict[str, NodeInfo]:
     return out
 
 
-def plan_timeouts(lp) -> dict[Stage, float]:
-    t = lp.model.rollout.timeouts
+def plan_timeouts(plan) -> dict[Stage, float]:
+    t = plan.model.rollout.timeouts
     return {Stage(k): float(v) for k, v in t.model_dump().items()}

@@ -39,8 +39,8 @@ def test_rollout_dry_run_schedule_respects_rates(capsys):
 
 
 def test_dry_run_rack_rate():
-    lp = load_plan(BEOWULF)  # 4/s overall, 2/s per rack, racks of 32
-    rows = dry_run_schedule(lp)
+    plan = load_plan(BEOWULF)  # 4/s overall, 2/s per rack, racks of 32
+    rows = dry_run_schedule(plan)
     rack1 = [r["power_on_at"] for r in rows[:32]]
     assert all(b - a >= 0.5 - 1e-9 for a, b in zip(rack1, rack1[1:]))
 

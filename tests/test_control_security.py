@@ -72,7 +72,7 @@ def serve_plan_file(tmp_path, *, extra: str = "") -> tuple:
 class Serve:
     """``bootorch serve PLAN`` as a child process; stdout/stderr go to files; ended by PID."""
 
-    def __init__(self, lp, tmp_path, *, nofile: int | None = None) -> None:
+    def __init__(self, plan, tmp_path, *, nofile: int | None = None) -> None:
         self.out, self.err = tmp_path / "serve.out", tmp_path / "serve.err"
         self.nofile = nofile
 
@@ -80,7 +80,7 @@ class Serve:
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.proc = subprocess.Popen([EXE, "serve", str(lp.path), "--events"], stdout=self.out.open("wb"),
+        self.proc = subprocess.Popen([EXE, "serve", str(plan.path), "--events"], stdout=self.out.open("wb"),
                                      stderr=self.err.open("wb"), preexec_fn=limits)
         self.ports: dict[str, int] = {}
         t_end = time.monotonic() + 30
@@ -140,15 +140,15 @@ def tcp_ask(port: int, payload: bytes, timeout: float = 10) -> list[dict]:
 
 def test_deeply_nested_json_does_not_stop_serve(tmp_path):
     """Finding 1: ``[[[[...]]]]`` parsed before the token check raised RecursionError and ended serve."""
-    lp, port = serve_plan_file(tmp_path)
-    srv = Serve(lp, tmp_path)
+    plan, port = serve_plan_file(tmp_path)
+    srv = Serve(plan, tmp_path)
     try:
         deep = b"[" * 30000 + b"]" * 30000 + b"\n"
         for payload in (deep, b'{"op": "ping", "x": ' + b"{\"a\": " * 5000 + b"1" + b"}" * 5000 + b"}\n"):
             answer = tcp_ask(port, payload)
             assert answer[0]["event"] == "error" and "nested" in answer[0]["error"]
             with socket.socket(socket.AF_UNIX) as s:  # the local socket too
-                s.connect(str(control.socket_path(lp)))
+                s.connect(str(control.socket_path(plan)))
                 s.sendall(payload)
                 assert "nested" in json.loads(s.makefile("rb").readline())["error"]
         assert srv.alive()
@@ -163,8 +163,8 @@ def test_idle_control_connections_cannot_starve_the_boot_servers(tmp_path):
     serve runs with a 256-descriptor limit here, so the test needs a few hundred connections, not thousands.
     """
     curl = require_tool("curl")
-    lp, port = serve_plan_file(tmp_path)
-    srv = Serve(lp, tmp_path, nofile=256)
+    plan, port = serve_plan_file(tmp_path)
+    srv = Serve(plan, tmp_path, nofile=256)
     idle: list[socket.socket] = []
     try:
         for _ in range(400):  # no token, no byte: each may wait its 10 s request timeout; the downloads come before that
@@ -184,7 +184,7 @@ def test_idle_control_connections_cannot_starve_the_boot_servers(tmp_path):
         assert http.returncode == 0 and http.stdout == (tmp_path / "root" / "vmlinuz").read_bytes(), http.stderr
         with socket.socket(socket.AF_UNIX) as s:  # the operator's local socket still answers
             s.settimeout(1)
-            s.connect(str(control.socket_path(lp)))
+            s.connect(str(control.socket_path(plan)))
             s.sendall(b'{"op": "ping"}\n')
             assert json.loads(s.makefile("rb").readline())["event"] == "pong"
         assert srv.alive()
@@ -196,9 +196,9 @@ def test_idle_control_connections_cannot_starve_the_boot_servers(tmp_path):
 
 async def test_a_node_named_twice_is_acted_on_once_and_the_request_finishes(tmp_path, autojump_clock):
     """Finding 5: ``["n1", "n1"]`` queued n1 twice (an SSH reboot, then a BMC cycle) and no ``done`` ever came."""
-    lp = make_plan(tmp_path, n=2)
-    h = Harness(lp, tmp_path)
-    path = control.socket_path(lp)
+    plan = make_plan(tmp_path, n=2)
+    h = Harness(plan, tmp_path)
+    path = control.socket_path(plan)
 
     def ask(req):
         return list(control.request(path, req, timeout=60))
@@ -207,7 +207,7 @@ async def test_a_node_named_twice_is_acted_on_once_and_the_request_finishes(tmp_
         h.cluster.nursery = nursery
         h.sched.standing = True
         nursery.start_soon(h.sched.run, h.recv)
-        server = control.ControlServer(lp, h.sched, mode="serve")
+        server = control.ControlServer(plan, h.sched, mode="serve")
         server.request_timeout = math.inf  # MockClock would jump to any deadline while the client thread connects
         await nursery.start(server.serve)
         await h.boot_all(nursery)
@@ -219,9 +219,9 @@ async def test_a_node_named_twice_is_acted_on_once_and_the_request_finishes(tmp_
         nursery.cancel_scope.cancel()
 
 
-async def _serve_control(lp, h, nursery):
+async def _serve_control(plan, h, nursery):
     h.cluster.nursery = nursery
-    server = control.ControlServer(lp, h.sched, mode="serve")
+    server = control.ControlServer(plan, h.sched, mode="serve")
     return await nursery.start(server.serve)
 
 
@@ -235,17 +235,17 @@ async def test_an_existing_socket_directory_is_used_as_it_is(tmp_path, autojump_
     elsewhere.chmod(0o755)
     (tmp_path / "link").symlink_to(elsewhere)
     for sock in (run_dir / "bootorch.sock", tmp_path / "link" / "b.sock"):
-        lp = make_plan(tmp_path, n=1, extra=f"control: {{socket: {sock}}}")
-        h = Harness(lp, tmp_path)
+        plan = make_plan(tmp_path, n=1, extra=f"control: {{socket: {sock}}}")
+        h = Harness(plan, tmp_path)
         async with trio.open_nursery() as nursery:
-            path, _ = await _serve_control(lp, h, nursery)
+            path, _ = await _serve_control(plan, h, nursery)
             assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
             nursery.cancel_scope.cancel()
         h.store.close()
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o755
     assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755
     # The lock stays with the plan's state, not beside a socket in a shared directory.
-    assert control.lock_path(lp) == lp.state_dir / "control" / "orchestrator.lock"
+    assert control.lock_path(plan) == plan.state_dir / "control" / "orchestrator.lock"
     assert not (run_dir / "orchestrator.lock").exists()
 
 
@@ -259,9 +259,9 @@ async def test_a_directory_others_can_write_is_refused(tmp_path, autojump_clock)
     sticky = tmp_path / "tmp"
     sticky.mkdir()
     sticky.chmod(0o1777)  # /tmp-like: allowed, the socket itself is 0600
-    lp = make_plan(tmp_path, n=1, extra=f"control: {{socket: {sticky / 'c.sock'}}}")
+    plan = make_plan(tmp_path, n=1, extra=f"control: {{socket: {sticky / 'c.sock'}}}")
     async with trio.open_nursery() as nursery:
-        path, _ = await _serve_control(lp, Harness(lp, tmp_path), nursery)
+        path, _ = await _serve_control(plan, Harness(plan, tmp_path), nursery)
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
         nursery.cancel_scope.cancel()
 
@@ -277,8 +277,8 @@ def test_json_depth_scan():
 
 def test_a_token_with_a_lone_surrogate_is_a_wrong_token(tmp_path):
     """JSON can carry ``\\ud800``: encoding it for the comparison raised, and the client got no answer."""
-    lp, port = serve_plan_file(tmp_path)
-    srv = Serve(lp, tmp_path)
+    plan, port = serve_plan_file(tmp_path)
+    srv = Serve(plan, tmp_path)
     try:
         answer = tcp_ask(port, b'{"op": "ping", "token": "\\ud800"}\n')
         assert answer and answer[0]["event"] == "error" and "token" in answer[0]["error"]

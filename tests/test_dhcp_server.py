@@ -6,7 +6,6 @@ Requests are built and replies decoded with scapy, not with our codec.
 from __future__ import annotations
 
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from orchestrator.bootserver.dhcp import DhcpStats, StaticPolicy, plan_config, p
 from orchestrator.bootserver.leases import LeaseStore
 from orchestrator.events import EventKind
 from orchestrator.plan import load_plan
-from orchestrator.protocols.dhcp import PXE_PORT, Packet, ip_int, mac_bytes, parse
+from orchestrator.protocols.dhcp import PXE_PORT, ip_int, mac_bytes, parse
 from orchestrator.protocols.dhcp_server import (
     ClientKind,
     DhcpServerCore,
@@ -436,9 +435,9 @@ async def test_serve_on_loopback_dora_and_events(tmp_path):
 
 
 def test_plan_policy_and_config_from_full_plan():
-    lp = load_plan(REPO / "plans" / "full.yaml")
-    config, policy = plan_config(lp), plan_policy(lp)
-    node = lp.nodes[1]
+    plan = load_plan(REPO / "plans" / "full.yaml")
+    config, policy = plan_config(plan), plan_policy(plan)
+    node = plan.nodes[1]
     assert policy.reservation(node.mac).ip == int(node.ip) and policy.reservation(node.mac).hostname == node.name
     assert policy.boot(node.mac, ClientKind.BIOS).filename == "pxelinux.0"
     # The lab's plan gives iPXE ROMs pxelinux.0 (boot.ipxe: loader); the default is the node's HTTP script.

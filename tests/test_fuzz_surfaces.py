@@ -204,10 +204,10 @@ class Serve:
         token.chmod(0o600)
         self.control_port = _free_port()
         logs = "\n".join(f"  - {{source: {kind}, path: logs/{kind}.log}}" for kind in fz.LOG_KINDS)
-        self.plan = base / "plan.yaml"
-        self.plan.write_text(PLAN.format(control_port=self.control_port, logs=logs))
-        self.lp = load_plan(self.plan)
-        self.node = {n.name: n for n in self.lp.nodes}
+        self.plan_path = base / "plan.yaml"
+        self.plan_path.write_text(PLAN.format(control_port=self.control_port, logs=logs))
+        self.plan = load_plan(self.plan_path)
+        self.node = {n.name: n for n in self.plan.nodes}
         self.out_path, self.err_path = base / "serve.out", base / "serve.err"
         self.proc: subprocess.Popen | None = None
         self.generation = 0
@@ -218,7 +218,7 @@ class Serve:
     def start(self) -> None:
         err_at = self.err_path.stat().st_size if self.err_path.exists() else 0
         with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
-            self.proc = subprocess.Popen([EXE, "serve", str(self.plan), "--events"], stdout=out, stderr=err,
+            self.proc = subprocess.Popen([EXE, "serve", str(self.plan_path), "--events"], stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         self.generation += 1
         deadline = time.monotonic() + 30
@@ -438,7 +438,7 @@ def run_cli(serve: Serve) -> dict[str, subprocess.CompletedProcess]:
     """``bootorch status`` / ``history``, text and --json, run side by side."""
     cmds = {"status": ["status"], "status --json": ["status", "--json"],
             "history": ["history"], "history --json": ["history", "--json"]}
-    procs = {k: subprocess.Popen([EXE, *v[:1], str(serve.plan), *v[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = {k: subprocess.Popen([EXE, *v[:1], str(serve.plan_path), *v[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for k, v in cmds.items()}
     out = {}
     for k, p in procs.items():
@@ -1132,7 +1132,7 @@ def test_fuzz_control(serve, n, transport):
     serve.ensure()
     m, out = mark(serve), Outcome(f"control-{transport}", n)
     rng = random.Random(f"{SEED}-control-{transport}-{n}")
-    names = [nd.name for nd in serve.lp.nodes]
+    names = [nd.name for nd in serve.plan.nodes]
     token = TOKEN if transport == "tcp" else (TOKEN if rng.random() < 0.1 else None)
     unanswered = 0
     inflight: deque[tuple[Future, bytes]] = deque()
@@ -1215,7 +1215,7 @@ def _control_checks(serve: Serve) -> str | None:
     tcp = control_exchange(("tcp", ("127.0.0.1", serve.control_port)), json.dumps({"op": "ping", "token": TOKEN}).encode() + b"\n")
     if not any(b'"pong"' in ln for ln in tcp):
         return f"no pong on TCP with the token: {tcp!r}"
-    cp = subprocess.run([EXE, "status", str(serve.plan)], capture_output=True, timeout=60)
+    cp = subprocess.run([EXE, "status", str(serve.plan_path)], capture_output=True, timeout=60)
     if cp.returncode != 0:
         return f"bootorch status exited {cp.returncode}: {cp.stderr[-500:]!r}"
     return None
@@ -1271,7 +1271,7 @@ def sentinel(kind: str, node, stage: str, k: int) -> tuple[list[str], str]:
 
 def _stages(serve: Serve) -> dict[str, str]:
     """Each node's stage from the journal (its last transition)."""
-    out = {nd.name: "pending" for nd in serve.lp.nodes}
+    out = {nd.name: "pending" for nd in serve.plan.nodes}
     if serve.db_path.exists():
         with sqlite3.connect(f"file:{serve.db_path}?mode=ro", uri=True, timeout=10) as con:
             for node, stage in con.execute("SELECT node, to_stage FROM transitions t "

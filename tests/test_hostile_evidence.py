@@ -59,8 +59,8 @@ def test_hostile_tftp_and_http_names_and_log_lines_on_the_wire(tmp_path):
     curl = require_tool("curl")
     log = tmp_path / "tftpd.log"
     log.write_text("")
-    lp, port = serve_plan_file(tmp_path, extra=f"logs:\n  - {{source: tftp-hpa, path: {log}}}\n")
-    srv = Serve(lp, tmp_path)
+    plan, port = serve_plan_file(tmp_path, extra=f"logs:\n  - {{source: tftp-hpa, path: {log}}}\n")
+    srv = Serve(plan, tmp_path)
     try:
         node_ip = "127.77.0.11"  # n1's address: its reads are evidence for n1
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -80,7 +80,7 @@ def test_hostile_tftp_and_http_names_and_log_lines_on_the_wire(tmp_path):
         # serve is alive and answering; wait until the log line has become evidence for n2.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            status = subprocess.run([EXE, "status", str(lp.path), "--json"], capture_output=True, timeout=30)
+            status = subprocess.run([EXE, "status", str(plan.path), "--json"], capture_output=True, timeout=30)
             nodes = {n["node"]: n for n in json.loads(status.stdout)["nodes"]}
             if "red" in nodes["n2"]["evidence"]:
                 break
@@ -89,11 +89,11 @@ def test_hostile_tftp_and_http_names_and_log_lines_on_the_wire(tmp_path):
             raise AssertionError(f"the log line never became evidence: {nodes}")
         assert srv.alive()
         assert nodes["n1"]["stage"] == "config" and "\\xff" in json.dumps(nodes)
-        outputs = {"status": subprocess.run([EXE, "status", str(lp.path)], capture_output=True, timeout=30).stdout,
+        outputs = {"status": subprocess.run([EXE, "status", str(plan.path)], capture_output=True, timeout=30).stdout,
                    "status --json": status.stdout,
-                   "history": subprocess.run([EXE, "history", str(lp.path)], capture_output=True, timeout=30).stdout,
-                   "replay": subprocess.run([EXE, "replay", "--plan", str(lp.path), "--source", "tftp-hpa", str(log)], capture_output=True, timeout=30).stdout}
-        db = sqlite3.connect(lp.state_dir / "state.db")
+                   "history": subprocess.run([EXE, "history", str(plan.path)], capture_output=True, timeout=30).stdout,
+                   "replay": subprocess.run([EXE, "replay", "--plan", str(plan.path), "--source", "tftp-hpa", str(log)], capture_output=True, timeout=30).stdout}
+        db = sqlite3.connect(plan.state_dir / "state.db")
         outputs["journal"] = "\n".join(r[0] for r in db.execute("select evidence from transitions")).encode()
         db.close()
         assert b"red" in outputs["replay"] and b"red" in outputs["history"]
@@ -142,10 +142,10 @@ async def test_forged_discovers_never_power_a_node(tmp_path, autojump_clock):
     Before: a forged DISCOVER for a failed node (or one past ``kernel`` in its
     boot) started an attempt whose timeout climbed the ladder: a BMC power cycle.
     """
-    lp = make_plan(tmp_path, n=3)
-    h = Harness(lp, tmp_path)
-    core = DhcpServerCore(plan_config(lp), plan_policy(lp), LeaseStore(tmp_path / "leases.journal"))
-    n1, n2, n3 = (n.mac for n in lp.nodes)
+    plan = make_plan(tmp_path, n=3)
+    h = Harness(plan, tmp_path)
+    core = DhcpServerCore(plan_config(plan), plan_policy(plan), LeaseStore(tmp_path / "leases.journal"))
+    n1, n2, n3 = (n.mac for n in plan.nodes)
 
     async def forge(mac: str, xid: int) -> None:
         for ev in _forged_discover(core, mac, xid, trio.current_time()):
@@ -181,9 +181,9 @@ async def test_forged_discovers_never_power_a_node(tmp_path, autojump_clock):
 
 async def test_a_node_that_reboots_by_itself_is_checked_not_cycled(tmp_path, autojump_clock):
     """A real reboot nobody here asked for looks the same as a forgery: the node is checked, never cycled."""
-    lp = make_plan(tmp_path, n=1)
-    h = Harness(lp, tmp_path)
-    mac = lp.nodes[0].mac
+    plan = make_plan(tmp_path, n=1)
+    h = Harness(plan, tmp_path)
+    mac = plan.nodes[0].mac
 
     async def body(nursery):
         await h.boot_all(nursery)
@@ -209,13 +209,13 @@ def test_restore_remembers_who_started_the_attempt(tmp_path, stage_source):
     from orchestrator.store import Store
     from orchestrator.tracker import Tracker, Transition, plan_nodes, plan_timeouts
 
-    lp = make_plan(tmp_path, n=1)
-    mac = lp.nodes[0].mac
+    plan = make_plan(tmp_path, n=1)
+    mac = plan.nodes[0].mac
     store = Store(tmp_path / "s.db")
     first = Stage.WAKING if stage_source == "scheduler" else Stage.PXE_DHCP
     store.append([Transition(mac, "n1", Stage.PENDING, first, 1.0, 1, "x", stage_source),
                   Transition(mac, "n1", first, Stage.KERNEL, 2.0, 1, "y", "tftp")])
-    tr = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    tr = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     tr.restore(store.transitions())
     assert tr.nodes[mac].requested is (stage_source == "scheduler")
     store.close()

@@ -40,35 +40,35 @@ def test_host_keys_one_per_node_made_once_and_pinned(tmp_path: Path) -> None:
     from orchestrator.image.keys import ensure_host_keys
 
     dropbearkey = require_tool("dropbearkey")
-    plan = tiny_plan(tmp_path)
-    text = json.loads(plan.read_text())
+    plan_file = tiny_plan(tmp_path)
+    text = json.loads(plan_file.read_text())
     text["nodes"] = [{"name": "node[01-03]", "mac": "52:54:00:77:00:01", "ip": "10.0.2.15"},
                      {"name": "site01", "mac": "52:54:00:77:01:01", "ip": "10.0.2.40", "profile": "site"}]
     text["profiles"]["site"] = {"kernel": "vmlinuz", "host_key": "none"}
     text["nodes"][0]["profile"] = "ramdisk"
-    plan.write_text(json.dumps(text))
-    lp = load_plan(plan)
-    known = lp.state_dir / "known_hosts"
+    plan_file.write_text(json.dumps(text))
+    plan = load_plan(plan_file)
+    known = plan.state_dir / "known_hosts"
     known.parent.mkdir(parents=True)
     old, keep = ensure_user_key(tmp_path / "old", log=lambda m: None), ensure_user_key(tmp_path / "keep", log=lambda m: None)
     known.write_text(f"10.0.2.16 {' '.join(old.split()[:2])}\n10.0.2.99 {' '.join(keep.split()[:2])}\n")
-    pubs = ensure_host_keys(lp, [dropbearkey], log=lambda m: None)
+    pubs = ensure_host_keys(plan, [dropbearkey], log=lambda m: None)
     assert sorted(pubs) == ["node01", "node02", "node03"]  # site01's profile says host_key: none
     assert len(set(pubs.values())) == 3
-    for node in lp.nodes[:3]:
-        private, public = host_key_paths(lp, node)
-        assert private.parent == lp.state_dir / "hostkeys" / node.name
+    for node in plan.nodes[:3]:
+        private, public = host_key_paths(plan, node)
+        assert private.parent == plan.state_dir / "hostkeys" / node.name
         assert stat.S_IMODE(private.parent.stat().st_mode) == 0o700
-        assert stat.S_IMODE((lp.state_dir / "hostkeys").stat().st_mode) == 0o700
+        assert stat.S_IMODE((plan.state_dir / "hostkeys").stat().st_mode) == 0o700
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
         y = subprocess.run([dropbearkey, "-y", "-f", str(private)], capture_output=True, text=True, timeout=30)
         line = next(x for x in y.stdout.splitlines() if x.startswith("ssh-ed25519 "))
         assert line.split()[:2] == pubs[node.name].split()[:2] == public.read_text().split()[:2]
-    before = {n.name: host_key_paths(lp, n)[0].read_bytes() for n in lp.nodes[:3]}
-    assert ensure_host_keys(lp, [dropbearkey], log=lambda m: None) == pubs  # kept, not made again
-    assert {n.name: host_key_paths(lp, n)[0].read_bytes() for n in lp.nodes[:3]} == before
+    before = {n.name: host_key_paths(plan, n)[0].read_bytes() for n in plan.nodes[:3]}
+    assert ensure_host_keys(plan, [dropbearkey], log=lambda m: None) == pubs  # kept, not made again
+    assert {n.name: host_key_paths(plan, n)[0].read_bytes() for n in plan.nodes[:3]} == before
 
-    pin_host_keys(lp, pubs)
+    pin_host_keys(plan, pubs)
     lines = known.read_text().splitlines()
     entries = {line.split()[0]: line.split()[2] for line in lines}
     assert entries == {"10.0.2.15": pubs["node01"].split()[1], "10.0.2.16": pubs["node02"].split()[1],
@@ -80,7 +80,7 @@ def test_host_keys_one_per_node_made_once_and_pinned(tmp_path: Path) -> None:
     from orchestrator.readiness import Readiness
 
     known.unlink()
-    r = Readiness.from_plan(lp, pinned=pin_plan_host_keys(lp))
+    r = Readiness.from_plan(plan, pinned=pin_plan_host_keys(plan))
     assert sorted(line.split()[0] for line in known.read_text().splitlines()) == ["10.0.2.15", "10.0.2.16", "10.0.2.17"]
     assert "hostkeys/10.0.2.15.cpio" in r.pinned["10.0.2.15"] and "10.0.2.40" not in r.pinned
     assert r.known.lookup("10.0.2.16")["ssh-ed25519"].get_base64() == pubs["node02"].split()[1]

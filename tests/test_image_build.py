@@ -128,9 +128,9 @@ def test_source_date_epoch_changes_only_the_image(built: tuple[Path, image.Image
 
 
 def test_ramdisk_profile_without_initrd_fails_before_any_download(tmp_path: Path) -> None:
-    lp = load_plan(tiny_plan(tmp_path, initrd=[], root="ramdisk"))
+    plan = load_plan(tiny_plan(tmp_path, initrd=[], root="ramdisk"))
     with pytest.raises(ImageError, match="needs an initrd"):
-        image.build_images(lp, cache_dir=tmp_path / "cache", log=lambda m: None)
+        image.build_images(plan, cache_dir=tmp_path / "cache", log=lambda m: None)
     assert not list((tmp_path / "cache").glob("*.deb")) if (tmp_path / "cache").exists() else True
 
 
@@ -266,13 +266,13 @@ def test_pxe_chain_boots_the_image(built: tuple[Path, image.ImageReport], tmp_pa
 
     qemu = require_tool("qemu-system-x86_64")
     d, report = built
-    lp = load_plan(d / "plan.yaml")
-    node = lp.nodes[0]
+    plan = load_plan(d / "plan.yaml")
+    node = plan.nodes[0]
     root = tmp_path / "tftp"
     root.mkdir()
     for f in ("pxelinux.0", "ldlinux.c32", "vmlinuz", "rootfs.gz"):
         (root / f).write_bytes((d / "tftpboot" / f).read_bytes())
-    rendered = render_all(lp)  # the bytes bootorch's server answers this node with
+    rendered = render_all(plan)  # the bytes bootorch's server answers this node with
     cfg_name = f"pxelinux.cfg/{mac_config_name(node.mac)}"
     assert "initrd=rootfs.gz,hostkeys/10.0.2.15.cpio " in rendered[cfg_name].decode()
     for name in (cfg_name, "hostkeys/10.0.2.15.cpio"):

@@ -68,13 +68,13 @@ def test_do_mount_completes_nfs_options(tmp_path: Path) -> None:
 
 
 def test_init_script_is_valid_shell_with_quoted_templates(tmp_path: Path) -> None:
-    lp = load_plan(tiny_plan(
+    plan = load_plan(tiny_plan(
         tmp_path,
         mounts=[{"source": "{server}:/export/$home \"{name}\"", "target": "/mnt/{name}", "type": "nfs"}],
         commands=["echo 'it''s' \"$NODE_NAME\" > /run/x", "awk '{print $1}' /proc/loadavg"],
     ))
-    prof = lp.model.profiles["ramdisk"]
-    text = render_init(lp, "ramdisk", prof, "6.1.0-test", ["e1000"])
+    prof = plan.model.profiles["ramdisk"]
+    text = render_init(plan, "ramdisk", prof, "6.1.0-test", ["e1000"])
     script = tmp_path / "init"
     script.write_text(text)
     r = subprocess.run([busybox(), "sh", "-n", str(script)], capture_output=True, text=True, timeout=30)

@@ -52,9 +52,9 @@ def _plan(tmp_path: Path, *, nodes: int = 2, ns: str = "bt-lab-test", boot_root:
 
 
 def test_qemu_command_line_is_paused_pxe_on_our_tap(tmp_path):
-    lp = load_plan(_plan(tmp_path))
-    lab = labmod.Lab(lp)
-    node = lp.nodes[0]
+    plan = load_plan(_plan(tmp_path))
+    lab = labmod.Lab(plan)
+    node = plan.nodes[0]
     argv = lab.qemu_argv(node, "tcg")
     line = " ".join(argv)
     assert argv[0] == "qemu-system-x86_64" and "-S" in argv and "-no-shutdown" in argv
@@ -296,28 +296,28 @@ def lab_plan(tmp_path):
     require_tool("qemu-system-x86_64")
     require_tool("ip")
     ns = f"bt-lab-{secrets.token_hex(3)}"
-    plan = _plan(tmp_path, nodes=2, ns=ns)
-    lp = load_plan(plan)
+    plan_file = _plan(tmp_path, nodes=2, ns=ns)
+    plan = load_plan(plan_file)
     started: list = []
     try:
-        yield lp, ns, plan, started
+        yield plan, ns, plan_file, started
     finally:
         for s in started:
             s.stop()
-        labmod.down(lp)
+        labmod.down(plan)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)  # belt and braces
 
 
 @pytest.mark.slow
 @pytest.mark.root
 def test_lab_wake_pxe_boot_redfish_and_down(lab_plan, tmp_path, capsys):
-    lp, ns, plan, started = lab_plan
-    can_boot, why_not = _boot_root(tmp_path, plan)
-    lp = load_plan(plan)
-    lab = labmod.Lab(lp)
-    n1, n2 = lp.nodes[0], lp.nodes[1]
+    plan, ns, plan_file, started = lab_plan
+    can_boot, why_not = _boot_root(tmp_path, plan_file)
+    plan = load_plan(plan_file)
+    lab = labmod.Lab(plan)
+    n1, n2 = plan.nodes[0], plan.nodes[1]
 
-    st = labmod.up(lp)
+    st = labmod.up(plan)
     assert labmod.namespace_exists(ns)
     links = _links(ns)
     assert {"br-boot", "tap0", "tap1"} <= set(links), links
@@ -333,16 +333,16 @@ def test_lab_wake_pxe_boot_redfish_and_down(lab_plan, tmp_path, capsys):
     assert {str(p) for p in pids.values()} | {str(st["daemon"]["pid"])} <= in_ns
 
     # idempotent: a second `up` changes nothing
-    st2 = labmod.up(lp)
+    st2 = labmod.up(plan)
     assert {n["name"]: n["pid"] for n in st2["nodes"]} == pids and st2["daemon"]["pid"] == st["daemon"]["pid"]
 
     # BMC: both off
-    base = f"http://{lp.model.network.server}:{lp.model.lab.bmc_port}/redfish/v1/Systems"
+    base = f"http://{plan.model.network.server}:{plan.model.lab.bmc_port}/redfish/v1/Systems"
     assert _redfish(ns, f"{base}/{n1.name}")[1]["PowerState"] == "Off"
 
     serve = None
     if can_boot:
-        serve = ServeLog(ns, plan, tmp_path / "serve.err")
+        serve = ServeLog(ns, plan_file, tmp_path / "serve.err")
         started.append(serve)
         _wait(lambda: b"serving" in (tmp_path / "serve.err").read_bytes(), 30, "bootorch serve to listen")
 
@@ -383,7 +383,7 @@ else:
         assert "iPXE" in serial and "Linux version" in serial
         if "loader" in stages:  # the server handed out pxelinux.0 (not an iPXE script)
             assert "PXELINUX" in serial
-        key = lp.resolve_path(lp.model.readiness.ssh.key)
+        key = plan.resolve_path(plan.model.readiness.ssh.key)
         out = _ns_python(ns, f"""
 import paramiko
 c = paramiko.SSHClient()
@@ -397,9 +397,9 @@ c.close()
 """, timeout=90)
         assert out.returncode == 0 and out.stdout.startswith("6."), out
         # the node presented its own host key, the one image build made and pinned for its address
-        own = (lp.state_dir / "hostkeys" / n1.name / "dropbear_ed25519_host_key.pub").read_text().split()[1]
+        own = (plan.state_dir / "hostkeys" / n1.name / "dropbear_ed25519_host_key.pub").read_text().split()[1]
         assert out.stdout.split()[-1] == own
-        assert f"{n1.ip} ssh-ed25519 {own}" in (lp.state_dir / "known_hosts").read_text()
+        assert f"{n1.ip} ssh-ed25519 {own}" in (plan.state_dir / "known_hosts").read_text()
 
         # Redfish ForceRestart: the booted VM PXE boots again (a new attempt at the server)
         assert _redfish(ns, f"{base}/{n1.name}/Actions/ComputerSystem.Reset", {"ResetType": "ForceRestart"})[0] == 204
@@ -413,19 +413,19 @@ c.close()
     assert cp.returncode == 0, cp.stderr
     _wait(lambda: q.status(str(lab.qmp(n1))) == "running", 10, f"{n1.name} on again after a UDP magic packet")
 
-    out = labmod.format_status(labmod.status(lp))
+    out = labmod.format_status(labmod.status(plan))
     assert "node01" in out and "running" in out
 
     for s in started:
         s.stop()
     started.clear()
     all_pids = [*pids.values(), st["daemon"]["pid"]]
-    removed = labmod.down(lp)
+    removed = labmod.down(plan)
     assert f"namespace {ns}" in removed
     assert not labmod.namespace_exists(ns)
     assert not any(os.path.exists(f"/proc/{p}") and labmod._proc_state(p) not in ("Z", "") for p in all_pids)
-    assert labmod.down(lp) == []  # idempotent
-    assert all(not lab.qmp(n).exists() and not lab.pidfile(n).exists() for n in lp.nodes)
+    assert labmod.down(plan) == []  # idempotent
+    assert all(not lab.qmp(n).exists() and not lab.pidfile(n).exists() for n in plan.nodes)
 
 
 @pytest.mark.slow
@@ -434,18 +434,18 @@ def test_lab_down_cleans_a_half_created_lab(tmp_path):
     """After a crash: namespace and bridge there, one tap, no VMs, stale PID files."""
     require_root()
     ns = f"bt-lab-{secrets.token_hex(3)}"
-    lp = load_plan(_plan(tmp_path, nodes=2, ns=ns))
-    lab = labmod.Lab(lp)
+    plan = load_plan(_plan(tmp_path, nodes=2, ns=ns))
+    lab = labmod.Lab(plan)
     try:
         subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
         subprocess.run(["ip", "-n", ns, "link", "add", "br-boot", "type", "bridge"], check=True, timeout=10)
         subprocess.run(["ip", "-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap"], check=True, timeout=10)
         lab.dir.mkdir(parents=True)
-        lab.pidfile(lp.nodes[0]).write_text(f"{os.getpid()}\n")  # a live PID that is not our QEMU
+        lab.pidfile(plan.nodes[0]).write_text(f"{os.getpid()}\n")  # a live PID that is not our QEMU
         lab.daemon_pidfile.write_text("999999999\n")
-        removed = labmod.down(lp)
+        removed = labmod.down(plan)
         assert f"namespace {ns}" in removed and not labmod.namespace_exists(ns)
         assert not any(r.startswith(("qemu", "daemon")) for r in removed)  # we killed nothing we did not start
-        assert not lab.pidfile(lp.nodes[0]).exists()
+        assert not lab.pidfile(plan.nodes[0]).exists()
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)

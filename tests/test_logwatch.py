@@ -28,14 +28,14 @@ def timeline(store):
     return [(t.mac, t.from_stage, t.to_stage, t.time, t.attempt, t.evidence) for t in store.transitions()]
 
 
-async def feed_and_follow(lp, db, log, lines, *, stop_at=None, rotate_at=None, expected=10_000):
+async def feed_and_follow(plan, db, log, lines, *, stop_at=None, rotate_at=None, expected=10_000):
     """Append ``lines`` to the log while following it; cancel abruptly after ``stop_at`` lines,
     else wait (bounded) until the journal holds ``expected`` transitions."""
     store = Store(db)
-    tracker = Tracker(plan_nodes(lp))
+    tracker = Tracker(plan_nodes(plan))
     tracker.restore(store.transitions())
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: track_logs(lp, store, tracker, poll=0.01))
+        nursery.start_soon(lambda: track_logs(plan, store, tracker, poll=0.01))
         with open(log, "ab") as f:
             for i, line in enumerate(lines):
                 if rotate_at is not None and i == rotate_at:

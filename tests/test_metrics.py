@@ -91,11 +91,11 @@ def make_plan(tmp: Path, *, n: int = 4, budget: int = 0):
 
 def populated(tmp_path: Path) -> tuple[Metrics, Tracker, Scheduler, BootServers]:
     """A Metrics attached to real objects in a mid-rollout state (no trio run needed)."""
-    lp = make_plan(tmp_path, n=4, budget=1)
-    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
-    wake, bmc = plan_drivers(lp)
+    plan = make_plan(tmp_path, n=4, budget=1)
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
+    wake, bmc = plan_drivers(plan)
     wake.sent = 6
-    sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None, window_tuning=WindowTuning(initial_window=2))
+    sched = Scheduler(plan, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None, window_tuning=WindowTuning(initial_window=2))
     running = BootServers(host="127.0.0.1", admission=Admission(max_active=8))
     running.tftp_counters.packets_out, running.tftp_counters.retransmits, running.tftp_counters.bytes_sent = 100, 3, 51200
     running.tftp_counters.transfers_ok, running.tftp_counters.transfers_failed = 5, 1
@@ -283,8 +283,8 @@ def test_collector_never_raises(tmp_path):
 def test_nothing_attached_and_serve_mode(tmp_path):
     m = Metrics()
     assert families(m.exposition().decode())["bootorch_metrics_collect_errors"].samples[0].value == 0
-    lp = make_plan(tmp_path)
-    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    plan = make_plan(tmp_path)
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     m.attach(tracker=tracker, running=BootServers(host="127.0.0.1"))  # `bootorch serve`: no scheduler
     fams = families(m.exposition().decode())
     assert {s.labels["result"]: s.value for s in fams["bootorch_rollout_nodes"].samples} == {"ready": 0, "failed": 0, "unfinished": 4}
@@ -303,8 +303,8 @@ def test_injected_registry_not_global():
 
 def test_stage_durations_after_a_restart_come_from_the_journal(tmp_path):
     """A transition out of a stage entered before a restart: its entry time is in the tracker's history."""
-    lp = make_plan(tmp_path, n=1)
-    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    plan = make_plan(tmp_path, n=1)
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     mac = next(iter(tracker.nodes))
     tracker.wake(mac, 100.0)  # happened in the previous process: this Metrics never saw it
     m = Metrics().attach(tracker=tracker)
@@ -477,13 +477,13 @@ class WolThenSim:
         return result
 
 
-async def boot_traffic(lp, run, curl: str) -> None:
+async def boot_traffic(plan, run, curl: str) -> None:
     """Real TFTP, HTTP and DHCP traffic against the boot server, on loopback, for the panels."""
     from scapy.layers.dhcp import BOOTP, DHCP
 
     from orchestrator.protocols.dhcp import mac_bytes
 
-    node = lp.nodes[0]
+    node = plan.nodes[0]
     cfg = f"pxelinux.cfg/01-{node.mac.replace(':', '-')}"
     # Clients that request a file and never ACK: the server retransmits (5 times, 1 s apart), then gives up.
     # Each from its own loopback address (the server caps transfers per client IP).
@@ -550,13 +550,13 @@ async def test_real_prometheus_scrapes_a_rollout_and_every_query_has_data(tmp_pa
 
     # The simulated boot on a quarter of its usual delays: ~4 s per node on the real clock.
     monkeypatch.setattr(sim, "STEPS", [(d * 0.25, kind, payload) for d, kind, payload in sim.STEPS])
-    lp = make_plan(tmp_path, n=5, budget=1)
+    plan = make_plan(tmp_path, n=5, budget=1)
     from orchestrator.bootserver.serve import Ports, serve_plan
 
     metrics = Metrics()
-    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
-    metrics.attach(tracker=tracker, timeouts=plan_timeouts(lp))
-    nodes = list(lp.nodes)
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
+    metrics.attach(tracker=tracker, timeouts=plan_timeouts(plan))
+    nodes = list(plan.nodes)
     failing, stuck = nodes[1], nodes[4]
     prom_dir = Path(tempfile.mkdtemp(prefix="bootorch-prom-"))
     proc = None
@@ -592,7 +592,7 @@ async def test_real_prometheus_scrapes_a_rollout_and_every_query_has_data(tmp_pa
                     # the boot server, on loopback
                     events_send, events_recv = trio.open_memory_channel(10_000)
                     run = await nursery.start(lambda task_status: serve_plan(
-                        lp, Ports(host="127.0.0.1", dhcp=0, pxe=-1, tftp=0, http=0, interface=""), events=events_send,
+                        plan, Ports(host="127.0.0.1", dhcp=0, pxe=-1, tftp=0, http=0, interface=""), events=events_send,
                         task_status=task_status))
 
                     async def drain():
@@ -613,7 +613,7 @@ async def test_real_prometheus_scrapes_a_rollout_and_every_query_has_data(tmp_pa
                     cluster.nodes[failing.mac].stubborn = True
                     wake = WolThenSim(cluster)
                     readiness = HangingReadiness(sim.SimReadiness(cluster), str(stuck.ip))
-                    sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=cluster, readiness=readiness,
+                    sched = Scheduler(plan, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=cluster, readiness=readiness,
                                       load=lambda: run.admission.load(trio.current_time()), clock=time.time,
                                       on_change=metrics.observe_transitions, window_tuning=WindowTuning(adapt_every=1.0), probe_every=0.25)
                     metrics.attach(scheduler=sched, wake=wake)
@@ -621,13 +621,13 @@ async def test_real_prometheus_scrapes_a_rollout_and_every_query_has_data(tmp_pa
                     traffic_done = trio.Event()
 
                     async def traffic():
-                        await boot_traffic(lp, run, curl)
+                        await boot_traffic(plan, run, curl)
                         traffic_done.set()
 
                     nursery.start_soon(traffic)
 
                     # wait: 3 ready, 1 failed, 1 stuck in ssh past its timeout, traffic done
-                    ssh_timeout = plan_timeouts(lp)[Stage.SSH]
+                    ssh_timeout = plan_timeouts(plan)[Stage.SSH]
                     mid_scrape = None
                     while True:
                         st = tracker.nodes[stuck.mac]

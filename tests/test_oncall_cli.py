@@ -33,9 +33,9 @@ def _t(mac, node, a, b, when, attempt=1, ev="x"):
 
 
 def test_status_worst_first_and_time_in_stage_survives_a_rewake(tmp_path, capsys):
-    lp = make_plan(tmp_path, n=3)
-    m = [n.mac for n in lp.nodes]
-    store = Store(lp.state_dir / "state.db")
+    plan = make_plan(tmp_path, n=3)
+    m = [n.mac for n in plan.nodes]
+    store = Store(plan.state_dir / "state.db")
     now = time.time()
     store.append([
         _t(m[0], "n1", "pending", "waking", now - 100), _t(m[0], "n1", "waking", "pxe_dhcp", now - 95),
@@ -45,26 +45,26 @@ def test_status_worst_first_and_time_in_stage_survives_a_rewake(tmp_path, capsys
         _t(m[2], "n3", "pending", "waking", now - 30), _t(m[2], "n3", "waking", "failed", now - 10, ev="stuck in waking"),
     ])
     store.record_action("n2", "wake", "stuck in waking for 20s", "ok", actor="bootorch")
-    rows = node_rows(lp, store, now)
+    rows = node_rows(plan, store, now)
     assert [r["node"] for r in rows] == ["n3", "n2", "n1"]
     n2 = rows[1]
     assert n2["stage"] == "waking" and n2["stuck"] and n2["in_stage_seconds"] >= 59  # not 5 s: the re-wake is not a new stage
     assert n2["evidence"].startswith("re-wake 1") and n2["last_action"]["action"] == "wake"
     store.close()
     args = SimpleNamespace(nodes="n[2-3]", stuck=True, json=True)
-    assert run_status(lp, args) == 0
+    assert run_status(plan, args) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["node"] for r in out["nodes"]] == ["n3", "n2"]
 
 
 def test_history_shows_who_did_what_and_why(tmp_path):
-    lp = make_plan(tmp_path, n=2)
-    store = Store(lp.state_dir / "state.db")
-    mac = lp.nodes[0].mac
+    plan = make_plan(tmp_path, n=2)
+    store = Store(plan.state_dir / "state.db")
+    mac = plan.nodes[0].mac
     store.append([_t(mac, "n1", "pending", "waking", 10.0)])
     store.record_action("n1", "reboot requested", "hung NFS", "accepted", actor="alice@head", when=11.0)
     store.record_action("n2", "wake", "admitted", "ok", when=12.0)
-    rows = history_rows(lp, store, ["n1"])
+    rows = history_rows(plan, store, ["n1"])
     assert [(r["kind"], r["what"], r["actor"]) for r in rows] == [("stage", "pending -> waking", "test"),
                                                                    ("action", "reboot requested", "alice@head")]
     assert rows[1]["detail"] == "hung NFS -> accepted"
@@ -75,9 +75,9 @@ def test_history_shows_who_did_what_and_why(tmp_path):
 
 
 async def test_control_api_streams_a_reboot_and_refuses_a_busy_node(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=2)
-    h = Harness(lp, tmp_path)
-    path = control.socket_path(lp)
+    plan = make_plan(tmp_path, n=2)
+    h = Harness(plan, tmp_path)
+    path = control.socket_path(plan)
 
     def ask(req):
         return list(control.request(path, req, timeout=30))
@@ -86,7 +86,7 @@ async def test_control_api_streams_a_reboot_and_refuses_a_busy_node(tmp_path, au
         h.cluster.nursery = nursery
         h.sched.standing = True
         nursery.start_soon(h.sched.run, h.recv)
-        server = control.ControlServer(lp, h.sched, mode="serve")
+        server = control.ControlServer(plan, h.sched, mode="serve")
         server.request_timeout = math.inf  # MockClock would jump to any deadline while the client thread connects
         await nursery.start(server.serve)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
@@ -127,8 +127,8 @@ async def test_control_api_streams_a_reboot_and_refuses_a_busy_node(tmp_path, au
 async def test_control_api_over_tcp_needs_the_token(tmp_path, autojump_clock):
     (tmp_path / "token").write_text("s3cret\n")
     (tmp_path / "token").chmod(0o600)
-    lp = make_plan(tmp_path, n=1, extra=f"control: {{listen: '127.0.0.1:0', token: {{file: {tmp_path / 'token'}}}}}")
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=1, extra=f"control: {{listen: '127.0.0.1:0', token: {{file: {tmp_path / 'token'}}}}}")
+    h = Harness(plan, tmp_path)
 
     def ask(port, req):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -138,7 +138,7 @@ async def test_control_api_over_tcp_needs_the_token(tmp_path, autojump_clock):
     async with trio.open_nursery() as nursery:
         h.cluster.nursery = nursery
         nursery.start_soon(h.sched.run, h.recv)
-        server = control.ControlServer(lp, h.sched, mode="rollout", token="s3cret")
+        server = control.ControlServer(plan, h.sched, mode="rollout", token="s3cret")
         server.request_timeout = math.inf  # MockClock would jump to any deadline while the client thread connects
         _, tcp = await nursery.start(server.serve)
         port = tcp[0][1]
@@ -201,39 +201,39 @@ def _run(*args, timeout=60, env=None):
 
 def test_reboot_without_an_orchestrator_runs_one_and_reports_failure(tmp_path):
     """Nothing boots here: the BMC cycle is done, the node never PXE-boots, the ladder fails it: exit 1, audited."""
-    lp, log = _cli_plan(tmp_path)
-    r = _run("reboot", str(lp.path), "n1", "--reason", "test reboot", "--json")
+    plan, log = _cli_plan(tmp_path)
+    r = _run("reboot", str(plan.path), "n1", "--reason", "test reboot", "--json")
     assert r.returncode == 1, r.stderr
     out = json.loads(r.stdout)
     assert out["via"] == "direct" and out["acting"] == ["n1"]
     res = out["results"]["n1"]
     assert res["result"] == "failed" and res["path"][0] == "power_cycle" and "stuck in waking" in res["reason"]
     assert log.read_text().splitlines() == ["cycle n1"]
-    hist = json.loads(_run("history", str(lp.path), "n1", "--json").stdout)
+    hist = json.loads(_run("history", str(plan.path), "n1", "--json").stdout)
     actions = [(h["what"], h["detail"]) for h in hist if h["kind"] == "action"]
     assert ("reboot requested", "test reboot -> accepted") in actions and ("power_cycle", "reboot by " in "") is not None
     assert any(w == "reboot" and d.startswith("test reboot -> failed") for w, d in actions)
-    assert not control.socket_path(lp).exists()
+    assert not control.socket_path(plan).exists()
 
 
 def test_reboot_goes_through_a_running_serve_and_a_second_one_is_busy(tmp_path):
-    lp, log = _cli_plan(tmp_path, waking="5m")  # the first reboot holds n2 until the test ends
-    p = subprocess.Popen([EXE, "serve", str(lp.path), "--interface", ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plan, log = _cli_plan(tmp_path, waking="5m")  # the first reboot holds n2 until the test ends
+    p = subprocess.Popen([EXE, "serve", str(plan.path), "--interface", ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in p.stderr:
             if line.startswith("serving"):
                 break
         else:
             raise AssertionError("serve did not start")
-        assert control.ping(control.socket_path(lp))["mode"] == "serve"
-        first = _run("reboot", str(lp.path), "n2", "--no-wait", "--json")
+        assert control.ping(control.socket_path(plan))["mode"] == "serve"
+        first = _run("reboot", str(plan.path), "n2", "--no-wait", "--json")
         assert first.returncode == 0, first.stderr
         assert json.loads(first.stdout)["via"] == "control"
-        second = _run("reboot", str(lp.path), "n2", "--json")
+        second = _run("reboot", str(plan.path), "n2", "--json")
         assert second.returncode == 1
         assert "reboot by" in json.loads(second.stdout)["busy"]["n2"]
         assert log.read_text().splitlines() == ["cycle n2"]
-        rollout = _run("rollout", str(lp.path))
+        rollout = _run("rollout", str(plan.path))
         assert rollout.returncode == 1 and "another bootorch" in rollout.stderr
     finally:
         p.terminate()
@@ -241,15 +241,15 @@ def test_reboot_goes_through_a_running_serve_and_a_second_one_is_busy(tmp_path):
 
 
 def test_slurm_resume_failure_exits_nonzero_and_fail_powers_off(tmp_path):
-    lp, log = _cli_plan(tmp_path)
-    env = {**os.environ, "BOOTORCH_PLAN": str(lp.path)}
+    plan, log = _cli_plan(tmp_path)
+    env = {**os.environ, "BOOTORCH_PLAN": str(plan.path)}
     r = _run("slurm", "resume", "n[1-2]", env=env)
     assert r.returncode == 1
     r = _run("slurm", "fail", "n[1-2]", env=env)
     assert r.returncode == 0, r.stderr
     assert sorted(log.read_text().splitlines()) == ["off n1", "off n2"]  # resume woke them by magic packet (retries: 0)
-    text = (lp.state_dir / "slurm.log").read_text()
+    text = (plan.state_dir / "slurm.log").read_text()
     assert "slurm resume n[1-2]" in text and "n1: off" in text and "n1: failed" in text
-    nodes = json.loads(_run("status", str(lp.path), "--json").stdout)["nodes"]
+    nodes = json.loads(_run("status", str(plan.path), "--json").stdout)["nodes"]
     assert {n["stage"] for n in nodes} == {"pending"}
     assert _run("slurm", "resume", "n[1-2]").returncode == 2  # no plan: a usage error, said clearly

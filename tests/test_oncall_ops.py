@@ -39,17 +39,17 @@ class SimSsh:
 
 
 class Harness:
-    def __init__(self, lp, tmp_path, *, rollout: bool = False) -> None:
-        self.lp = lp
+    def __init__(self, plan, tmp_path, *, rollout: bool = False) -> None:
+        self.plan = plan
         self.send, self.recv = trio.open_memory_channel(10_000)
         self.cluster = SimCluster(self.send)
-        for node in lp.nodes:
+        for node in plan.nodes:
             self.cluster.add(node.mac, str(node.ip))
         self.ssh = SimSsh(self.cluster)
-        self.tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+        self.tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
         self.store = Store(tmp_path / "state.db")
         self.peak_in_flight = 0
-        self.sched = Scheduler(lp, self.tracker, self.store, wake=self.cluster, bmc=self.cluster, readiness=SimReadiness(self.cluster),
+        self.sched = Scheduler(plan, self.tracker, self.store, wake=self.cluster, bmc=self.cluster, readiness=SimReadiness(self.cluster),
                                ssh_power=self.ssh, clock=trio.current_time, on_change=self._seen, rollout=rollout, probe_every=1.0)
 
     def _seen(self, ts) -> None:
@@ -57,7 +57,7 @@ class Harness:
 
     async def boot_all(self, nursery) -> None:
         """Bring every node to ready first (as a rollout would)."""
-        op, busy = self.sched.submit("wake", [n.name for n in self.lp.nodes], reason="test setup", actor="tester")
+        op, busy = self.sched.submit("wake", [n.name for n in self.plan.nodes], reason="test setup", actor="tester")
         assert not busy
         await op.done.wait()
         assert all(r["result"] == "ready" for r in op.results.values()), op.results
@@ -75,8 +75,8 @@ async def _with(h: Harness, body):
 
 
 async def test_reboot_goes_over_ssh_and_waits_for_ready_again(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=2)
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=2)
+    h = Harness(plan, tmp_path)
 
     async def body(nursery):
         await h.boot_all(nursery)
@@ -86,9 +86,9 @@ async def test_reboot_goes_over_ssh_and_waits_for_ready_again(tmp_path, autojump
         assert op.results["n1"]["result"] == "ready"
         assert op.results["n1"]["path"] == ["reboot_ssh"]
         assert h.ssh.calls == [("reboot", "n1")] and h.cluster.cycles == []
-        st = h.tracker.nodes[lp.nodes[0].mac]
+        st = h.tracker.nodes[plan.nodes[0].mac]
         assert st.attempt == 2 and st.stage == Stage.READY
-        second = [t.to_stage for t in h.store.transitions(lp.nodes[0].mac) if t.attempt == 2]
+        second = [t.to_stage for t in h.store.transitions(plan.nodes[0].mac) if t.attempt == 2]
         assert second[0] == Stage.WAKING and Stage.PXE_DHCP in second and Stage.KERNEL in second and second[-1] == Stage.READY
         audit = [(a.action, a.result, a.actor) for a in h.store.actions("n1")]
         assert ("reboot requested", "accepted", "alice") in audit and ("reboot_ssh", "ok", "alice") in audit
@@ -99,8 +99,8 @@ async def test_reboot_goes_over_ssh_and_waits_for_ready_again(tmp_path, autojump
 
 
 async def test_reboot_falls_back_to_the_bmc_when_ssh_is_broken(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=1)
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=1)
+    h = Harness(plan, tmp_path)
 
     async def body(nursery):
         await h.boot_all(nursery)
@@ -116,8 +116,8 @@ async def test_reboot_falls_back_to_the_bmc_when_ssh_is_broken(tmp_path, autojum
 
 
 async def test_hard_reboot_skips_ssh(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=1)
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=1)
+    h = Harness(plan, tmp_path)
 
     async def body(nursery):
         await h.boot_all(nursery)
@@ -130,8 +130,8 @@ async def test_hard_reboot_skips_ssh(tmp_path, autojump_clock):
 
 
 async def test_second_request_for_a_busy_node_is_refused_with_its_holder(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=2)
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=2)
+    h = Harness(plan, tmp_path)
 
     async def body(nursery):
         await h.boot_all(nursery)
@@ -154,12 +154,12 @@ async def test_second_request_for_a_busy_node_is_refused_with_its_holder(tmp_pat
 
 
 async def test_rebooting_many_nodes_is_a_mini_rollout_not_a_storm(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=8, max_downloading=2)
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=8, max_downloading=2)
+    h = Harness(plan, tmp_path)
 
     async def body(nursery):
         await h.boot_all(nursery)
-        op, _ = h.sched.submit("reboot", [n.name for n in lp.nodes], reason="new image", actor="ops")
+        op, _ = h.sched.submit("reboot", [n.name for n in plan.nodes], reason="new image", actor="ops")
         await op.done.wait()
         assert all(r["result"] == "ready" for r in op.results.values())
         assert h.peak_in_flight <= 2
@@ -169,8 +169,8 @@ async def test_rebooting_many_nodes_is_a_mini_rollout_not_a_storm(tmp_path, auto
 
 
 async def test_power_off_then_wake(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=2)
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=2)
+    h = Harness(plan, tmp_path)
 
     async def body(nursery):
         await h.boot_all(nursery)
@@ -187,8 +187,8 @@ async def test_power_off_then_wake(tmp_path, autojump_clock):
 
 
 async def test_waking_a_node_that_is_up_does_nothing(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=1)
-    h = Harness(lp, tmp_path)
+    plan = make_plan(tmp_path, n=1)
+    h = Harness(plan, tmp_path)
 
     async def body(nursery):
         await h.boot_all(nursery)
@@ -203,10 +203,10 @@ async def test_waking_a_node_that_is_up_does_nothing(tmp_path, autojump_clock):
 
 
 async def test_a_node_that_cannot_boot_fails_the_operation_after_the_ladder(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=1, wake=1, cycles=1)
-    h = Harness(lp, tmp_path)
-    h.cluster.nodes[lp.nodes[0].mac].hang_in = "vmlinuz"
-    h.cluster.nodes[lp.nodes[0].mac].stubborn = True
+    plan = make_plan(tmp_path, n=1, wake=1, cycles=1)
+    h = Harness(plan, tmp_path)
+    h.cluster.nodes[plan.nodes[0].mac].hang_in = "vmlinuz"
+    h.cluster.nodes[plan.nodes[0].mac].stubborn = True
 
     async def body(nursery):
         op, _ = h.sched.submit("wake", ["n1"], reason="resume", actor="slurm")
@@ -219,8 +219,8 @@ async def test_a_node_that_cannot_boot_fails_the_operation_after_the_ladder(tmp_
 
 
 async def test_a_request_during_a_rollout_takes_the_node_over_without_a_double_wake(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=6, max_downloading=1)
-    h = Harness(lp, tmp_path, rollout=True)
+    plan = make_plan(tmp_path, n=6, max_downloading=1)
+    h = Harness(plan, tmp_path, rollout=True)
     summary = None
 
     async with trio.open_nursery() as nursery:
@@ -238,5 +238,5 @@ async def test_a_request_during_a_rollout_takes_the_node_over_without_a_double_w
         assert op.results["n6"]["result"] == "ready"
     assert summary is not None and summary.ok and len(summary.ready) == 6
     wakes = [name for _, name in h.cluster.wakes]
-    assert sorted(wakes) == sorted(n.name for n in lp.nodes)  # one wake each: n6 by the request, not again by its wave
+    assert sorted(wakes) == sorted(n.name for n in plan.nodes)  # one wake each: n6 by the request, not again by its wave
     assert wakes.index("n6") < wakes.index("n5")

@@ -40,5 +40,5 @@ def test_minimal_plan_in_docs_is_valid(tmp_path):
     block = re.search(r"## A minimal plan\n\n```yaml\n(.*?)```", doc, re.S).group(1)
     p = tmp_path / "minimal.yaml"
     p.write_text(block)
-    lp = load_plan(p)
-    assert len(lp.nodes) == 64 and lp.nodes[1].mac == "52:54:00:00:01:02"
+    plan = load_plan(p)
+    assert len(plan.nodes) == 64 and plan.nodes[1].mac == "52:54:00:00:01:02"

@@ -69,11 +69,11 @@ def plans(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plans())
 def test_generated_plans_expand_to_their_nodes(tmp_path, case):
-    plan, expected = case
+    spec, expected = case
     p = tmp_path / "gen.yaml"
-    p.write_text(yaml.safe_dump(plan, sort_keys=False))
-    lp = load_plan(p)
-    got = sorted((n.name, n.mac, str(n.ip), n.profile) for n in lp.nodes)
+    p.write_text(yaml.safe_dump(spec, sort_keys=False))
+    plan = load_plan(p)
+    got = sorted((n.name, n.mac, str(n.ip), n.profile) for n in plan.nodes)
     assert got == sorted(expected)
 
 
@@ -95,6 +95,6 @@ def test_model_dump_load_round_trip(tmp_path, case):
 def test_shipped_plans_round_trip(tmp_path):
     root = Path(__file__).resolve().parent.parent / "plans"
     for name in ("full.yaml", "examples/beowulf-64.yaml"):
-        lp = load_plan(root / name)
-        again = Plan.model_validate(yaml.safe_load(yaml.safe_dump(lp.model.model_dump(mode="json"))))
-        assert again == lp.model
+        plan = load_plan(root / name)
+        again = Plan.model_validate(yaml.safe_load(yaml.safe_dump(plan.model.model_dump(mode="json"))))
+        assert again == plan.model

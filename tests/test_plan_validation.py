@@ -47,13 +47,13 @@ def one(path: Path) -> tuple[int | None, str]:
 
 
 def test_base_plan_is_valid_and_expands(tmp_path):
-    lp = load_plan(write(tmp_path, BASE))
-    assert [(n.name, n.mac, str(n.ip)) for n in lp.nodes] == [
+    plan = load_plan(write(tmp_path, BASE))
+    assert [(n.name, n.mac, str(n.ip)) for n in plan.nodes] == [
         ("n1", "52:54:00:00:00:01", "10.9.0.11"),
         ("n2", "52:54:00:00:00:02", "10.9.0.12"),
         ("n3", "52:54:00:00:00:03", "10.9.0.13"),
     ]
-    assert lp.nodes[0].origin[1] == 10
+    assert plan.nodes[0].origin[1] == 10
 
 
 def test_yaml_syntax_error_has_line(tmp_path):
@@ -84,8 +84,8 @@ def test_duplicate_yaml_key_is_rejected(tmp_path):
 
 def test_unquoted_mac_is_not_read_as_base60(tmp_path):
     # YAML 1.1 reads 52:54:00:00:00:01 as an integer; our loader must not.
-    lp = load_plan(write(tmp_path, BASE))
-    assert lp.nodes[0].mac == "52:54:00:00:00:01"
+    plan = load_plan(write(tmp_path, BASE))
+    assert plan.nodes[0].mac == "52:54:00:00:00:01"
 
 
 @pytest.mark.parametrize("mac", ["52:54:00:00:00", "zz:54:00:00:00:01", "5254.0000.0001", "52:54:00-00:00:01"])
@@ -174,13 +174,13 @@ def test_missing_files_in_existing_boot_root(tmp_path):
     line, msg, _ = errs[0]
     assert line == 8 and "initrd file 'rootfs.gz' is not in the boot root" in msg
     (root / "rootfs.gz").write_bytes(b"i")
-    lp = load_plan(tmp_path / "plan.yaml")
-    assert lp.warnings == []
+    plan = load_plan(tmp_path / "plan.yaml")
+    assert plan.warnings == []
 
 
 def test_absent_boot_root_is_only_a_warning(tmp_path):
-    lp = load_plan(write(tmp_path, BASE))
-    assert len(lp.warnings) == 1 and "does not exist here" in lp.warnings[0].message
+    plan = load_plan(write(tmp_path, BASE))
+    assert len(plan.warnings) == 1 and "does not exist here" in plan.warnings[0].message
 
 
 def test_inline_password_rejected(tmp_path):
@@ -326,13 +326,13 @@ def test_cli_usage_error_exit_2():
 def test_checks_without_key_or_agent_say_what_to_set(tmp_path):
     """Readiness offers no key it was not given (no agent, no ~/.ssh): say so before a rollout fails every node."""
     text = BASE + "readiness:\n  checks:\n    - {kernel: '6'}\n"
-    lp = load_plan(write(tmp_path, text))
-    said = [w for w in lp.warnings if "readiness.ssh" in w.message]
-    assert len(said) == 1 and said[0].line == 13, lp.warnings
+    plan = load_plan(write(tmp_path, text))
+    said = [w for w in plan.warnings if "readiness.ssh" in w.message]
+    assert len(said) == 1 and said[0].line == 13, plan.warnings
     assert "key:" in said[0].message and "agent: true" in said[0].message
     for ssh in ("{key: id_ed25519}", "{agent: true}"):
-        lp = load_plan(write(tmp_path, BASE + f"readiness:\n  ssh: {ssh}\n  checks:\n    - {{kernel: '6'}}\n"))
-        assert not [w for w in lp.warnings if "readiness.ssh" in w.message], lp.warnings
+        plan = load_plan(write(tmp_path, BASE + f"readiness:\n  ssh: {ssh}\n  checks:\n    - {{kernel: '6'}}\n"))
+        assert not [w for w in plan.warnings if "readiness.ssh" in w.message], plan.warnings
     assert load_plan(write(tmp_path, BASE)).model.readiness.ssh.agent is False  # the default
 
 

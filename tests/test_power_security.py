@@ -223,15 +223,15 @@ def dumped_env(path: Path) -> dict[str, str]:
 def test_secret_env_names_are_every_env_secret_of_the_plan(tmp_path, secret_env):
     from orchestrator.power import secret_env_names
 
-    lp = secret_plan(tmp_path, "{driver: ipmi, address: '{name}-bmc', password: {env: BT_T_BMC_PW}}")
-    assert secret_env_names(lp.model) == set(SECRETS)
+    plan = secret_plan(tmp_path, "{driver: ipmi, address: '{name}-bmc', password: {env: BT_T_BMC_PW}}")
+    assert secret_env_names(plan.model) == set(SECRETS)
 
 
 async def test_command_driver_child_gets_no_plan_secret(tmp_path, secret_env):
     out = tmp_path / "env"
-    lp = secret_plan(tmp_path, f"{{driver: command, command: \"/bin/sh -c 'env > {out}' {{action}}\", "
+    plan = secret_plan(tmp_path, f"{{driver: command, command: \"/bin/sh -c 'env > {out}' {{action}}\", "
                                "password: {env: BT_T_BMC_PW}}")
-    _, bmc = plan_drivers(lp)
+    _, bmc = plan_drivers(plan)
     assert isinstance(bmc, CommandDriver)
     assert (await bmc.cycle(T)).ok
     env = dumped_env(out)
@@ -249,8 +249,8 @@ async def test_ipmitool_child_gets_only_its_own_password(tmp_path, secret_env, m
     exe.write_text(f"#!/bin/sh\nenv > {tmp_path}/env\necho 'Chassis Power Control: Cycle'\n")
     exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    lp = secret_plan(tmp_path, "{driver: ipmi, address: '{name}-bmc', username: admin, password: {env: BT_T_BMC_PW}}")
-    _, bmc = plan_drivers(lp)
+    plan = secret_plan(tmp_path, "{driver: ipmi, address: '{name}-bmc', username: admin, password: {env: BT_T_BMC_PW}}")
+    _, bmc = plan_drivers(plan)
     assert isinstance(bmc, IpmiDriver)
     assert (await bmc.cycle(T)).ok
     env = dumped_env(tmp_path / "env")

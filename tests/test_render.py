@@ -62,21 +62,21 @@ def test_config_name_parsing():
 
 def test_rendered_names_are_the_first_names_pxelinux_asks_for():
     """Each node's file is the first candidate in its lookup list that exists."""
-    for plan in (FULL, BEOWULF):
-        lp = load_plan(plan)
-        tree = boot_tree(lp)
+    for path in (FULL, BEOWULF):
+        plan = load_plan(path)
+        tree = boot_tree(plan)
         cfgs = {k.split("/", 1)[1] for k in tree if k.startswith("pxelinux.cfg/")}
-        for node in lp.nodes:
+        for node in plan.nodes:
             wanted = lookup_names(node.mac, node.ip)
             first_hit = next(n for n in wanted if n in cfgs)
-            expected = mac_config_name(node.mac) if "mac" in lp.model.boot.config_names else ip_hex(node.ip)
+            expected = mac_config_name(node.mac) if "mac" in plan.model.boot.config_names else ip_hex(node.ip)
             assert first_hit == expected
             assert node.name.encode() in tree[f"pxelinux.cfg/{first_hit}"]
 
 
 def test_seed_style_config_content():
-    lp = load_plan(BEOWULF)
-    cfg = boot_tree(lp)["pxelinux.cfg/C0A80102"].decode()
+    plan = load_plan(BEOWULF)
+    cfg = boot_tree(plan)["pxelinux.cfg/C0A80102"].decode()
     assert "DEFAULT beowulf" in cfg and "KERNEL linux" in cfg
     assert (
         "APPEND initrd=rootfs.gz root=/dev/ram0 rw ramdisk_size=65536 "
@@ -85,9 +85,9 @@ def test_seed_style_config_content():
 
 
 def test_dynamic_source_serves_the_rendered_bytes(tmp_path):
-    lp = load_plan(FULL)
-    written = render_all(lp)
-    files = BootFiles(None, dynamic_source(lp))
+    plan = load_plan(FULL)
+    written = render_all(plan)
+    files = BootFiles(None, dynamic_source(plan))
     for rel, data in written.items():
         if rel.startswith(("pxelinux.cfg/", "ipxe/")) or rel == "boot.ipxe":
             f = files.open(rel)
@@ -100,8 +100,8 @@ def test_dynamic_source_serves_the_rendered_bytes(tmp_path):
 
 
 def test_dhcpd_conf_has_pxe_class_hosts_and_no_pool():
-    lp = load_plan(BEOWULF)
-    conf = render_dhcpd(lp)
+    plan = load_plan(BEOWULF)
+    conf = render_dhcpd(plan)
     assert 'match if substring (option vendor-class-identifier, 0, 9) = "PXEClient";' in conf
     assert "option PXE.mtftp-ip 0.0.0.0;" in conf and "next-server 192.168.1.1;" in conf
     assert conf.count("host node") == 64
@@ -136,12 +136,12 @@ def test_real_daemons_accept_rendered_configs(tmp_path, plan):
 
 def test_real_daemons_reject_a_broken_config(tmp_path):
     """Control: the checks above can fail."""
-    lp = load_plan(FULL)
+    plan = load_plan(FULL)
     bad = tmp_path / "dhcpd.conf"
-    bad.write_text(render_dhcpd(lp).replace("fixed-address", "fixed-adress", 1))
+    bad.write_text(render_dhcpd(plan).replace("fixed-address", "fixed-adress", 1))
     assert dhcpd_check(bad).returncode != 0
     badd = tmp_path / "dnsmasq.conf"
-    badd.write_text(render_dnsmasq(lp) + "dhcp-boot-typo=x\n")
+    badd.write_text(render_dnsmasq(plan) + "dhcp-boot-typo=x\n")
     assert dnsmasq_check(badd).returncode != 0
 
 
@@ -150,8 +150,8 @@ def test_proxy_mode_dnsmasq(tmp_path):
     p = tmp_path / "plans" / "proxy.yaml"
     p.parent.mkdir()
     p.write_text(text)
-    lp = load_plan(p)
-    conf = render_dnsmasq(lp)
+    plan = load_plan(p)
+    conf = render_dnsmasq(plan)
     assert "dhcp-range=10.77.0.0,proxy,255.255.255.0" in conf and "dhcp-host=" not in conf
     path = tmp_path / "dnsmasq.conf"
     path.write_text(conf)
@@ -167,8 +167,8 @@ def test_render_writes_files_atomically_and_lists_them(tmp_path, capsys):
     on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert sorted(listed) == on_disk
     assert not [p for p in on_disk if Path(p).name.startswith(".")]  # no temp files left
-    lp = load_plan(FULL)
-    for node in lp.nodes:
+    plan = load_plan(FULL)
+    for node in plan.nodes:
         assert (out / "pxelinux.cfg" / mac_config_name(node.mac)).exists()
         assert (out / "pxelinux.cfg" / ip_hex(IPv4Address(node.ip))).exists()
 
@@ -193,20 +193,20 @@ def plan_with_keys(tmp_path, *, nodes=("node01", "node03"), profile_extra: str =
     text = text.replace("    append: console=ttyS0 panic=10\n", "    append: console=ttyS0 panic=10\n" + profile_extra)
     p = tmp_path / "plan.yaml"
     p.write_text(text)
-    lp = load_plan(p)
-    for node in lp.nodes:
+    plan = load_plan(p)
+    for node in plan.nodes:
         if node.name in nodes:
-            private, public = host_key_paths(lp, node)
+            private, public = host_key_paths(plan, node)
             private.parent.mkdir(parents=True, exist_ok=True)
             private.write_bytes(f"dropbear key of {node.name}".encode())
             public.write_text(f"ssh-ed25519 AAAA{node.name} {node.name}\n")
-    return lp
+    return plan
 
 
 def test_node_with_a_host_key_boots_it_as_a_second_initrd(tmp_path):
-    lp = plan_with_keys(tmp_path)
-    tree = boot_tree(lp)
-    by_name = {n.name: n for n in lp.nodes}
+    plan = plan_with_keys(tmp_path)
+    tree = boot_tree(plan)
+    by_name = {n.name: n for n in plan.nodes}
     n1, n2 = by_name["node01"], by_name["node02"]
     cfg1 = tree[f"pxelinux.cfg/{mac_config_name(n1.mac)}"].decode()
     assert "APPEND initrd=rootfs.gz,hostkeys/10.77.0.11.cpio ip=::::node01:eth0:dhcp" in cfg1
@@ -222,10 +222,10 @@ def test_node_with_a_host_key_boots_it_as_a_second_initrd(tmp_path):
 
 
 def test_profile_host_key_none_adds_nothing(tmp_path):
-    lp = plan_with_keys(tmp_path, profile_extra="    host_key: none\n")
-    cfg = boot_tree(lp)[f"pxelinux.cfg/{mac_config_name(lp.nodes[0].mac)}"].decode()
+    plan = plan_with_keys(tmp_path, profile_extra="    host_key: none\n")
+    cfg = boot_tree(plan)[f"pxelinux.cfg/{mac_config_name(plan.nodes[0].mac)}"].decode()
     assert "initrd=rootfs.gz ip=" in cfg and "hostkeys" not in cfg
-    assert not [k for k in render_all(lp) if k.startswith("hostkeys/")]
+    assert not [k for k in render_all(plan) if k.startswith("hostkeys/")]
 
 
 def test_host_key_archive_is_served_only_to_its_node(tmp_path):
@@ -233,12 +233,12 @@ def test_host_key_archive_is_served_only_to_its_node(tmp_path):
     from orchestrator.bootserver.files import NotFound
     from orchestrator.hostkeys import host_key_archive
 
-    lp = plan_with_keys(tmp_path)
+    plan = plan_with_keys(tmp_path)
     root = tmp_path / "root"
     (root / "hostkeys").mkdir(parents=True)
     (root / "hostkeys" / "10.77.0.11.cpio").write_bytes(b"planted")
     (root / "hostkeys" / "10.77.0.12.cpio").write_bytes(b"planted")
-    files = BootFiles(root, dynamic_source(lp))
+    files = BootFiles(root, dynamic_source(plan))
     want = host_key_archive(b"dropbear key of node01")
     f = files.open("hostkeys/10.77.0.11.cpio", "10.77.0.11")
     assert f.pread(0, f.size + 1) == want
@@ -249,18 +249,18 @@ def test_host_key_archive_is_served_only_to_its_node(tmp_path):
         with pytest.raises(NotFound):
             files.open(name, client)
     # the rest of the tree is for everyone, as before
-    cfg = f"pxelinux.cfg/{mac_config_name(lp.nodes[0].mac)}"
-    assert files.open(cfg, "10.77.0.99").size == len(boot_tree(lp)[cfg])
+    cfg = f"pxelinux.cfg/{mac_config_name(plan.nodes[0].mac)}"
+    assert files.open(cfg, "10.77.0.99").size == len(boot_tree(plan)[cfg])
 
 
 def test_render_writes_the_archives_the_live_server_serves(tmp_path):
     from orchestrator.hostkeys import host_key_archive
 
-    lp = plan_with_keys(tmp_path)
-    files = render_all(lp)
+    plan = plan_with_keys(tmp_path)
+    files = render_all(plan)
     assert sorted(k for k in files if k.startswith("hostkeys/")) == ["hostkeys/10.77.0.11.cpio", "hostkeys/10.77.0.13.cpio"]
     assert files["hostkeys/10.77.0.13.cpio"] == host_key_archive(b"dropbear key of node03")
-    live = BootFiles(None, dynamic_source(lp))
+    live = BootFiles(None, dynamic_source(plan))
     for rel, data in files.items():
         if rel.startswith(("pxelinux.cfg/", "ipxe/", "hostkeys/")):
             f = live.open(rel, rel.removeprefix("hostkeys/").removesuffix(".cpio") if rel.startswith("hostkeys/") else None)
@@ -278,8 +278,8 @@ async def test_real_clients_get_a_host_key_only_from_their_own_address(tmp_path)
     curl = require_tool("curl")
     text = FULL.read_text().replace("subnet: 10.77.0.0/24", "subnet: 127.77.0.0/24").replace("10.77.0.", "127.77.0.")
     text = text.replace("namespace: bootorch-lab     #", "#")
-    lp = plan_with_keys(tmp_path, nodes=("node01",), text=text)
-    node = lp.by_name["node01"]
+    plan = plan_with_keys(tmp_path, nodes=("node01",), text=text)
+    node = plan.by_name["node01"]
     name = f"hostkeys/{node.ip}.cpio"
     want = host_key_archive(b"dropbear key of node01")
 
@@ -291,7 +291,7 @@ async def test_real_clients_get_a_host_key_only_from_their_own_address(tmp_path)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             run = await nursery.start(lambda task_status: serve_plan(
-                lp, Ports(host="127.0.0.1", tftp=0, http=0, interface=""), dhcp=False, task_status=task_status))
+                plan, Ports(host="127.0.0.1", tftp=0, http=0, interface=""), dhcp=False, task_status=task_status))
             for url in (f"tftp://127.0.0.1:{run.tftp}/{name}", f"http://127.0.0.1:{run.http}/{name}"):
                 assert await fetch(url, str(node.ip)) == (0, want), url
                 rc, body = await fetch(url, "127.77.0.12")  # node02's address
@@ -313,9 +313,9 @@ def test_tftp_hpa_remap_rule_from_the_docs_gives_each_client_its_own_key(tmp_pat
     tftpd = require_tool("in.tftpd", "/usr/sbin/in.tftpd")
     curl = require_tool("curl")
     text = FULL.read_text().replace("subnet: 10.77.0.0/24", "subnet: 127.77.0.0/24").replace("10.77.0.", "127.77.0.")
-    lp = plan_with_keys(tmp_path, nodes=("node01", "node02"), text=text.replace("namespace: bootorch-lab     #", "#"))
+    plan = plan_with_keys(tmp_path, nodes=("node01", "node02"), text=text.replace("namespace: bootorch-lab     #", "#"))
     out = tmp_path / "srv"
-    write_tree(render_all(lp), out)
+    write_tree(render_all(plan), out)
     for p in [out, *out.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)  # tftp-hpa serves world-readable files only (unless -p)
     (tmp_path / "map").write_text("re ^/?hostkeys/.* hostkeys/\\i.cpio\n")

@@ -38,13 +38,13 @@ def make_plan(tmp_path, n=8, *, max_downloading=3, rate=10, adaptive=False, budg
     return load_plan(p)
 
 
-async def rollout(lp, tmp_path, configure=lambda cluster: None, *, store=None, cancel_after=None):
+async def rollout(plan, tmp_path, configure=lambda cluster: None, *, store=None, cancel_after=None):
     send, recv = trio.open_memory_channel(10_000)
     cluster = SimCluster(send)
-    for node in lp.nodes:
+    for node in plan.nodes:
         cluster.add(node.mac, str(node.ip))
     configure(cluster)
-    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     store = store or Store(tmp_path / "state.db")
     peak = {"in_flight": 0, "window_violations": 0}
     sched = None
@@ -56,7 +56,7 @@ async def rollout(lp, tmp_path, configure=lambda cluster: None, *, store=None, c
         if admitted and flying > sched.window:
             peak["window_violations"] += 1  # admitted past the window (a shrink may leave more in flight: allowed)
 
-    sched = Scheduler(lp, tracker, store, wake=cluster, bmc=cluster, readiness=SimReadiness(cluster), load=cluster.load,
+    sched = Scheduler(plan, tracker, store, wake=cluster, bmc=cluster, readiness=SimReadiness(cluster), load=cluster.load,
                       clock=trio.current_time, on_change=on_change, probe_every=1.0,
                       window_tuning=WindowTuning(adapt_every=2.0, retransmit_threshold=5.0, initial_window=2))
     summary = None
@@ -76,35 +76,35 @@ async def rollout(lp, tmp_path, configure=lambda cluster: None, *, store=None, c
 
 
 async def test_all_ready_and_admission_cap_holds(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=10, max_downloading=3)
+    plan = make_plan(tmp_path, n=10, max_downloading=3)
     with trio.fail_after(10_000):
-        summary, cluster, sched, peak, store = await rollout(lp, tmp_path)
-    assert summary.ok and sorted(summary.ready) == sorted(n.name for n in lp.nodes)
+        summary, cluster, sched, peak, store = await rollout(plan, tmp_path)
+    assert summary.ok and sorted(summary.ready) == sorted(n.name for n in plan.nodes)
     assert peak["in_flight"] == 3 and peak["window_violations"] == 0
     assert len(cluster.wakes) == 10  # each node woken once
-    history = store.transitions(lp.nodes[0].mac)
+    history = store.transitions(plan.nodes[0].mac)
     assert [t.to_stage for t in history] == [Stage.WAKING, Stage.PXE_DHCP, Stage.LOADER, Stage.CONFIG, Stage.KERNEL,
                                              Stage.INITRD, Stage.OS_DHCP, Stage.SSH, Stage.READY]
 
 
 async def test_power_on_rate_and_rack_rate(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=6, max_downloading=6, rate=4, rack_rate=1)
+    plan = make_plan(tmp_path, n=6, max_downloading=6, rate=4, rack_rate=1)
     with trio.fail_after(10_000):
-        summary, cluster, *_ = await rollout(lp, tmp_path)
+        summary, cluster, *_ = await rollout(plan, tmp_path)
     times = [t for t, _ in cluster.wakes]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert summary.ok and all(g >= 1.0 - 1e-9 for g in gaps)  # one rack at 1/s beats 4/s globally
 
 
 async def test_adaptive_window_shrinks_under_retransmits_and_grows_back(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=40, max_downloading=8, rate=50, adaptive=True)
+    plan = make_plan(tmp_path, n=40, max_downloading=8, rate=50, adaptive=True)
     clusters = []
     result = {}
     with trio.fail_after(100_000):
         async with trio.open_nursery() as n:
 
             async def run():
-                result["r"] = await rollout(lp, tmp_path, clusters.append)
+                result["r"] = await rollout(plan, tmp_path, clusters.append)
 
             n.start_soon(run)
             await trio.sleep(8)
@@ -123,85 +123,85 @@ async def test_adaptive_window_shrinks_under_retransmits_and_grows_back(tmp_path
 
 
 async def test_escalation_ladder_in_order(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=2, wake=2, cycles=1)
-    deaf_mac = lp.nodes[1].mac
+    plan = make_plan(tmp_path, n=2, wake=2, cycles=1)
+    deaf_mac = plan.nodes[1].mac
 
     def configure(cluster):
         cluster.nodes[deaf_mac].deaf = True  # magic packets are lost; a power cycle starts it
 
     with trio.fail_after(10_000):
-        summary, cluster, sched, peak, store = await rollout(lp, tmp_path, configure)
+        summary, cluster, sched, peak, store = await rollout(plan, tmp_path, configure)
     assert summary.ok
-    actions = [(a.action, a.reason) for a in store.actions(lp.nodes[1].name)]
+    actions = [(a.action, a.reason) for a in store.actions(plan.nodes[1].name)]
     assert [a for a, _ in actions] == ["wake", "wake", "wake", "power_cycle"]
     assert actions[1][1] == "stuck in waking for 20s"
-    wakes = [t for t, name in cluster.wakes if name == lp.nodes[1].name]
+    wakes = [t for t, name in cluster.wakes if name == plan.nodes[1].name]
     assert [round(b - a) for a, b in zip(wakes, wakes[1:])] == [20, 20]
     assert cluster.cycles[0][0] - wakes[-1] == pytest.approx(20)
 
 
 async def test_stuck_in_initrd_is_power_cycled_and_recovers(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=3, budget=1, cycles=1)
-    bad = lp.nodes[0].mac
+    plan = make_plan(tmp_path, n=3, budget=1, cycles=1)
+    bad = plan.nodes[0].mac
 
     def configure(cluster):
         cluster.nodes[bad].hang_in = "rootfs.gz"
 
     with trio.fail_after(10_000):
-        summary, cluster, sched, peak, store = await rollout(lp, tmp_path, configure)
-    assert summary.ok and lp.nodes[0].name in summary.ready
-    assert [a.action for a in store.actions(lp.nodes[0].name)] == ["wake", "power_cycle"]
+        summary, cluster, sched, peak, store = await rollout(plan, tmp_path, configure)
+    assert summary.ok and plan.nodes[0].name in summary.ready
+    assert [a.action for a in store.actions(plan.nodes[0].name)] == ["wake", "power_cycle"]
     assert store.current()[bad].attempt == 2
 
 
 async def test_stuck_after_power_cycles_fails_with_last_evidence(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=3, budget=1, cycles=1)
-    bad = lp.nodes[0].mac
+    plan = make_plan(tmp_path, n=3, budget=1, cycles=1)
+    bad = plan.nodes[0].mac
 
     def configure(cluster):
         cluster.nodes[bad].hang_in = "rootfs.gz"
         cluster.nodes[bad].stubborn = True
 
     with trio.fail_after(10_000):
-        summary, cluster, sched, peak, store = await rollout(lp, tmp_path, configure)
-    assert summary.ok and summary.failed == [lp.nodes[0].name]  # within the budget of 1
+        summary, cluster, sched, peak, store = await rollout(plan, tmp_path, configure)
+    assert summary.ok and summary.failed == [plan.nodes[0].name]  # within the budget of 1
     reason = summary.nodes[bad].reason
     assert reason.startswith("stuck in kernel for 20s after 1 wake(s) and 1 power cycle(s)")
     assert "vmlinuz" in reason  # the last evidence
 
 
 async def test_failed_checks_fail_the_node_with_the_check_named(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=2, budget=1)
-    bad = lp.nodes[1].mac
+    plan = make_plan(tmp_path, n=2, budget=1)
+    bad = plan.nodes[1].mac
 
     def configure(cluster):
         cluster.nodes[bad].bad_checks = True
 
     with trio.fail_after(10_000):
-        summary, *_ , store = await rollout(lp, tmp_path, configure)
+        summary, *_ , store = await rollout(plan, tmp_path, configure)
     assert summary.ok  # one failure within the budget of 1
-    assert summary.failed == [lp.nodes[1].name]
+    assert summary.failed == [plan.nodes[1].name]
     assert "mount /usr: exit status 1" in summary.nodes[bad].reason
 
 
 async def test_failure_budget_exceeded_aborts(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=6, max_downloading=1, budget=0, wake=0, cycles=0)
-    first = lp.nodes[0].mac
+    plan = make_plan(tmp_path, n=6, max_downloading=1, budget=0, wake=0, cycles=0)
+    first = plan.nodes[0].mac
 
     def configure(cluster):
         cluster.nodes[first].deaf = True
 
     with trio.fail_after(10_000):
-        summary, cluster, *_ = await rollout(lp, tmp_path, configure)
+        summary, cluster, *_ = await rollout(plan, tmp_path, configure)
     assert not summary.ok and summary.aborted
-    assert summary.failed == [lp.nodes[0].name]
+    assert summary.failed == [plan.nodes[0].name]
     assert len(cluster.wakes) == 1  # nothing more was woken after the budget blew
 
 
 async def test_resume_after_crash_wakes_nobody_twice(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=6, max_downloading=2, rate=10)
+    plan = make_plan(tmp_path, n=6, max_downloading=2, rate=10)
     with trio.fail_after(10_000):
-        _, first_cluster, *_ , store = await rollout(lp, tmp_path, cancel_after=12.0)
+        _, first_cluster, *_ , store = await rollout(plan, tmp_path, cancel_after=12.0)
     woken_before = {name for _, name in first_cluster.wakes}
     journal_before = store.current()
     assert 0 < len(woken_before) < 6
@@ -216,20 +216,20 @@ async def test_resume_after_crash_wakes_nobody_twice(tmp_path, autojump_clock):
             cluster.nodes[mac].ssh_up = True
 
     with trio.fail_after(10_000):
-        summary, cluster, sched, peak, store2 = await rollout(lp, tmp_path, configure, store=store2)
+        summary, cluster, sched, peak, store2 = await rollout(plan, tmp_path, configure, store=store2)
     assert summary.ok and len(summary.ready) == 6
     rewoken = {name for _, name in cluster.wakes} & woken_before
     assert rewoken == set()  # no node woken twice without reason
-    assert {name for _, name in cluster.wakes} == {n.name for n in lp.nodes} - woken_before
+    assert {name for _, name in cluster.wakes} == {n.name for n in plan.nodes} - woken_before
 
 
-async def _adaptive_run(tmp_path, lp, script):
+async def _adaptive_run(tmp_path, plan, script):
     """Run an adaptive rollout while ``script(cluster)`` changes the boot server's load on the mock clock."""
     clusters, result = [], {}
     async with trio.open_nursery() as n:
 
         async def run():
-            result["r"] = await rollout(lp, tmp_path, clusters.append)
+            result["r"] = await rollout(plan, tmp_path, clusters.append)
 
         n.start_soon(run)
         while not clusters:  # the rollout task builds its cluster on its first step
@@ -240,7 +240,7 @@ async def _adaptive_run(tmp_path, lp, script):
 
 async def test_adaptive_window_stops_growing_when_the_round_trip_grows(tmp_path, autojump_clock):
     """The delay signal: queueing (rtt well over the unloaded one) takes a quarter off; no retransmits needed."""
-    lp = make_plan(tmp_path, n=80, max_downloading=64, rate=50, adaptive=True)
+    plan = make_plan(tmp_path, n=80, max_downloading=64, rate=50, adaptive=True)
 
     async def script(cluster):
         cluster.rtt, cluster.active = 0.0005, 80  # unloaded: 0.5 ms
@@ -250,7 +250,7 @@ async def test_adaptive_window_stops_growing_when_the_round_trip_grows(tmp_path,
         cluster.rtt = 0.0006  # ~13 queued: growth resumes (one eighth per interval)
 
     with trio.fail_after(100_000):
-        summary, cluster, sched, peak, _ = await _adaptive_run(tmp_path, lp, script)
+        summary, cluster, sched, peak, _ = await _adaptive_run(tmp_path, plan, script)
     history = summary.window_history
     before = [w for t, w in history if t < 11]
     during = [w for t, w in history if 11 < t <= 16]
@@ -263,7 +263,7 @@ async def test_adaptive_window_stops_growing_when_the_round_trip_grows(tmp_path,
 
 
 async def test_adaptive_window_halves_when_clients_resend(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=60, max_downloading=32, rate=50, adaptive=True)
+    plan = make_plan(tmp_path, n=60, max_downloading=32, rate=50, adaptive=True)
 
     async def script(cluster):
         await trio.sleep(11)
@@ -272,7 +272,7 @@ async def test_adaptive_window_halves_when_clients_resend(tmp_path, autojump_clo
         cluster.client_retry_rate = 0.0
 
     with trio.fail_after(100_000):
-        summary, *_ = await _adaptive_run(tmp_path, lp, script)
+        summary, *_ = await _adaptive_run(tmp_path, plan, script)
     history = summary.window_history
     top = [w for t, w in history if t < 11][-1]
     assert top >= 8
@@ -281,13 +281,13 @@ async def test_adaptive_window_halves_when_clients_resend(tmp_path, autojump_clo
 
 async def test_slow_start_waits_for_the_admitted_nodes_to_download(tmp_path, autojump_clock):
     """Doubling on nodes still in POST/DHCP would overshoot blind: the window doubles only once half of it loads."""
-    lp = make_plan(tmp_path, n=40, max_downloading=32, rate=50, adaptive=True)
+    plan = make_plan(tmp_path, n=40, max_downloading=32, rate=50, adaptive=True)
 
     async def script(cluster):
         await trio.sleep(20)
 
     with trio.fail_after(100_000):
-        summary, cluster, sched, peak, _ = await _adaptive_run(tmp_path, lp, script)
+        summary, cluster, sched, peak, _ = await _adaptive_run(tmp_path, plan, script)
     history = summary.window_history
     # The sim's nodes need 3 s from the wake to their first file: no doubling at 2 s.
     assert [w for t, w in history if t <= 2.5] == [2]
@@ -295,10 +295,10 @@ async def test_slow_start_waits_for_the_admitted_nodes_to_download(tmp_path, aut
 
 
 def test_the_default_initial_window_is_eight_capped_by_the_plan(tmp_path):
-    lp = make_plan(tmp_path, n=4, max_downloading=32, adaptive=True)
-    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    plan = make_plan(tmp_path, n=4, max_downloading=32, adaptive=True)
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     store = Store(tmp_path / "s.db")
-    assert Scheduler(lp, tracker, store, wake=None, bmc=None, readiness=None).window == 8
-    lp = make_plan(tmp_path, n=4, max_downloading=3, adaptive=True)
-    assert Scheduler(lp, tracker, store, wake=None, bmc=None, readiness=None).window == 3
+    assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None).window == 8
+    plan = make_plan(tmp_path, n=4, max_downloading=3, adaptive=True)
+    assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None).window == 3
     store.close()

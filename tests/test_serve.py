@@ -31,21 +31,21 @@ def _plan(tmp_path):
 
 async def test_serve_plan_answers_all_three(tmp_path):
     curl = require_tool("curl")
-    lp = _plan(tmp_path)
-    node = lp.nodes[0]
+    plan = _plan(tmp_path)
+    node = plan.nodes[0]
     send, recv = trio.open_memory_channel(1000)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             run = await nursery.start(lambda task_status: serve_plan(
-                lp, Ports(host="127.0.0.1", dhcp=0, pxe=0, tftp=0, http=0, interface=""), events=send, task_status=task_status))
+                plan, Ports(host="127.0.0.1", dhcp=0, pxe=0, tftp=0, http=0, interface=""), events=send, task_status=task_status))
             cfg = f"pxelinux.cfg/01-{node.mac.replace(':', '-')}"
             got = await trio.run_process([curl, "-sS", "--max-time", "10", f"tftp://127.0.0.1:{run.tftp}/{cfg}"], capture_stdout=True)
-            assert got.stdout == boot_tree(lp)[cfg]
+            assert got.stdout == boot_tree(plan)[cfg]
             got = await trio.run_process([curl, "-sS", "--max-time", "10", f"tftp://127.0.0.1:{run.tftp}/vmlinuz"], capture_stdout=True)
             assert hashlib.sha256(got.stdout).digest() == hashlib.sha256((tmp_path / "root" / "vmlinuz").read_bytes()).digest()
             script = f"ipxe/{node.mac.replace(':', '-')}.ipxe"
             got = await trio.run_process([curl, "-sS", "--max-time", "10", f"http://127.0.0.1:{run.http}/{script}"], capture_stdout=True)
-            assert got.stdout == boot_tree(lp)[script]
+            assert got.stdout == boot_tree(plan)[script]
             # pxelinux's next candidate name is "not found", like a real server's
             miss = await trio.run_process([curl, "-sS", "--max-time", "10", f"tftp://127.0.0.1:{run.tftp}/pxelinux.cfg/0A4D000"], check=False, capture_stdout=True, capture_stderr=True)
             assert miss.returncode != 0
@@ -77,11 +77,11 @@ def test_serve_cli_prints_stage_changes_and_resumes_from_journal(tmp_path):
     import signal
     import socket
 
-    curl = require_tool("curl")
-    lp = _plan(tmp_path)
-    node = lp.nodes[0]
+    require_tool("curl")
+    plan = _plan(tmp_path)
+    node = plan.nodes[0]
     exe = str(REPO / ".venv" / "bin" / "bootorch")
-    args = [exe, "serve", str(lp.path), "--listen", "127.0.0.1", "--interface", "", "--tftp-port", "0",
+    args = [exe, "serve", str(plan.path), "--listen", "127.0.0.1", "--interface", "", "--tftp-port", "0",
             "--http-port", "0", "--dhcp-port", "0", "--pxe-port", "-1", "--metrics-port", "0"]
 
     def start():

@@ -167,12 +167,12 @@ def test_deadline_boundary_is_judged_exactly():
 
 
 async def test_scheduler_counters_match_a_full_pass(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=24, max_downloading=5, rate=20, budget=30, wake=1, cycles=0)
+    plan = make_plan(tmp_path, n=24, max_downloading=5, rate=20, budget=30, wake=1, cycles=0)
     send, recv = trio.open_memory_channel(10_000)
     cluster = SimCluster(send)
-    for i, node in enumerate(lp.nodes):
+    for i, node in enumerate(plan.nodes):
         cluster.add(node.mac, str(node.ip), deaf=(i % 5 == 0), hang_in="vmlinuz" if i % 7 == 0 else None)
-    tracker = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     sched = None
     checks = {"n": 0}
 
@@ -185,7 +185,7 @@ async def test_scheduler_counters_match_a_full_pass(tmp_path, autojump_clock):
         checks["n"] += 1
         assert (sched.in_flight(), sched.failed_count()) == brute()
 
-    sched = Scheduler(lp, tracker, Store(tmp_path / "state.db"), wake=cluster, bmc=None, readiness=SimReadiness(cluster),
+    sched = Scheduler(plan, tracker, Store(tmp_path / "state.db"), wake=cluster, bmc=None, readiness=SimReadiness(cluster),
                       clock=trio.current_time, on_change=on_change, probe_every=1.0)
     async with trio.open_nursery() as nursery:
         cluster.nursery = nursery
@@ -206,9 +206,9 @@ async def test_scheduler_counters_match_a_full_pass(tmp_path, autojump_clock):
 
 
 async def test_consume_batches_journal_the_same_transitions_in_order(tmp_path, autojump_clock):
-    lp = make_plan(tmp_path, n=30)
+    plan = make_plan(tmp_path, n=30)
     events = []
-    for i, node in enumerate(lp.nodes):
+    for i, node in enumerate(plan.nodes):
         mac, ip = node.mac, str(node.ip)
         events.append(BootEvent(time=i, wall=i, source="dhcp", kind=EventKind.DHCP, mac=mac,
                                 detail={"msg": "DISCOVER", "direction": "in", "pxe": True}))
@@ -216,13 +216,13 @@ async def test_consume_batches_journal_the_same_transitions_in_order(tmp_path, a
             for kind in (EventKind.FILE_REQUEST, EventKind.FILE_DONE):
                 events.append(BootEvent(time=i, wall=i, source="tftp", kind=kind, client_ip=ip, filename=name))
     random.Random(3).shuffle(events)
-    one_by_one = Tracker(plan_nodes(lp))
+    one_by_one = Tracker(plan_nodes(plan))
     expected = [t for ev in events for t in one_by_one.feed(ev)]
 
-    tracker = Tracker(plan_nodes(lp))
+    tracker = Tracker(plan_nodes(plan))
     store = Store(tmp_path / "state.db")
     records = []
-    sched = Scheduler(lp, tracker, store, wake=None, bmc=None, readiness=None, clock=trio.current_time,
+    sched = Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None, clock=trio.current_time,
                       on_change=lambda ts: records.append(len(ts)))
     send, recv = trio.open_memory_channel(len(events))
     for ev in events:

@@ -227,9 +227,9 @@ async def test_tracker_on_a_stream_recorded_from_our_servers(tmp_path):
     from tests.test_serve import _plan
 
     curl = require_tool("curl")
-    lp = _plan(tmp_path)
-    node = lp.nodes[2]
-    tr = Tracker(plan_nodes(lp), timeouts=plan_timeouts(lp))
+    plan = _plan(tmp_path)
+    node = plan.nodes[2]
+    tr = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     send, recv = trio.open_memory_channel(1000)
 
     def dhcp_packet(msg, vc):
@@ -241,7 +241,7 @@ async def test_tracker_on_a_stream_recorded_from_our_servers(tmp_path):
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             run = await nursery.start(lambda task_status: serve_plan(
-                lp, Ports(host="127.0.0.1", dhcp=0, pxe=-1, tftp=0, http=0, interface=""), events=send, task_status=task_status))
+                plan, Ports(host="127.0.0.1", dhcp=0, pxe=-1, tftp=0, http=0, interface=""), events=send, task_status=task_status))
             sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
             await sock.bind(("127.0.0.1", 0))
 

@@ -121,37 +121,37 @@ class StaticPolicy:
         self.gated.discard(mac.lower())
 
 
-def plan_policy(lp) -> StaticPolicy:  # lp: orchestrator.plan.LoadedPlan (import kept lazy)
+def plan_policy(plan) -> StaticPolicy:  # plan: orchestrator.plan.LoadedPlan (import kept lazy)
     from orchestrator.render import http_base, ipxe_script_name
 
-    plan = lp.model
-    server = plan.bootserver.listen or plan.network.server
-    base = http_base(lp)
+    model = plan.model
+    server = model.bootserver.listen or model.network.server
+    base = http_base(plan)
     return StaticPolicy(
-        {n.mac: Reservation(int(n.ip), n.name) for n in lp.nodes},
+        {n.mac: Reservation(int(n.ip), n.name) for n in plan.nodes},
         next_server=server,
-        loaders={ClientKind.BIOS: plan.boot.loaders.bios, ClientKind.UEFI: plan.boot.loaders.uefi},
+        loaders={ClientKind.BIOS: model.boot.loaders.bios, ClientKind.UEFI: model.boot.loaders.uefi},
         ipxe_script=f"{base}/boot.ipxe",
-        ipxe_script_for={n.mac: f"{base}/{ipxe_script_name(n.mac)}" for n in lp.nodes},
-        ipxe_gets_loader=plan.boot.ipxe == "loader",
+        ipxe_script_for={n.mac: f"{base}/{ipxe_script_name(n.mac)}" for n in plan.nodes},
+        ipxe_gets_loader=model.boot.ipxe == "loader",
     )
 
 
-def plan_config(lp) -> ServerConfig:
-    plan = lp.model
-    pool = plan.dhcp.pool
+def plan_config(plan) -> ServerConfig:
+    model = plan.model
+    pool = model.dhcp.pool
     subnet = Subnet(
-        network=plan.network.subnet,
-        router=plan.network.gateway,
-        dns=tuple(plan.network.dns),
-        domain=plan.network.domain,
+        network=model.network.subnet,
+        router=model.network.gateway,
+        dns=tuple(model.network.dns),
+        domain=model.network.domain,
         pool=(int(pool.start), int(pool.end)) if pool else None,
-        lease_time=int(plan.dhcp.lease_time),
+        lease_time=int(model.dhcp.lease_time),
     )
     return ServerConfig(
-        server_ip=plan.bootserver.listen or plan.network.server,
+        server_ip=model.bootserver.listen or model.network.server,
         subnets=(subnet,),
-        mode="proxy" if plan.dhcp.mode == "proxy" else "full",
+        mode="proxy" if model.dhcp.mode == "proxy" else "full",
     )
 
 

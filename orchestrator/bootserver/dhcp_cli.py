@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
         from orchestrator.plan import PlanError, load_plan
 
         try:
-            lp = load_plan(args.plan)
+            plan = load_plan(args.plan)
         except PlanError as e:
             print(e, file=sys.stderr)
             return 1
-        config, policy = plan_config(lp), plan_policy(lp)
-        interface = args.interface or lp.model.network.interface
+        config, policy = plan_config(plan), plan_policy(plan)
+        interface = args.interface or plan.model.network.interface
     else:
         config, policy = _from_flags(args)
         interface = args.interface

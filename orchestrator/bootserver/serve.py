@@ -55,34 +55,34 @@ class BootServers:
     admission: Admission | None = None
 
 
-def boot_files(lp: LoadedPlan) -> BootFiles:
-    root = lp.boot_root
-    return BootFiles(root if root.is_dir() else None, dynamic_source(lp))
+def boot_files(plan: LoadedPlan) -> BootFiles:
+    root = plan.boot_root
+    return BootFiles(root if root.is_dir() else None, dynamic_source(plan))
 
 
 async def serve_plan(
-    lp: LoadedPlan,
+    plan: LoadedPlan,
     ports: Ports,
     *,
     events: trio.MemorySendChannel[BootEvent] | None = None,
     dhcp: bool = True,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    plan = lp.model
-    bs = plan.bootserver
-    host = ports.host or str(bs.listen or plan.network.server)
-    files = boot_files(lp)
+    model = plan.model
+    bs = model.bootserver
+    host = ports.host or str(bs.listen or model.network.server)
+    files = boot_files(plan)
     admission = Admission(max_active=bs.max_transfers)
     servers = BootServers(host=host, admission=admission)
-    lp.state_dir.mkdir(parents=True, exist_ok=True)
-    leases = LeaseStore(lp.state_dir / "leases.journal") if dhcp and plan.dhcp.mode != "external" else None
+    plan.state_dir.mkdir(parents=True, exist_ok=True)
+    leases = LeaseStore(plan.state_dir / "leases.journal") if dhcp and model.dhcp.mode != "external" else None
     try:
         async with trio.open_nursery() as nursery:
             tftp_port = bs.tftp_port if ports.tftp is None else ports.tftp
             if tftp_port >= 0:
                 _, servers.tftp = await nursery.start(lambda task_status: serve_tftp(
                     files, host, tftp_port, events=events, admission=admission,
-                    blksize_max=min(bs.blksize_max, (plan.network.mtu or 1500) - 32),
+                    blksize_max=min(bs.blksize_max, (model.network.mtu or 1500) - 32),
                     windowsize_max=bs.windowsize_max, max_transfers=bs.max_transfers,
                     counters=servers.tftp_counters, task_status=task_status))
             http_port = bs.http_port if ports.http is None else ports.http
@@ -91,11 +91,11 @@ async def serve_plan(
                     files, host, http_port, events=events, admission=admission,
                     stats=servers.http_stats, task_status=task_status))
             if leases is not None:
-                core = DhcpServerCore(plan_config(lp), plan_policy(lp), leases)
+                core = DhcpServerCore(plan_config(plan), plan_policy(plan), leases)
                 servers.dhcp_core = core
                 dhcp_port = bs.dhcp_port if ports.dhcp is None else ports.dhcp
                 pxe_port = bs.proxy_port if ports.pxe is None else ports.pxe
-                interface = ports.interface if ports.interface is not None else plan.network.interface
+                interface = ports.interface if ports.interface is not None else model.network.interface
                 servers.dhcp, servers.pxe = await nursery.start(lambda task_status: serve_dhcp(
                     core, host="0.0.0.0" if interface else host, port=dhcp_port,
                     pxe_port=pxe_port if pxe_port >= 0 else None, interface=interface or None,

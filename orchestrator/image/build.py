@@ -148,7 +148,7 @@ def _source_date_epoch() -> int:
 
 
 def build_images(
-    lp: LoadedPlan,
+    plan: LoadedPlan,
     *,
     cache_dir: Path | None = None,
     log: Callable[[str], None] = print,
@@ -156,11 +156,11 @@ def build_images(
 ) -> ImageReport:
     """Build every profile's kernel and RAM-disk root, and the BIOS loader, into the boot root."""
     t0 = time.monotonic()
-    for pname, prof in sorted(lp.model.profiles.items()):  # before any download
+    for pname, prof in sorted(plan.model.profiles.items()):  # before any download
         if not prof.initrd and prof.root in ("ramdisk", "initramfs"):
             raise ImageError(f"profile {pname}: root: {prof.root} needs an initrd: name (e.g. rootfs.gz)")
     cache = DebCache(cache_dir or DEFAULT_CACHE, refresh=refresh, log=log)
-    boot_root = lp.boot_root
+    boot_root = plan.boot_root
     report = ImageReport(boot_root=boot_root)
     mtime = _source_date_epoch()
     outputs: dict[str, tuple[str, bytes, str]] = {}  # name -> (role, data, source)
@@ -193,12 +193,12 @@ def build_images(
 
     user: Userland | None = None
     authorized_key: str | None = None
-    ssh_key = lp.model.readiness.ssh.key
+    ssh_key = plan.model.readiness.ssh.key
     if ssh_key is not None:
-        authorized_key = ensure_user_key(lp.resolve_path(ssh_key), log)
+        authorized_key = ensure_user_key(plan.resolve_path(ssh_key), log)
     report.authorized_key = authorized_key
 
-    for pname, prof in sorted(lp.model.profiles.items()):
+    for pname, prof in sorted(plan.model.profiles.items()):
         put(prof.kernel, "kernel", kernel, ksource)
         if not prof.initrd:
             log(f"image: profile {pname}: no initrd; kernel only")
@@ -221,7 +221,7 @@ def build_images(
         for m in prof.mounts:
             wanted += [x for x in FS_MODULES.get(m.type, []) if x not in wanted]
         mods = resolve_modules(moddir, wanted)
-        tree = build_tree(lp, pname, prof, user, mods, kver, authorized_key)
+        tree = build_tree(plan, pname, prof, user, mods, kver, authorized_key)
         cpio = newc_archive(tree, mtime)
         image = gzip_reproducible(cpio)
         put(prof.initrd[0], "initrd", image, "built")
@@ -243,7 +243,7 @@ def build_images(
         )
 
     # The BIOS loader and the module it loads (pxelinux 6 needs ldlinux.c32 beside it).
-    bios = lp.model.boot.loaders.bios
+    bios = plan.model.boot.loaders.bios
     if bios in PXELINUX_FILES:
         px_tree, px_ver = cache.unpacked(PXELINUX_PKG)
         sl_tree, sl_ver = cache.unpacked(SYSLINUX_PKG)
@@ -260,12 +260,12 @@ def build_images(
         report.files.append(OutputFile(name, role, len(data), _sha256(data), source))
 
     # The nodes' own host keys, and readiness's trust in exactly those.
-    if any(lp.model.profiles[n.profile].host_key == "per-node" for n in lp.nodes):
+    if any(plan.model.profiles[n.profile].host_key == "per-node" for n in plan.nodes):
         if user is None:
             user = load_userland(cache, report.packages)
-        report.host_keys = ensure_host_keys(lp, user.dropbearkey, log)
-        if pin_host_keys(lp, report.host_keys):
-            log(f"image: {len(report.host_keys)} node host key(s) pinned in {known_hosts_path(lp)}")
-        report.known_hosts = str(known_hosts_path(lp))
+        report.host_keys = ensure_host_keys(plan, user.dropbearkey, log)
+        if pin_host_keys(plan, report.host_keys):
+            log(f"image: {len(report.host_keys)} node host key(s) pinned in {known_hosts_path(plan)}")
+        report.known_hosts = str(known_hosts_path(plan))
     report.seconds = time.monotonic() - t0
     return report

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print("usage: bootorch image build PLAN", file=sys.stderr)
         return 2
     try:
-        lp = load_plan(args.plan)
+        plan = load_plan(args.plan)
     except PlanError as e:
         if args.json:
             print(json.dumps({"ok": False, "plan": args.plan, "problems": [str(p) for p in e.problems]}, indent=2))
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
-        report = build_images(lp, cache_dir=args.cache, log=log, refresh=args.refresh)
+        report = build_images(plan, cache_dir=args.cache, log=log, refresh=args.refresh)
     except ImageError as e:
         if args.json:
             print(json.dumps({"ok": False, "plan": args.plan, "error": str(e)}, indent=2))
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         for f in report.files:
             print(f"  {f.name:<16} {f.size:>10} bytes  sha256 {f.sha256}  ({f.role}, {f.source})")
         if report.host_keys:
-            print(f"  host keys: {len(report.host_keys)} nodes, each its own ({host_keys_dir(lp)}), "
+            print(f"  host keys: {len(report.host_keys)} nodes, each its own ({host_keys_dir(plan)}), "
                   f"pinned in {report.known_hosts}")
     return 0
 

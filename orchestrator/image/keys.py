@@ -53,7 +53,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def ensure_host_keys(lp: LoadedPlan, dropbearkey: list[str], log: Callable[[str], None] = print) -> dict[str, str]:
+def ensure_host_keys(plan: LoadedPlan, dropbearkey: list[str], log: Callable[[str], None] = print) -> dict[str, str]:
     """Node name -> host public key line for every node whose profile says ``host_key: per-node``.
 
     A missing key is made with ``dropbearkey`` (an argv prefix: the packaged one
@@ -62,11 +62,11 @@ def ensure_host_keys(lp: LoadedPlan, dropbearkey: list[str], log: Callable[[str]
     """
     out: dict[str, str] = {}
     made = 0
-    for node in lp.nodes:
-        if lp.model.profiles[node.profile].host_key != "per-node":
+    for node in plan.nodes:
+        if plan.model.profiles[node.profile].host_key != "per-node":
             continue
         try:
-            private, public = host_key_paths(lp, node)
+            private, public = host_key_paths(plan, node)
         except ValueError as e:
             raise ImageError(f"{e}: rename the node, or give its profile host_key: none") from None
         for d in (private.parent.parent, private.parent):
@@ -103,5 +103,5 @@ def ensure_host_keys(lp: LoadedPlan, dropbearkey: list[str], log: Callable[[str]
             os.replace(tmp_pub, public)
         out[node.name] = line
     if made:
-        log(f"image: made {made} node host key(s) in {host_keys_dir(lp)}")
+        log(f"image: made {made} node host key(s) in {host_keys_dir(plan)}")
     return out

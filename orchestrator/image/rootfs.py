@@ -59,9 +59,9 @@ def _sh_template(template: str, server: str) -> str:
     return f'"{s}"'
 
 
-def render_init(lp: LoadedPlan, pname: str, prof: Profile, kver: str, modules: list[str]) -> str:
+def render_init(plan: LoadedPlan, pname: str, prof: Profile, kver: str, modules: list[str]) -> str:
     """``/init`` for profile ``pname``: templates/init.sh with the profile's values filled in."""
-    server = str(lp.model.network.server)
+    server = str(plan.model.network.server)
     mounts = "\n".join(
         f"do_mount {_sh_template(m.source, server)} {_sh_template(m.target, server)} "
         f"{shlex.quote(m.type)} {shlex.quote(m.options)}"
@@ -71,7 +71,7 @@ def render_init(lp: LoadedPlan, pname: str, prof: Profile, kver: str, modules: l
     text = INIT_TEMPLATE
     for k, v in {
         "@PROFILE@": pname,
-        "@PLAN@": lp.path.name,
+        "@PLAN@": plan.path.name,
         "@KVER@": kver,
         "@SERVER@": server,
         "@MODULES@": " ".join(modules) or "none",
@@ -84,7 +84,7 @@ def render_init(lp: LoadedPlan, pname: str, prof: Profile, kver: str, modules: l
 
 
 def build_tree(
-    lp: LoadedPlan,
+    plan: LoadedPlan,
     pname: str,
     prof: Profile,
     user: Userland,
@@ -117,7 +117,7 @@ def build_tree(
         t.file(f"lib/modules/{kver}/{rel}", data, 0o644)
     t.file("etc/bootorch/modules", "".join(f"{rel}\n" for _n, rel, _d in mods.load_order).encode())
 
-    net = lp.model.network
+    net = plan.model.network
     t.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
     t.file("etc/shadow", b"root:*:0:0:99999:7:::\n", 0o600)
     t.file("etc/group", b"root:x:0:\ntty:x:5:\nnogroup:x:65534:\n")
@@ -138,5 +138,5 @@ def build_tree(
     if authorized_key:
         t.file("root/.ssh/authorized_keys", (authorized_key + "\n").encode(), 0o600)
     names = [n for n, _r, _d in mods.load_order]
-    t.file("init", render_init(lp, pname, prof, kver, names).encode(), 0o755)
+    t.file("init", render_init(plan, pname, prof, kver, names).encode(), 0o755)
     return t

@@ -86,24 +86,24 @@ class LabError(RuntimeError):
 class Lab:
     """Names and paths of one plan's lab; nothing here touches the system."""
 
-    lp: LoadedPlan
+    plan: LoadedPlan
 
     @property
     def namespace(self) -> str:
-        return self.lp.model.lab.namespace
+        return self.plan.model.lab.namespace
 
     @property
     def bridge(self) -> str:
-        return self.lp.model.network.interface
+        return self.plan.model.network.interface
 
     @property
     def server_cidr(self) -> str:
-        net = self.lp.model.network
+        net = self.plan.model.network
         return f"{net.server}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
 
     @property
     def dir(self) -> Path:
-        return self.lp.state_dir / "lab"
+        return self.plan.state_dir / "lab"
 
     def tap(self, node: Node) -> str:
         return f"tap{node.index}"
@@ -141,7 +141,7 @@ class Lab:
         return self.dir / "lab.json"
 
     def qemu_argv(self, node: Node, accel: str) -> list[str]:
-        lab = self.lp.model.lab
+        lab = self.plan.model.lab
         return [
             QEMU,
             "-name", f"{node.name},process=lab-{node.name}",
@@ -229,13 +229,13 @@ def _proc_state(pid: int) -> str:
         return ""
 
 
-def read_secret(lp: LoadedPlan, secret: Any) -> str | None:
+def read_secret(plan: LoadedPlan, secret: Any) -> str | None:
     """Resolve a plan credential reference ({env: X} / {file: P}); None when it resolves to nothing."""
     if secret is None:
         return None
     if secret.env:
         return os.environ.get(secret.env) or None
-    path = lp.resolve_path(secret.file)
+    path = plan.resolve_path(secret.file)
     try:
         return path.read_text().strip() or None
     except FileNotFoundError:
@@ -352,10 +352,10 @@ def kvm_works(workdir: Path, *, timeout: float = KVM_PROBE_TIMEOUT, nic_model: s
 
 
 def choose_accel(lab: Lab) -> tuple[str, str]:
-    want = lab.lp.model.lab.accel
+    want = lab.plan.model.lab.accel
     if want == "tcg":
         return "tcg", "lab.accel: tcg"
-    ok, why = kvm_works(lab.dir, nic_model=lab.lp.model.lab.nic_model)
+    ok, why = kvm_works(lab.dir, nic_model=lab.plan.model.lab.nic_model)
     if want == "kvm":
         if not ok:
             raise LabError(f"lab.accel is kvm but KVM does not work: {why} (use accel: auto or tcg)")
@@ -393,20 +393,20 @@ def daemon_pid(lab: Lab) -> int | None:
     return pid if _is_ours(pid, str(lab.dir)) else None
 
 
-def up(lp: LoadedPlan) -> dict[str, Any]:
-    """Create (or complete) the lab for ``lp``. Returns what ``status`` returns."""
+def up(plan: LoadedPlan) -> dict[str, Any]:
+    """Create (or complete) the lab for ``plan``. Returns what ``status`` returns."""
     require_root()
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (Debian: apt-get install qemu-system-x86 ipxe-qemu)")
-    lab = Lab(lp)
+    lab = Lab(plan)
     lab.dir.mkdir(parents=True, exist_ok=True)
     ns, br = lab.namespace, lab.bridge
-    net_ns = lp.model.network.namespace
+    net_ns = plan.model.network.namespace
     if net_ns and net_ns != ns:
         raise LabError(f"network.namespace is {net_ns} but lab.namespace is {ns}: bootorch would serve in one "
                        "namespace and the VMs would boot in the other; make them the same")
     info = _info(lab)
-    info.update(namespace=ns, bridge=br, taps={n.name: lab.tap(n) for n in lp.nodes})
+    info.update(namespace=ns, bridge=br, taps={n.name: lab.tap(n) for n in plan.nodes})
     _write_info(lab, info)  # before creating anything: `down` after a crash reads it
 
     if not namespace_exists(ns):
@@ -422,24 +422,24 @@ def up(lp: LoadedPlan) -> dict[str, Any]:
     if lab.server_cidr not in have.split():
         _run(["ip", "-n", ns, "addr", "add", lab.server_cidr, "dev", br])
     _run(["ip", "-n", ns, "link", "set", br, "up"])
-    for node in lp.nodes:
+    for node in plan.nodes:
         tap = lab.tap(node)
         if not link_exists(ns, tap):
             _run(["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])
         _run(["ip", "-n", ns, "link", "set", tap, "master", br, "up"])
 
-    missing = [n for n in lp.nodes if qemu_pid(lab, n) is None]
+    missing = [n for n in plan.nodes if qemu_pid(lab, n) is None]
     if missing:
-        if info.get("accel") is None or lp.model.lab.accel != info.get("accel_wanted"):
+        if info.get("accel") is None or plan.model.lab.accel != info.get("accel_wanted"):
             accel, why = choose_accel(lab)
-            info.update(accel=accel, accel_wanted=lp.model.lab.accel, accel_reason=why)
+            info.update(accel=accel, accel_wanted=plan.model.lab.accel, accel_reason=why)
             _write_info(lab, info)
             _say(f"accelerator {accel}: {why}")
         for node in missing:
             _start_qemu(lab, node, info["accel"])
             _say(f"{node.name}: QEMU pid {qemu_pid(lab, node)} on {lab.tap(node)}, paused (powered off)")
     # The daemon knows the nodes it was started with: restart it when they changed.
-    nodes_now = {n.name: n.mac for n in lp.nodes}
+    nodes_now = {n.name: n.mac for n in plan.nodes}
     pid = daemon_pid(lab)
     if pid is not None and info.get("daemon_nodes") != nodes_now:
         _say(f"nodes changed: restarting the daemon (pid {pid})")
@@ -449,7 +449,7 @@ def up(lp: LoadedPlan) -> dict[str, Any]:
         _start_daemon(lab)
         info["daemon_nodes"] = nodes_now
         _write_info(lab, info)
-    return status(lp)
+    return status(plan)
 
 
 def _start_qemu(lab: Lab, node: Node, accel: str) -> None:
@@ -475,7 +475,7 @@ def _start_qemu(lab: Lab, node: Node, accel: str) -> None:
 def _start_daemon(lab: Lab) -> None:
     lab.ready_file.unlink(missing_ok=True)
     argv = ["ip", "netns", "exec", lab.namespace, sys.executable, "-m", "orchestrator.lab.lab", "daemon",
-            str(lab.lp.path), "--lab-dir", str(lab.dir)]
+            str(lab.plan.path), "--lab-dir", str(lab.dir)]
     env = dict(os.environ)
     # The venv's orchestrator must import even when bootorch runs from elsewhere.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
@@ -492,13 +492,13 @@ def _start_daemon(lab: Lab) -> None:
             raise LabError(f"the lab daemon did not get ready in {DAEMON_START_TIMEOUT:.0f}s; see {lab.daemon_log}")
         time.sleep(0.05)
     _say(f"daemon pid {p.pid}: WoL listener on {lab.bridge} (raw 0x0842, udp 9/7), "
-         f"BMC http://{lab.lp.model.network.server}:{lab.lp.model.lab.bmc_port}/redfish/v1/Systems/<node>")
+         f"BMC http://{lab.plan.model.network.server}:{lab.plan.model.lab.bmc_port}/redfish/v1/Systems/<node>")
 
 
-def down(lp: LoadedPlan) -> list[str]:
-    """Remove everything ``up`` made for ``lp``; idempotent. Returns what was removed."""
+def down(plan: LoadedPlan) -> list[str]:
+    """Remove everything ``up`` made for ``plan``; idempotent. Returns what was removed."""
     require_root()
-    lab = Lab(lp)
+    lab = Lab(plan)
     info = _info(lab)
     ns = info.get("namespace", lab.namespace)
     br = info.get("bridge", lab.bridge)
@@ -508,7 +508,7 @@ def down(lp: LoadedPlan) -> list[str]:
     if pid is not None:
         _kill(pid)
         done.append(f"daemon {pid}")
-    for node in lp.nodes:
+    for node in plan.nodes:
         pid = qemu_pid(lab, node)
         if pid is not None:
             _kill(pid)
@@ -526,14 +526,14 @@ def down(lp: LoadedPlan) -> list[str]:
                     others.append(f"{tok} ({' '.join(_cmdline(int(tok))[:3])})")
         if others:
             _say(f"not ours, left running in {ns}: {', '.join(others)}")
-        taps = info.get("taps", {}).values() or [lab.tap(n) for n in lp.nodes]
+        taps = info.get("taps", {}).values() or [lab.tap(n) for n in plan.nodes]
         for dev in [*taps, br]:
             if link_exists(ns, dev):
                 _run(["ip", "-n", ns, "link", "del", dev], check=False)
                 done.append(f"link {dev}")
         _run(["ip", "netns", "del", ns])
         done.append(f"namespace {ns}")
-    for node in lp.nodes:
+    for node in plan.nodes:
         for f in (lab.qmp(node), lab.pidfile(node)):
             f.unlink(missing_ok=True)
     for f in (lab.daemon_pidfile, lab.ready_file, lab.info_file):
@@ -541,13 +541,13 @@ def down(lp: LoadedPlan) -> list[str]:
     return done
 
 
-def status(lp: LoadedPlan) -> dict[str, Any]:
+def status(plan: LoadedPlan) -> dict[str, Any]:
     """The lab's state as one JSON-able object (``lab status --json``)."""
-    lab = Lab(lp)
+    lab = Lab(plan)
     info = _info(lab)
     ns_ok = namespace_exists(lab.namespace) if os.geteuid() == 0 else None
     nodes = []
-    for node in lp.nodes:
+    for node in plan.nodes:
         pid = qemu_pid(lab, node)
         raw = "absent"
         if pid is not None:
@@ -568,7 +568,7 @@ def status(lp: LoadedPlan) -> dict[str, Any]:
         "bridge_exists": link_exists(lab.namespace, lab.bridge) if ns_ok else False,
         "server": f"{lab.server_cidr}", "accel": info.get("accel"), "accel_reason": info.get("accel_reason"),
         "daemon": {"pid": dpid, "running": dpid is not None, "log": str(lab.daemon_log)},
-        "bmc": f"http://{lp.model.network.server}:{lp.model.lab.bmc_port}/redfish/v1/Systems/",
+        "bmc": f"http://{plan.model.network.server}:{plan.model.lab.bmc_port}/redfish/v1/Systems/",
         "nodes": nodes,
     }
 
@@ -589,17 +589,17 @@ def format_status(st: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the daemon
 
 
-def daemon(lp: LoadedPlan, lab_dir: Path) -> int:
+def daemon(plan: LoadedPlan, lab_dir: Path) -> int:
     """The lab daemon: WoL listener + BMC, until SIGTERM. Runs inside the lab namespace."""
     from orchestrator.lab.bmc import LabBmc
     from orchestrator.lab.wol_listener import WolListener
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    lab = Lab(lp)
+    lab = Lab(plan)
     assert lab.dir == lab_dir, (lab.dir, lab_dir)
-    by_mac = {n.mac: n for n in lp.nodes}
-    locks = {n.name: threading.Lock() for n in lp.nodes}
-    wol_disabled = set(lp.model.lab.wol_disabled)
+    by_mac = {n.mac: n for n in plan.nodes}
+    locks = {n.name: threading.Lock() for n in plan.nodes}
+    wol_disabled = set(plan.model.lab.wol_disabled)
 
     def on_magic(mac: str, how: str, peer: str, password: bytes) -> None:
         node = by_mac.get(mac)
@@ -622,12 +622,12 @@ def daemon(lp: LoadedPlan, lab_dir: Path) -> int:
 
     from orchestrator.power.wol import secureon_bytes
 
-    secureon = secureon_bytes(read_secret(lp, lp.model.power.wol.secureon))
-    bmc_cfg = lp.model.power.bmc
-    password = read_secret(lp, bmc_cfg.password)
+    secureon = secureon_bytes(read_secret(plan, plan.model.power.wol.secureon))
+    bmc_cfg = plan.model.power.bmc
+    password = read_secret(plan, bmc_cfg.password)
     if password is None:
         log.info("BMC: no password configured (or its variable is unset): accepting any credentials")
-    bmc = LabBmc(str(lp.model.network.server), lp.model.lab.bmc_port, {n.name: str(lab.qmp(n)) for n in lp.nodes},
+    bmc = LabBmc(str(plan.model.network.server), plan.model.lab.bmc_port, {n.name: str(lab.qmp(n)) for n in plan.nodes},
                  username=bmc_cfg.username, password=password)
     listener = WolListener(lab.bridge, on_magic)
     stop = threading.Event()
@@ -662,7 +662,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        lp = load_plan(args.plan)
+        plan = load_plan(args.plan)
     except PlanError as e:
         for p in e.problems:
             print(str(p), file=sys.stderr)
@@ -672,16 +672,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.action == "up":
-            st = up(lp)
+            st = up(plan)
         elif args.action == "down":
-            removed = down(lp)
+            removed = down(plan)
             if args.json:
                 print(json.dumps({"removed": removed}))
             else:
                 print("removed: " + (", ".join(removed) if removed else "nothing (no lab was up)"))
             return 0
         else:
-            st = status(lp)
+            st = status(plan)
     except (LabError, NetnsError, q.QmpError) as e:
         print(f"bootorch lab {args.action}: {e}", file=sys.stderr)
         return 1

@@ -61,10 +61,10 @@ async def watch_log(source: str, path: Path, store, send: trio.MemorySendChannel
         follower.close()
 
 
-async def watch_plan_logs(lp, store, send: trio.MemorySendChannel, *, poll: float = 0.2) -> None:
+async def watch_plan_logs(plan, store, send: trio.MemorySendChannel, *, poll: float = 0.2) -> None:
     async with trio.open_nursery() as nursery:
-        for entry in lp.model.logs:
-            nursery.start_soon(lambda e=entry: watch_log(e.source, lp.resolve_path(e.path), store, send, poll=poll))
+        for entry in plan.model.logs:
+            nursery.start_soon(lambda e=entry: watch_log(e.source, plan.resolve_path(e.path), store, send, poll=poll))
 
 
 def apply(tracker, store, item: LogEvidence) -> list:
@@ -83,11 +83,11 @@ def apply(tracker, store, item: LogEvidence) -> list:
     return changes
 
 
-async def track_logs(lp, store, tracker, *, poll: float = 0.2, on_change=None) -> None:
+async def track_logs(plan, store, tracker, *, poll: float = 0.2, on_change=None) -> None:
     """Follow the plan's logs into the tracker and the journal until cancelled."""
     send, recv = trio.open_memory_channel[LogEvidence](1024)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: watch_plan_logs(lp, store, send, poll=poll))
+        nursery.start_soon(lambda: watch_plan_logs(plan, store, send, poll=poll))
         async for item in recv:
             changes = apply(tracker, store, item)
             if on_change is not None and changes:

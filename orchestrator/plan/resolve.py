@@ -306,20 +306,20 @@ def _loc(n: Node) -> str:
     return f"{f}:{line}" if line else f
 
 
-def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
-    plan = lp.model
-    net: IPv4Network = plan.network.subnet
+def _check_cluster(plan: LoadedPlan, src: Source) -> list[Problem]:
+    model = plan.model
+    net: IPv4Network = model.network.subnet
     out: list[Problem] = []
 
     def at(*loc: Any, key: bool = False) -> tuple[str, int | None]:
         return (src.path, src.line_of(loc, key=key))
 
     # The network itself.
-    if plan.network.server not in net:
-        sev = "error" if plan.dhcp.mode in ("full", "proxy") else "warning"
-        out.append(Problem(*at("network", "server"), f"boot server {plan.network.server} is outside subnet {net}; PXE clients on {net} must reach it directly", sev))
-    if plan.network.gateway is not None and plan.network.gateway not in net:
-        out.append(Problem(*at("network", "gateway"), f"gateway {plan.network.gateway} is outside subnet {net}"))
+    if model.network.server not in net:
+        sev = "error" if model.dhcp.mode in ("full", "proxy") else "warning"
+        out.append(Problem(*at("network", "server"), f"boot server {model.network.server} is outside subnet {net}; PXE clients on {net} must reach it directly", sev))
+    if model.network.gateway is not None and model.network.gateway not in net:
+        out.append(Problem(*at("network", "gateway"), f"gateway {model.network.gateway} is outside subnet {net}"))
 
     # Duplicates and addresses. A range entry with a wrong address would give
     # one line per node; say it once per entry and count the rest.
@@ -336,7 +336,7 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
     seen_name: dict[str, Node] = {}
     seen_mac: dict[str, Node] = {}
     seen_ip: dict[IPv4Address, Node] = {}
-    for n in lp.nodes:
+    for n in plan.nodes:
         for table, key, what in ((seen_name, n.name, "name"), (seen_mac, n.mac, "MAC"), (seen_ip, n.ip, "IP")):
             other = table.get(key)  # type: ignore[call-overload]
             if other is not None:
@@ -347,9 +347,9 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
             node_problem(n, "outside", f"node {n.name}: IP {n.ip} is outside subnet {net}; use an address in {net[1]}-{net[-2]}")
         elif n.ip in (net.network_address, net.broadcast_address):
             node_problem(n, "netaddr", f"node {n.name}: IP {n.ip} is the subnet's {'network' if n.ip == net.network_address else 'broadcast'} address")
-        if n.ip == plan.network.server:
+        if n.ip == model.network.server:
             node_problem(n, "server", f"node {n.name}: IP {n.ip} is the boot server's address")
-        if plan.network.gateway is not None and n.ip == plan.network.gateway:
+        if model.network.gateway is not None and n.ip == model.network.gateway:
             node_problem(n, "gateway", f"node {n.name}: IP {n.ip} is the gateway's address")
     for idx, extra in per_entry.values():
         if extra:
@@ -359,74 +359,74 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
     # The pool: the seed's own dhcpd.conf puts its reservations inside the pool's
     # range (ISC dhcpd only warns at run time). Two owners of one address is a
     # lease conflict waiting for the day a node's MAC changes.
-    pool = plan.dhcp.pool
+    pool = model.dhcp.pool
     if pool is not None:
-        if plan.dhcp.mode != "full":
-            out.append(Problem(*at("dhcp", "pool"), f"pool is ignored in dhcp mode {plan.dhcp.mode} (only mode full hands out addresses)", "warning"))
+        if model.dhcp.mode != "full":
+            out.append(Problem(*at("dhcp", "pool"), f"pool is ignored in dhcp mode {model.dhcp.mode} (only mode full hands out addresses)", "warning"))
         for end in ("start", "end"):
             addr = getattr(pool, end)
             if addr not in net:
                 out.append(Problem(*at("dhcp", "pool", end), f"pool {end} {addr} is outside subnet {net}"))
         lo, hi = int(pool.start), int(pool.end)
-        inside = [n for n in lp.nodes if lo <= int(n.ip) <= hi]
+        inside = [n for n in plan.nodes if lo <= int(n.ip) <= hi]
         if inside:
             shown = ", ".join(f"{n.name} {n.ip}" for n in inside[:3]) + (", ..." if len(inside) > 3 else "")
-            free = _free_range_hint(net, lp.nodes, plan)
+            free = _free_range_hint(net, plan.nodes, model)
             out.append(Problem(*at("dhcp", "pool"), f"pool {pool.start}-{pool.end} overlaps {len(inside)} reserved node address(es) ({shown}); move the pool off the reservations{free}"))
-        for what, addr in (("boot server", plan.network.server), ("gateway", plan.network.gateway)):
+        for what, addr in (("boot server", model.network.server), ("gateway", model.network.gateway)):
             if addr is not None and lo <= int(addr) <= hi:
                 out.append(Problem(*at("dhcp", "pool"), f"pool {pool.start}-{pool.end} contains the {what} address {addr}"))
 
-    if plan.boot.default_profile and plan.boot.default_profile not in plan.profiles:
-        out.append(Problem(*at("boot", "default_profile"), f"default_profile {plan.boot.default_profile!r} is not a profile (defined: {', '.join(plan.profiles)})"))
+    if model.boot.default_profile and model.boot.default_profile not in model.profiles:
+        out.append(Problem(*at("boot", "default_profile"), f"default_profile {model.boot.default_profile!r} is not a profile (defined: {', '.join(model.profiles)})"))
 
     # Waves.
-    groups = lp.groups
+    groups = plan.groups
     in_wave: dict[str, str] = {}
-    for i, w in enumerate(plan.rollout.waves):
+    for i, w in enumerate(model.rollout.waves):
         where = at("rollout", "waves", i, "nodes")
         try:
             names = expand(w.nodes, groups)
         except NodeSetError as e:
             out.append(Problem(*where, f"wave {w.name}: {e} (groups come from nodes' group:/rack:; known: {', '.join(sorted(groups)) or 'none'})"))
             continue
-        unknown = [x for x in names if x not in lp.by_name]
+        unknown = [x for x in names if x not in plan.by_name]
         if unknown:
             out.append(Problem(*where, f"wave {w.name} names nodes the plan does not define: {', '.join(unknown[:5])}"))
         for x in names:
-            if x in in_wave and x in lp.by_name:
+            if x in in_wave and x in plan.by_name:
                 out.append(Problem(*where, f"node {x} is in wave {in_wave[x]} and wave {w.name}; a node boots in one wave"))
                 break
             in_wave.setdefault(x, w.name)
 
-    unknown_lab = [x for x in plan.lab.wol_disabled if x not in lp.by_name]
+    unknown_lab = [x for x in model.lab.wol_disabled if x not in plan.by_name]
     if unknown_lab:
         out.append(Problem(*at("lab", "wol_disabled"), f"lab.wol_disabled names nodes the plan does not define: {', '.join(unknown_lab)}"))
 
-    budget = plan.rollout.failure_budget
-    if isinstance(budget, int) and lp.nodes and budget >= len(lp.nodes):
-        out.append(Problem(*at("rollout", "failure_budget"), f"failure_budget {budget} is not less than the {len(lp.nodes)} nodes: the rollout could never fail", "warning"))
+    budget = model.rollout.failure_budget
+    if isinstance(budget, int) and plan.nodes and budget >= len(plan.nodes):
+        out.append(Problem(*at("rollout", "failure_budget"), f"failure_budget {budget} is not less than the {len(plan.nodes)} nodes: the rollout could never fail", "warning"))
 
     # Files named by profiles must exist in the boot root.
-    root = lp.boot_root
+    root = plan.boot_root
     if not root.is_dir():
         out.append(Problem(*at("boot", "root") if "root" in (src.data or {}).get("boot", {}) else at("boot"), f"boot root {root} does not exist here, so profile files were not checked (bootorch image build creates it)", "warning"))
     else:
-        used_profiles = {n.profile for n in lp.nodes} | ({plan.boot.default_profile} if plan.boot.default_profile else set())
-        for pname, prof in plan.profiles.items():
+        used_profiles = {n.profile for n in plan.nodes} | ({model.boot.default_profile} if model.boot.default_profile else set())
+        for pname, prof in model.profiles.items():
             if pname not in used_profiles:
                 continue
             for key, fname in [("kernel", prof.kernel)] + [("initrd", f) for f in prof.initrd]:
                 if not (root / fname.lstrip("/")).is_file():
                     out.append(Problem(*at("profiles", pname, key), f"profile {pname}: {key} file {fname!r} is not in the boot root {root}"))
-        loader = plan.boot.loaders.bios
+        loader = model.boot.loaders.bios
         if not (root / loader.lstrip("/")).is_file():
             out.append(Problem(*at("boot"), f"boot loader {loader!r} is not in the boot root {root} (copy it from /usr/lib/PXELINUX/)"))
 
-    ssh = plan.readiness.ssh
-    if ssh.key is not None and not lp.resolve_path(ssh.key).exists():
-        out.append(Problem(*at("readiness", "ssh", "key"), f"SSH key {lp.resolve_path(ssh.key)} does not exist here", "warning"))
-    if ssh.key is None and not ssh.agent and plan.readiness.checks:
+    ssh = model.readiness.ssh
+    if ssh.key is not None and not plan.resolve_path(ssh.key).exists():
+        out.append(Problem(*at("readiness", "ssh", "key"), f"SSH key {plan.resolve_path(ssh.key)} does not exist here", "warning"))
+    if ssh.key is None and not ssh.agent and model.readiness.checks:
         out.append(Problem(*at("readiness", "ssh", key=True), (
             "readiness.ssh sets neither key: nor agent: true, so readiness has no key to log in with and every "
             "node would fail its checks; set key: to the private key the image authorizes (bootorch image build "
@@ -434,11 +434,11 @@ def _check_cluster(lp: LoadedPlan, src: Source) -> list[Problem]:
 
     # The state directory holds the nodes' private SSH host keys (and the journal,
     # leases, known_hosts): inside the boot root, TFTP and HTTP would serve them to anyone.
-    state, boot = os.path.realpath(lp.state_dir), os.path.realpath(lp.boot_root)
+    state, boot = os.path.realpath(plan.state_dir), os.path.realpath(plan.boot_root)
     if state == boot or state.startswith(boot.rstrip("/") + "/"):
-        where = at("state_dir") if plan.state_dir is not None else at("boot", "root")
+        where = at("state_dir") if model.state_dir is not None else at("boot", "root")
         out.append(Problem(*where, (
-            f"state_dir {lp.state_dir} is inside the boot root {lp.boot_root}: the boot server would serve the "
+            f"state_dir {plan.state_dir} is inside the boot root {plan.boot_root}: the boot server would serve the "
             "nodes' private host keys, the journal and the leases to anyone; put it outside (the default is "
             "var/<name> beside the plan)")))
     return out
@@ -464,14 +464,14 @@ def load_plan(path: str | Path) -> LoadedPlan:
     if "version" not in src.data:
         raise PlanError([Problem(src.path, 1, "version: is missing; start the plan with 'version: 1'")])
     try:
-        plan = Plan.model_validate(src.data)
+        model = Plan.model_validate(src.data)
     except ValidationError as e:
         raise PlanError(_pydantic_problems(src, e)) from None
-    nodes, problems = _expand_nodes(path, src, plan)
-    lp = LoadedPlan(path=path.resolve(), model=plan, nodes=nodes)
-    problems += _check_cluster(lp, src)
+    nodes, problems = _expand_nodes(path, src, model)
+    plan = LoadedPlan(path=path.resolve(), model=model, nodes=nodes)
+    problems += _check_cluster(plan, src)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise PlanError(problems)
-    lp.warnings = [p for p in problems if p.severity != "error"]
-    return lp
+    plan.warnings = [p for p in problems if p.severity != "error"]
+    return plan

@@ -372,18 +372,18 @@ class SshPowerDriver:
 # --------------------------------------------------------------------------- from the plan
 
 
-def plan_drivers(lp) -> tuple[WolDriver, Any | None]:
+def plan_drivers(plan) -> tuple[WolDriver, Any | None]:
     """(wake driver, BMC driver or None) for a LoadedPlan. Raises SecretError for a missing credential.
 
     Drivers that run programs are told every variable the plan's credential
     references name (:func:`~orchestrator.power.secret_env_names`), to keep them
     out of those programs' environments.
     """
-    power = lp.model.power
-    secrets = secret_env_names(lp.model)
-    net = lp.model.network
+    power = plan.model.power
+    secrets = secret_env_names(plan.model)
+    net = plan.model.network
     w = power.wol
-    base = lp.base
+    base = plan.base
     wake = WolDriver(
         interface=w.interface or net.interface, method=w.method, repeat=w.repeat, interval=w.interval,
         broadcast=str(w.broadcast or net.subnet.broadcast_address), port=w.udp_port,
@@ -400,7 +400,7 @@ def plan_drivers(lp) -> tuple[WolDriver, Any | None]:
                                 secret_env=secrets)
     if b.driver == "command":
         return wake, CommandDriver(command=b.command or "", password=resolve_secret(b.password, base), secret_env=secrets)
-    return wake, plugin_driver(b.driver, lp)
+    return wake, plugin_driver(b.driver, plan)
 
 
 #: The entry-point group through which a package adds a BMC driver: ``name = "module:factory"``, where
@@ -408,14 +408,14 @@ def plan_drivers(lp) -> tuple[WolDriver, Any | None]:
 DRIVER_ENTRY_POINTS = "bootorch.power_drivers"
 
 
-def plugin_driver(name: str, lp) -> Any:
+def plugin_driver(name: str, plan) -> Any:
     """The BMC driver ``name`` that an installed package registers (:data:`DRIVER_ENTRY_POINTS`)."""
     from importlib.metadata import entry_points
 
     found = entry_points(group=DRIVER_ENTRY_POINTS, name=name)
     if not found:
         raise ValueError(f"no power driver {name!r} is installed (entry point group {DRIVER_ENTRY_POINTS})")
-    return next(iter(found)).load()(lp)
+    return next(iter(found)).load()(plan)
 
 
 def target(node) -> Target:

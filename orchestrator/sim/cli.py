@@ -51,17 +51,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--control", default=None)
 
 
-def _control_path(lp, given: str | None) -> Path | None:
+def _control_path(plan, given: str | None) -> Path | None:
     if given:
         return Path(given)
-    bmc = lp.model.power.bmc
+    bmc = plan.model.power.bmc
     if bmc.driver == "sim" and bmc.address:
-        return lp.resolve_path(bmc.address)
+        return plan.resolve_path(bmc.address)
     return None
 
 
-def _faults(lp, specs: list[str]) -> dict[str, m.Faults]:
-    names = {n.name for n in lp.nodes}
+def _faults(plan, specs: list[str]) -> dict[str, m.Faults]:
+    names = {n.name for n in plan.nodes}
     out: dict[str, m.Faults] = {}
     for spec in specs:
         node, sep, fault = spec.partition(":")
@@ -89,28 +89,28 @@ def _up(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("bootorch sim: network namespaces and tc need root", file=sys.stderr)
         return 1
-    lp = load_plan(args.plan)
-    net = lp.model.network
+    plan = load_plan(args.plan)
+    net = plan.model.network
     if not net.namespace:
         print("bootorch sim: the plan needs network.namespace (the boot server's namespace, made if missing)",
               file=sys.stderr)
         return 2
     try:
-        faults = _faults(lp, args.fault)
+        faults = _faults(plan, args.fault)
     except ValueError as e:
         print(f"bootorch sim: {e}", file=sys.stderr)
         return 2
     pid = os.getpid()
-    taken = {n.ip for n in lp.nodes} | {net.server}
+    taken = {n.ip for n in plan.nodes} | {net.server}
     topo = Topology(
         server_ns=net.namespace, client_ns=args.client_ns or f"bt-simc-{pid}", server_dev=net.interface,
         client_dev=args.client_dev or f"btc{pid}"[:15], subnet=net.subnet, server_ip=net.server,
         client_ip=client_address(net.subnet, taken), rate=None if args.rate == "none" else args.rate,
         burst=args.burst, limit=args.limit, latency=args.latency)
-    control = _control_path(lp, args.control)
+    control = _control_path(plan, args.control)
     timing = m.Timing(post_delay=args.post_delay, post_jitter=args.post_jitter, kernel_delay=args.kernel_delay,
                       ssh_delay=args.ssh_delay)
-    nodes = [(n.name, n.mac, faults.get(n.name, m.Faults())) for n in lp.nodes]
+    nodes = [(n.name, n.mac, faults.get(n.name, m.Faults())) for n in plan.nodes]
     sim = Simulator(nodes, SimOptions(interface=topo.client_dev, control=control, timing=timing, seed=args.seed,
                                       wol=not args.no_wol))
 
@@ -155,8 +155,8 @@ def _status(args: argparse.Namespace) -> int:
     from orchestrator.plan import load_plan
     from orchestrator.sim.power import control_request
 
-    lp = load_plan(args.plan)
-    path = _control_path(lp, args.control)
+    plan = load_plan(args.plan)
+    path = _control_path(plan, args.control)
     if path is None:
         print("bootorch sim status: no control socket (give --control or power.bmc {driver: sim, address: PATH})",
               file=sys.stderr)
