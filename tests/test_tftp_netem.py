@@ -1,4 +1,4 @@
-"""Our TFTP server under packet loss, with real curl clients (issue 3 acceptance).
+"""Our TFTP server under packet loss, with real curl clients.
 
 Topology: ``bootorch tftpd`` in one network namespace, curl clients in another,
 joined by a link that drops 5 % of packets *in each direction* (``tc netem loss
