@@ -318,7 +318,8 @@ def render_dnsmasq(plan: LoadedPlan) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` (mode ``mode``) atomically: a temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -350,7 +351,7 @@ def write_tree(files: dict[str, bytes], out: Path) -> list[Path]:
     written = []
     for rel, data in sorted(files.items()):
         p = out / rel
-        _write_atomic(p, data, 0o600 if rel.startswith(HOST_KEY_DIR + "/") else 0o644)
+        write_atomic(p, data, 0o600 if rel.startswith(HOST_KEY_DIR + "/") else 0o644)
         written.append(p)
     return written
 

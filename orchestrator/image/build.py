@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from orchestrator.image.rootfs import build_tree
 from orchestrator.image.userland import BUSYBOX_PKG, DROPBEAR_PKG, Userland, load_userland
 from orchestrator.plan import LoadedPlan
 from orchestrator.readiness import known_hosts_path
+from orchestrator.render import write_atomic
 
 KERNEL_META = "linux-image-amd64"
 PXELINUX_PKG = "pxelinux"
@@ -127,18 +127,7 @@ def _write(boot_root: Path, name: str, data: bytes) -> Path:
     elif dest.exists() and dest.stat().st_size == len(data) and dest.read_bytes() == data:
         os.chmod(dest, 0o644)  # the boot servers serve only what others may read
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(dest, data, 0o644)
     return dest
 
 
