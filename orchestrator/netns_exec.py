@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 
+from orchestrator import EXIT_FAILED
 from orchestrator.plan import LoadedPlan
 
 ENV = "BOOTORCH_NETNS"
@@ -85,7 +86,7 @@ def rollout_in_namespace(plan: LoadedPlan, args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print(f"bootorch rollout: the plan's boot network is in network namespace {ns}; "
               "entering it (ip netns exec) needs root", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     manage = plan.model.lab.manage
     lab = None
     if manage:
@@ -122,7 +123,7 @@ def reexec_in_namespace(plan: LoadedPlan, argv: list[str]) -> int:
     if os.geteuid() != 0:
         print(f"bootorch: the plan's boot network is in network namespace {ns}; entering it (ip netns exec) needs root",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", *argv]
     try:
         return subprocess.call(cmd, env={**os.environ, ENV: ns})

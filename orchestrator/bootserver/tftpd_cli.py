@@ -24,6 +24,7 @@ import sys
 
 import trio
 
+from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from orchestrator.bootserver import lockstep_native
 from orchestrator.bootserver.files import BootFiles
 from orchestrator.bootserver.tftp import MAX_STALL, TIMEOUT_MAX, TftpCounters, serve_tftp
@@ -210,7 +211,7 @@ async def _main(args: argparse.Namespace, run_as: pwd.struct_passwd | None) -> i
             # The server has stopped (transfers in flight were reported "aborted");
             # the events already queued are still logged before we exit.
         print(f"tftp: {counters.transfers_ok} ok, {counters.transfers_unconfirmed} unconfirmed, {counters.transfers_failed} failed", file=sys.stderr, flush=True)
-    return 0
+    return EXIT_OK
 
 
 def _leaves(exc: BaseException):
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         run_as = user_to_run_as(args.user, os.geteuid())
     except UserError as e:
         print(f"bootorch tftpd: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         try:
             return trio.run(_main, args, run_as)
@@ -239,22 +240,22 @@ def run(args: argparse.Namespace) -> int:
             raise
     except UserError as e:
         print(f"bootorch tftpd: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except ValueError as e:  # limits that contradict each other (TftpServer checks them)
         print(f"bootorch tftpd: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except FileNotFoundError as e:
         print(f"bootorch tftpd: no such root directory: {e.filename or args.root}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except NotADirectoryError:
         print(f"bootorch tftpd: not a directory: {args.root}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except PermissionError as e:
         print(f"bootorch tftpd: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except OSError as e:
         print(f"bootorch tftpd: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

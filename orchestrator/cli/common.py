@@ -6,11 +6,8 @@ import json
 import sys
 from typing import Any
 
+from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE  # noqa: F401 - the commands take them from here
 from orchestrator.plan import LoadedPlan, PlanError, Problem, load_plan
-
-#: Exit codes (stable, documented in the README): success; the job failed (plan errors, nodes failed
-#: beyond the budget, a refused request); a usage error.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def problem_json(p: Problem) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from orchestrator.hostkeys import host_keys_dir
 from orchestrator.image.build import build_images
 from orchestrator.image.debs import DEFAULT_CACHE
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "image_cmd", None) != "build":
         print("usage: bootorch image build PLAN", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         plan = load_plan(args.plan)
     except PlanError as e:
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             for p in e.problems:
                 print(p, file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"ok": False, "plan": args.plan, "error": str(e)}, indent=2))
         else:
             print(f"bootorch image build: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if report.host_keys:
             print(f"  host keys: {len(report.host_keys)} nodes, each its own ({host_keys_dir(plan)}), "
                   f"pinned in {report.known_hosts}")
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from orchestrator.lab import qmp as q
 from orchestrator.lab.netns import NetnsError, require_root, run_checked
 from orchestrator.plan import LoadedPlan, Node, PlanError, load_plan
@@ -666,10 +667,10 @@ def run(args: argparse.Namespace) -> int:
     except PlanError as e:
         for p in e.problems:
             print(str(p), file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except OSError as e:
         print(f"bootorch lab: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         if args.action == "up":
             st = up(plan)
@@ -679,14 +680,14 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps({"removed": removed}))
             else:
                 print("removed: " + (", ".join(removed) if removed else "nothing (no lab was up)"))
-            return 0
+            return EXIT_OK
         else:
             st = status(plan)
     except (LabError, NetnsError, q.QmpError) as e:
         print(f"bootorch lab {args.action}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(json.dumps(st, indent=2) if args.json else format_status(st))
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

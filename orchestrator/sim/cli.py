@@ -23,6 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
+from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from orchestrator.sim import machine as m
 
 
@@ -88,18 +89,18 @@ def _up(args: argparse.Namespace) -> int:
 
     if os.geteuid() != 0:
         print("bootorch sim: network namespaces and tc need root", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     plan = load_plan(args.plan)
     net = plan.model.network
     if not net.namespace:
         print("bootorch sim: the plan needs network.namespace (the boot server's namespace, made if missing)",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         faults = _faults(plan, args.fault)
     except ValueError as e:
         print(f"bootorch sim: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     pid = os.getpid()
     taken = {n.ip for n in plan.nodes} | {net.server}
     topo = Topology(
@@ -135,7 +136,7 @@ def _up(args: argparse.Namespace) -> int:
         pass
     except (NetnsError, OSError) as e:
         print(f"bootorch sim: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if args.stats_out:
@@ -146,7 +147,7 @@ def _up(args: argparse.Namespace) -> int:
             stats["qdisc"] = topo.qdisc_stats() if topo.created or topo._up else ""
             Path(args.stats_out).write_text(json.dumps(stats, indent=2))
         topo.down()
-    return 0
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -160,14 +161,14 @@ def _status(args: argparse.Namespace) -> int:
     if path is None:
         print("bootorch sim status: no control socket (give --control or power.bmc {driver: sim, address: PATH})",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         r = trio.run(control_request, path, {"action": "stats"})
     except (OSError, trio.TooSlowError) as e:
         print(f"bootorch sim status: {path}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(json.dumps(r, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
