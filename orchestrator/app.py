@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import trio
 
+from orchestrator.bootserver.admission import Load
 from orchestrator.bootserver.serve import BootServers, Ports, serve_plan
 from orchestrator.control import ControlServer, OrchestratorLock, lock_path
 from orchestrator.events import BootEvent
@@ -99,8 +100,6 @@ class BootServerLoad:
         self.servers: BootServers | None = None
 
     def __call__(self) -> Any:
-        from orchestrator.bootserver.admission import Load
-
         if self.servers is None or self.servers.admission is None:
             return Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=0.0)
         return self.servers.admission.load(trio.current_time())
@@ -125,17 +124,17 @@ class Orchestrator:
     log: Callable[[str], None]
     events_send: trio.MemorySendChannel[BootEvent]
     events_recv: trio.MemoryReceiveChannel[BootEvent]
-    #: Events dropped between ``on_event`` and the scheduler (its channel was full).
-    events_dropped: int = 0
 
     @classmethod
     def assemble(cls, plan: LoadedPlan, mode: Mode, *, log: Callable[[str], None] = lambda s: None,
                  show: Callable[[list[Transition]], None] = lambda ts: None,
+                 on_event: Callable[[BootEvent], None] | None = None,
                  clock: Callable[[], float] = time.time) -> "Orchestrator":
         """Build the parts for ``plan`` (opens the journal; starts nothing).
 
         ``log`` gets the orchestrator's diagnostic lines, ``show`` every batch of
-        stage changes after the journal, the metrics and the netboot gate saw it.
+        stage changes after the journal, the metrics and the netboot gate saw it,
+        ``on_event`` every piece of evidence before the tracker does (``serve --events``).
         Power drivers need their credentials, except in ``serve``, where power
         acts only for on-call requests: a missing credential makes those fail with
         the reason instead of stopping the boot server (:class:`~orchestrator.power.Unavailable`).
@@ -164,7 +163,7 @@ class Orchestrator:
         load = BootServerLoad()
         boot_servers = plan.model.dhcp.mode != "external"
         scheduler = Scheduler(plan, tracker, store, wake=wake, bmc=bmc, readiness=readiness,
-                              load=load if boot_servers else None, clock=clock, log=log, on_change=on_change,
+                              load=load if boot_servers else None, clock=clock, log=log, on_change=on_change, on_event=on_event,
                               rollout=mode is Mode.ROLLOUT, standing=mode is Mode.SERVE)
         metrics.attach(scheduler=scheduler)
         control = ControlServer(plan, scheduler, mode=mode.value, token=token, log=log)
@@ -174,16 +173,14 @@ class Orchestrator:
     async def run(self, *, ports: Ports | None = None, boot_servers: bool = True, dhcp: bool = True,
                   control: bool = True, metrics_port: int | None | bool = None,
                   oncall: OncallRequest | None = None, follow_logs: bool = False,
-                  on_event: Callable[[BootEvent], None] | None = None,
                   started: Callable[[], None] = lambda: None) -> Summary:
         """Hold the lock and run every part until the scheduler's job is done (``serve``: until cancelled).
 
         ``boot_servers``: run DHCP/TFTP/HTTP (not in ``dhcp.mode: external``),
         ``dhcp``: DHCP among them; ``control``: answer the control API;
         ``metrics_port``: None for the plan's, a port to override it, False for
-        none; ``follow_logs``: follow the plan's ``logs:``; ``on_event`` sees
-        every boot-server event before the scheduler does (``serve --events``);
-        ``started`` is called once everything listens. Raises :class:`~orchestrator.control.Busy`
+        none; ``follow_logs``: follow the plan's ``logs:``; ``started`` is
+        called once everything listens. Raises :class:`~orchestrator.control.Busy`
         when another orchestrator holds the plan's lock. Closes the journal.
         """
         plan, sched = self.plan, self.scheduler
@@ -198,13 +195,9 @@ class Orchestrator:
                         mhost, mport = await nursery.start(serve_metrics, self.metrics, host,
                                                            port if metrics_port is None else metrics_port)
                         self.log(f"metrics on http://{mhost}:{mport}/metrics")
-                    events = self.events_send
-                    if on_event is not None:
-                        events, seen = trio.open_memory_channel[BootEvent](EVENT_BUFFER)
-                        nursery.start_soon(self._tee, seen, on_event)
                     if boot_servers and plan.model.dhcp.mode != "external":
                         servers: BootServers = await nursery.start(
-                            lambda task_status: serve_plan(plan, ports or Ports(), events=events, dhcp=dhcp,
+                            lambda task_status: serve_plan(plan, ports or Ports(), events=self.events_send, dhcp=dhcp,
                                                            task_status=task_status))
                         self._boot_servers_up(servers)
                     if follow_logs and plan.model.logs:
@@ -225,14 +218,6 @@ class Orchestrator:
         finally:
             self.store.close()
         return summary
-
-    async def _tee(self, seen: trio.MemoryReceiveChannel[BootEvent], on_event: Callable[[BootEvent], None]) -> None:
-        async for ev in seen:
-            on_event(ev)
-            try:
-                self.events_send.send_nowait(ev)
-            except trio.WouldBlock:  # the scheduler is behind: drop as the servers would
-                self.events_dropped += 1
 
     def _boot_servers_up(self, servers: BootServers) -> None:
         self.metrics.attach(running=servers)

@@ -178,7 +178,8 @@ class Scheduler:
     returns the file servers' load (None: the window does not adapt);
     ``window_tuning`` sets the admission window's knobs; ``probe_every`` is the
     SSH probe period. ``log`` gets human lines, ``on_change`` every batch of
-    transitions after it is journaled. ``rollout=False``: no plan waves, only
+    transitions after it is journaled, ``on_event`` every piece of evidence
+    before the tracker sees it (``serve --events``). ``rollout=False``: no plan waves, only
     on-call operations; ``standing=True``: :meth:`run` goes on until cancelled
     (``serve``) instead of returning when the waves and operations are done.
     """
@@ -196,6 +197,7 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         log: Callable[[str], None] = lambda s: None,
         on_change: Callable[[list[Transition]], None] = lambda ts: None,
+        on_event: Callable[[BootEvent], None] | None = None,
         rollout: bool = True,
         standing: bool = False,
         ssh_power: PowerDriver | None = None,
@@ -204,7 +206,7 @@ class Scheduler:
     ) -> None:
         self.plan, self.tracker, self.store = plan, tracker, store
         self.wake_driver, self.bmc, self.readiness = wake, bmc, readiness
-        self.load, self.clock, self.log, self.on_change = load, clock, log, on_change
+        self.load, self.clock, self.log, self.on_change, self.on_event = load, clock, log, on_change, on_event
         settings = plan.model.rollout
         self.adm = settings.admission
         self.retries = settings.retries
@@ -467,6 +469,8 @@ class Scheduler:
     def _feed(self, ev: BootEvent) -> list[Transition]:
         """The tracker's transitions for one event; an event the tracker chokes on costs only itself."""
         try:
+            if self.on_event is not None:
+                self.on_event(ev)
             return self.tracker.feed(ev)
         except Exception:
             self.evidence_errors += 1
@@ -631,12 +635,6 @@ class Scheduler:
                 self._kick()
 
     # ------------------------------------------------------------------ on-call operations
-
-    def feed_event(self, ev: BootEvent) -> list[Transition]:
-        """One piece of evidence from outside :meth:`run`'s own channel (``serve`` prints as it feeds)."""
-        ts = self._feed(ev)
-        self._record(ts)
-        return ts
 
     def submit(self, op: str, names: list[str], *, reason: str, actor: str, hard: bool = False) -> tuple[Operation | None, dict[str, str]]:
         """Start an on-call operation; returns it (None when every node was busy) and the busy nodes with their holder.

@@ -141,11 +141,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         return
 
                 nursery.start_soon(stop)
-                await orch.run(ports=ports, dhcp=not args.no_dhcp, metrics_port=metrics_port, follow_logs=True,
-                               on_event=on_event if args.events else None)
+                await orch.run(ports=ports, dhcp=not args.no_dhcp, metrics_port=metrics_port, follow_logs=True)
 
     try:
-        orch = Orchestrator.assemble(plan, Mode.SERVE, log=log, show=show)
+        orch = Orchestrator.assemble(plan, Mode.SERVE, log=log, show=show, on_event=on_event if args.events else None)
         trio.run(serve_until_signalled)
     except BaseException as e:  # trio wraps start-up failures in exception groups
         leaf = single_leaf(e)
