@@ -254,6 +254,44 @@ async def test_huge_error_ends_transfer(start):
         assert len(ev.detail["error_message"]) <= p.MAX_PEER_MESSAGE
 
 
+async def test_uefi_size_probe_then_windowed_read(start, root):
+    """edk2's PXE reads its loader twice: a tsize probe it declines with ERROR 8 after
+    the OACK, then the file at windowsize 4. The probe is no failure, no retransmit."""
+    with trio.fail_after(20):
+        srv = await start()
+        a = await peer()
+        await a.send(p.encode_request("big.bin", options={"tsize": 0, "blksize": 1468, "windowsize": 4}), srv.addr)
+        data, tid = await a.recv()
+        assert p.parse_packet(data).options == {"tsize": "300000", "blksize": "1468", "windowsize": "4"}
+        await a.send(p.encode_error(p.ERR_OPTION_NEGOTIATION, "tsize probe"), tid)
+        # At once, from the same port (edk2 keeps its UDP port): a new transfer, not a duplicate.
+        await a.send(p.encode_request("big.bin", options={"blksize": 1468, "windowsize": 4}), srv.addr)
+        data, tid2 = await a.recv()
+        assert p.parse_packet(data).options == {"blksize": "1468", "windowsize": "4"}
+        got, block = bytearray(), 0
+        await a.send(p.encode_ack(0), tid2)
+        while True:
+            data, _ = await a.recv()
+            pkt = p.parse_packet(data)
+            if pkt.block == block + 1:
+                got += pkt.payload
+                block = pkt.block
+                if block % 4 == 0 or len(pkt.payload) < 1468:
+                    await a.send(p.encode_ack(block), tid2)
+                if len(pkt.payload) < 1468:
+                    break
+        assert bytes(got) == (root / "big.bin").read_bytes()
+        ev = await srv.next_event()
+        assert ev.kind is EventKind.FILE_REQUEST  # the RRQ
+        ev = await srv.next_event()
+        assert ev.kind is EventKind.FILE_REQUEST and ev.result == "options_declined"
+        done = await srv.next_event(EventKind.FILE_DONE)
+        assert done.result == "ok" and done.detail["windowsize"] == 4 and done.detail["oack"]["windowsize"] == "4"
+        assert srv.counters.transfers_failed == 0 and srv.counters.options_declined == 1
+        assert srv.counters.retransmits == 0 and srv.counters.transfers_ok == 1
+        assert srv.counters.duplicate_requests == 0
+
+
 async def test_vanished_client_is_reaped_after_retry_budget(start, autojump_clock):
     with trio.fail_after(60):
         srv = await start(timeout=2.0, retries=3)

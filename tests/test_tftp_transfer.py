@@ -299,6 +299,24 @@ def test_negotiated_timeout_sets_the_deadline():
 # -- errors from the peer -------------------------------------------------------------
 
 
+def test_error_8_after_the_oack_is_a_declined_size_probe_not_a_failure():
+    # UEFI PXE (edk2): RRQ with tsize 0 blksize 1468 windowsize 4, then ERROR 8 on the OACK.
+    opts = {"tsize": "0", "blksize": "1468", "windowsize": "4"}
+    t = p.ReadTransfer(p.ReadRequest("syslinux.efi", "octet", opts), MemoryFile("syslinux.efi", bytes(200_000)))
+    out = t.start(0.0)
+    assert p.parse_packet(out[0][0]).options["tsize"] == "200000"
+    out, ev = t.datagram(p.encode_error(p.ERR_OPTION_NEGOTIATION, "tsize only"), 0.1)
+    assert out == [] and ev[0].reason == "options_declined" and ev[0].code == 8
+    assert t.retransmits == 0 and t.bytes_acked == 0 and t.finished
+
+
+def test_error_8_after_data_is_an_abort():
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(3000)))
+    t.start(0.0)
+    _, ev = t.datagram(p.encode_error(p.ERR_OPTION_NEGOTIATION, "late"), 0.0)
+    assert ev[0].reason == "aborted"
+
+
 def test_two_byte_error_ends_the_transfer():
     t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(3000)))
     t.start(0.0)

@@ -103,6 +103,10 @@ class TftpCounters:
     #: Every block sent, but the client's final ACK never came (see
     #: ``TransferFailed``): most likely delivered; neither ok nor failed.
     transfers_unconfirmed: int = 0
+    #: The client answered the OACK with ERROR 8 before any data: a size probe
+    #: (UEFI PXE asks ``tsize`` first, then reads the file in a second request).
+    #: Neither ok nor failed, and no sign of loss.
+    options_declined: int = 0
     bytes_sent: int = 0  # payload bytes acknowledged by clients
     active: int = 0  # transfers in progress (including those queued by admission)
     refused: int = 0  # requests refused by limits
@@ -175,6 +179,9 @@ class TftpServer:
         self._transfers: set[tuple[str, int]] = set()
         #: Transfers handed to the engine (not those still queued by admission), by client TID.
         self._running: dict[tuple[str, int], Transfer] = {}
+        #: The request each running transfer serves, and a different one its port sent meanwhile.
+        self._requests: dict[tuple[str, int], proto.ReadRequest] = {}
+        self._next_request: dict[tuple[str, int], tuple[socket.socket, bytes, trio.Nursery]] = {}
         self._netascii_sizes = proto.NetasciiSizes()
         self._resend_budget = proto.ResendBudget(unproven_resend_rate, 4 * unproven_resend_rate)
         self._per_client: Counter[str] = Counter()
@@ -277,6 +284,14 @@ class TftpServer:
             self.counters.malformed += 1
             return
         if addr in self._transfers:
+            running = self._requests.get(addr)
+            if running is not None and (req.filename, req.mode, req.options) != (running.filename, running.mode, running.options):
+                # Another request from the same port: the client moved on. UEFI PXE
+                # re-reads its loader from the port it probed the size from, and that
+                # RRQ may overtake the ERROR 8 ending the probe on the transfer's own
+                # socket. It starts when the old transfer has ended (one waits per port).
+                self._next_request[addr] = (sock, data, nursery)
+                return
             # The same client port asking again: its request retransmission (our
             # OACK/DATA was lost or crossed it, or admission queued it). One
             # transfer per TID; before the client's first ACK the core may answer
@@ -325,6 +340,7 @@ class TftpServer:
             f.close()
             raise
         self._transfers.add(addr)
+        self._requests[addr] = req
         self._per_client[addr[0]] += 1
         self.counters.active += 1
         nursery.start_soon(self._transfer_task, addr, xfer, f, t0)
@@ -373,6 +389,7 @@ class TftpServer:
             f.close()
             self._running.pop(addr, None)
             self._transfers.discard(addr)
+            self._requests.pop(addr, None)
             self._per_client[addr[0]] -= 1
             if self._per_client[addr[0]] <= 0:
                 del self._per_client[addr[0]]
@@ -381,6 +398,8 @@ class TftpServer:
                 self.counters.transfers_ok += 1
             elif result == "unconfirmed":
                 self.counters.transfers_unconfirmed += 1
+            elif result == "options_declined":
+                self.counters.options_declined += 1
             else:
                 self.counters.transfers_failed += 1
             self.counters.bytes_sent += xfer.bytes_acked
@@ -388,15 +407,27 @@ class TftpServer:
             if failure is not None and failure.code is not None:
                 detail["error_code"] = failure.code
                 detail["error_message"] = failure.message
+            if xfer.negotiated.oack:
+                detail["oack"] = dict(xfer.negotiated.oack)
             # "unconfirmed" is reported as FILE_DONE with that result: the client
             # has every block unless the final ones were lost on every retry, and
             # a boot that moves on proves it; a FILE_FAILED would claim a failure.
+            # "options_declined" (a size probe) moved nothing: a FILE_REQUEST, as its RRQ was.
+            kind = (EventKind.FILE_DONE if result in ("ok", "unconfirmed")
+                    else EventKind.FILE_REQUEST if result == "options_declined" else EventKind.FILE_FAILED)
             self._emit(
-                EventKind.FILE_DONE if result in ("ok", "unconfirmed") else EventKind.FILE_FAILED,
+                kind,
                 addr, xfer.request.filename, bytes=xfer.bytes_acked, size=xfer.size,
                 duration=trio.current_time() - t0, result=result,
                 retransmits=xfer.retransmits, detail=detail,
             )
+            nxt = self._next_request.pop(addr, None)
+            if nxt is not None and not engine.closed:
+                try:
+                    self._on_request(nxt[0], nxt[1], addr, nxt[2])
+                except Exception:  # noqa: BLE001 -- as in _listen: one request, not the server
+                    self.counters.errors += 1
+                    log.exception("tftp: request from %s:%s failed", *addr)
 
 
 def _set_done(x: Transfer) -> None:

@@ -37,6 +37,7 @@ OACK_SENT / SENDING   ACK k, acked < k <= high,    send window k+1..k+ws        
                       k < last block
 OACK_SENT / SENDING   ACK of the last block        (nothing)                       DONE
 OACK_SENT / SENDING   ACK k, k <= acked or k>high  ignore (no Sorcerer's Appr.)    same
+OACK_SENT             ERROR 8 (options declined)   (nothing; "options_declined")   FAILED
 OACK_SENT / SENDING   ERROR (any length)           (nothing)                       FAILED
 OACK_SENT / SENDING   timer, tries <= budget and   resend OACK / window from       same
                       progress within max_stall    acked+1
@@ -83,7 +84,7 @@ import enum
 from dataclasses import dataclass
 from typing import Union
 
-from orchestrator.protocols.tftp.constants import DATA, ERR_NOT_DEFINED, MODES, PATH_MTU_BLKSIZE, TIMEOUT_MAX
+from orchestrator.protocols.tftp.constants import DATA, ERR_NOT_DEFINED, ERR_OPTION_NEGOTIATION, MODES, PATH_MTU_BLKSIZE, TIMEOUT_MAX
 from orchestrator.protocols.tftp.errors import LocalProtocolError, RemoteProtocolError
 from orchestrator.protocols.tftp.negotiate import CLIENT_RCVBUF, negotiate
 from orchestrator.protocols.tftp.netascii import NETASCII_MAX, NetasciiSizes, NetasciiSource, Source
@@ -151,7 +152,11 @@ class TransferFailed:
     (the retry budget was spent after *every* block had been sent at least once:
     the client most likely has the file and only its final ACK was lost -- RFC
     1350 section 6 leaves the last ACK unprotected, which is why clients
-    "dally"), or "aborted" (the peer sent ERROR ``code`` with ``message``).
+    "dally"), "aborted" (the peer sent ERROR ``code`` with ``message``), or
+    "options_declined": the peer answered our OACK with ERROR 8 before any data
+    (RFC 2347 lets a client refuse the options so; UEFI PXE firmware does it on
+    purpose after a ``tsize`` probe: it wanted only the size, and asks again). A
+    declined OACK moved no data and says nothing about the path: not a failure.
     """
 
     reason: str
@@ -323,6 +328,8 @@ class ReadTransfer:
         if type(pkt) is Ack:
             return self._ack(pkt.block, now)
         if type(pkt) is Error:
+            if state is State.OACK_SENT and pkt.code == ERR_OPTION_NEGOTIATION:
+                return [], (self._fail("options_declined", pkt.code, pkt.message),)
             return [], (self._fail("aborted", pkt.code, pkt.message),)
         # RRQ, WRQ, DATA, OACK: a read server never expects these on a transfer port.
         # RFC 1350 would allow an ERROR 4 that ends the transfer; ignoring keeps a
