@@ -120,6 +120,16 @@ def http_base(plan: LoadedPlan) -> str:
     return f"http://{host}:{bs.http_port}" if bs.http_port != 80 else f"http://{host}"
 
 
+def ipxe_mode(plan: LoadedPlan, node: Node) -> str:
+    """What ``node`` gets when it runs iPXE: its profile's ``ipxe``, else ``boot.ipxe``."""
+    return plan.model.profiles[node.profile].ipxe or plan.model.boot.ipxe
+
+
+def uefi_http_url(plan: LoadedPlan) -> str:
+    """The boot file UEFI HTTP Boot clients are offered: ``loaders.uefi_http`` on our HTTP server."""
+    return f"{http_base(plan)}/{plan.model.boot.loaders.uefi_http.lstrip('/')}"
+
+
 def ipxe_script_name(mac: str) -> str:
     return f"ipxe/{mac.replace(':', '-')}.ipxe"
 
@@ -173,7 +183,6 @@ def _q(s: str) -> str:
 def render_dhcpd(plan: LoadedPlan) -> str:
     model = plan.model
     net = model.network
-    loaders = model.boot.loaders
     lease = int(model.dhcp.lease_time)
     out = [
         f"# {HEADER.format(plan=plan.path.name)}",
@@ -221,13 +230,14 @@ def render_dhcpd(plan: LoadedPlan) -> str:
         "    # 0.0.0.0 says: no multicast TFTP.",
         "    option PXE.mtftp-ip 0.0.0.0;",
         f"    next-server {net.server};",
-        '    if exists user-class and option user-class = "iPXE" {',
-        f"      filename {_q(http_base(plan) + '/boot.ipxe')};",
-        "    } elsif option arch = 00:07 or option arch = 00:09 {",
-        f"      filename {_q(loaders.uefi)};",
-        "    } else {",
-        f"      filename {_q(loaders.bios)};",
-        "    }",
+        *_dhcpd_pxe_choice(plan, model.boot.ipxe, "    "),
+        "  }",
+        "",
+        "  # UEFI HTTP Boot (option 93 = 16): the offer must say HTTPClient and carry a URL.",
+        '  class "httpclients" {',
+        '    match if substring (option vendor-class-identifier, 0, 10) = "HTTPClient";',
+        '    option vendor-class-identifier "HTTPClient";',
+        f"    filename {_q(uefi_http_url(plan))};",
         "  }",
     ]
     if model.dhcp.pool is not None:
@@ -248,9 +258,35 @@ def render_dhcpd(plan: LoadedPlan) -> str:
             f"  hardware ethernet {node.mac};",
             f"  fixed-address {node.ip};",
             f"  option host-name {_q(node.name)};",
-            "}",
         ]
+        mode = ipxe_mode(plan, node)
+        if mode != model.boot.ipxe:
+            # Its profile's ipxe: differs from boot.ipxe; host statements override the class's.
+            out += [f"  # profile {node.profile}: ipxe: {mode}",
+                    '  if substring (option vendor-class-identifier, 0, 9) = "PXEClient" {',
+                    *_dhcpd_pxe_choice(plan, mode, "    "), "  }"]
+        out.append("}")
     return "\n".join(out) + "\n"
+
+
+def _dhcpd_pxe_choice(plan: LoadedPlan, ipxe: str, ind: str) -> list[str]:
+    """dhcpd statements choosing a PXE client's file: iPXE's script (or its firmware's loader), UEFI's, BIOS's."""
+    loaders = plan.model.boot.loaders
+    uefi = "option arch = 00:06 or option arch = 00:07 or option arch = 00:09"
+    out = [f'{ind}if exists user-class and option user-class = "iPXE" {{']
+    if ipxe == "script":
+        out.append(f"{ind}  filename {_q(http_base(plan) + '/boot.ipxe')};")
+    else:
+        out += [f"{ind}  # iPXE runs the loader its firmware's PXE ROM would",
+                f"{ind}  if {uefi} {{ filename {_q(loaders.uefi)}; }} else {{ filename {_q(loaders.bios)}; }}"]
+    out += [
+        f"{ind}}} elsif {uefi} {{",
+        f"{ind}  filename {_q(loaders.uefi)};",
+        f"{ind}}} else {{",
+        f"{ind}  filename {_q(loaders.bios)};",
+        f"{ind}}}",
+    ]
+    return out
 
 
 # --------------------------------------------------------------------------- dnsmasq
@@ -291,18 +327,29 @@ def render_dnsmasq(plan: LoadedPlan) -> str:
             out.append(f"dhcp-option=option:dns-server,{','.join(map(str, net.dns))}")
         if net.domain:
             out.append(f"domain={net.domain}")
+    loader_macs = [n.mac for n in plan.nodes if ipxe_mode(plan, n) == "loader"]
     out += [
         "",
-        "# Loader by client kind: iPXE (user class) gets its HTTP script, UEFI (option 93) its loader.",
+        "# Loader by client kind: iPXE (user class) gets its HTTP script (nodes tagged ipxeloader:",
+        "# the loader its firmware's PXE ROM would get), UEFI PXE (option 93) its loader, UEFI HTTP",
+        "# Boot (option 93 = 16) the URL of its loader with option 60 HTTPClient. The tag sets are",
+        "# disjoint: dnsmasq must not have to choose between two matching dhcp-boot lines.",
         "dhcp-userclass=set:ipxe,iPXE",
+        "dhcp-match=set:efi64,option:client-arch,6",
         "dhcp-match=set:efi64,option:client-arch,7",
         "dhcp-match=set:efi64,option:client-arch,9",
+        "dhcp-match=set:efihttp,option:client-arch,16",
+        *[f"dhcp-mac=set:ipxeloader,{m}" for m in loader_macs],
     ]
     if model.dhcp.mode != "proxy":
         out += [
-            f"dhcp-boot=tag:ipxe,{http_base(plan)}/boot.ipxe",
-            f"dhcp-boot=tag:efi64,tag:!ipxe,{loaders.uefi},,{net.server}",
-            f"dhcp-boot=tag:!efi64,tag:!ipxe,{loaders.bios},,{net.server}",
+            f"dhcp-boot=tag:ipxe,tag:!ipxeloader,{http_base(plan)}/boot.ipxe",
+            f"dhcp-boot=tag:ipxe,tag:ipxeloader,tag:efi64,{loaders.uefi},,{net.server}",
+            f"dhcp-boot=tag:ipxe,tag:ipxeloader,tag:!efi64,{loaders.bios},,{net.server}",
+            f"dhcp-boot=tag:efihttp,tag:!ipxe,{uefi_http_url(plan)}",
+            "dhcp-option-force=tag:efihttp,tag:!ipxe,option:vendor-class,HTTPClient",
+            f"dhcp-boot=tag:efi64,tag:!ipxe,tag:!efihttp,{loaders.uefi},,{net.server}",
+            f"dhcp-boot=tag:!efi64,tag:!ipxe,tag:!efihttp,{loaders.bios},,{net.server}",
         ]
     out += [
         "",

@@ -484,3 +484,40 @@ def test_backlog_order_puts_discovers_last():
              (req("discover", "02:00:00:00:00:03"), ("c", 1)), (req("release", "02:00:00:00:00:04"), ("d", 1))]
     batch.sort(key=_discover_last)  # stable: arrival order kept within each class
     assert [src[0] for _, src in batch] == ["b", "d", "a", "c"]
+
+
+# --------------------------------------------------------------------------- boot paths of the lab matrix
+
+HTTP_VC = b"HTTPClient:Arch:00016:UNDI:003000"
+EFI_PXE_VC = b"PXEClient:Arch:00007:UNDI:003000"
+
+
+def test_uefi_http_boot_gets_httpclient_and_a_url():
+    """edk2 HTTP Boot (option 93 = 16): the offer must say HTTPClient and carry a URL, no PXE options."""
+    plan = load_plan(REPO / "plans" / "examples" / "lab-matrix.yaml")
+    core = DhcpServerCore(plan_config(plan), plan_policy(plan), LeaseStore(None))
+    node = plan.by_name["m03"]
+    reply, out = one_reply(core, req("discover", node.mac, ("vendor_class_id", HTTP_VC), (93, b"\x00\x10")))
+    s, o = decode(reply.data)
+    assert s.file.rstrip(b"\0") == b"http://10.78.0.1:8080/ipxe.efi" and s.yiaddr == str(node.ip)
+    assert o["vendor_class_id"] == b"HTTPClient" and "vendor_specific" not in o
+    assert out.events[0].detail["kind"] == "uefi_http" and out.events[0].detail["pxe"] is True
+
+
+def test_lab_matrix_each_client_kind_gets_its_file():
+    plan = load_plan(REPO / "plans" / "examples" / "lab-matrix.yaml")
+    core = DhcpServerCore(plan_config(plan), plan_policy(plan), LeaseStore(None))
+
+    def boot_file(name: str, *opts) -> bytes:
+        reply, _ = one_reply(core, req("discover", plan.by_name[name].mac, *opts))
+        return BOOTP(reply.data).file.rstrip(b"\0")
+
+    ipxe_uefi = (("vendor_class_id", EFI_PXE_VC), (93, b"\x00\x07"), (77, b"iPXE"))
+    ipxe_bios = (("vendor_class_id", PXE_VC), (93, b"\x00\x00"), (77, b"iPXE"))
+    assert boot_file("m01", *ipxe_bios) == b"pxelinux.0"  # profile pxelinux: ipxe: loader
+    assert boot_file("m02", ("vendor_class_id", EFI_PXE_VC), (93, b"\x00\x07")) == b"syslinux.efi"  # edk2 PXE
+    assert boot_file("m02", ("hostname", b"m02")) == b""  # syslinux.efi's own DHCP: no class, no file
+    assert boot_file("m04", *ipxe_bios) == b"http://10.78.0.1:8080/ipxe/52-54-00-78-00-04.ipxe"  # boot.ipxe: script
+    assert boot_file("m03", *ipxe_uefi) == b"http://10.78.0.1:8080/ipxe/52-54-00-78-00-03.ipxe"  # ipxe.efi after HTTP Boot
+    assert boot_file("m06", *ipxe_uefi) == b"syslinux.efi"  # UEFI iPXE ROM, ipxe: loader: its firmware's loader
+    assert boot_file("m05", *ipxe_bios) == b"pxelinux.0"

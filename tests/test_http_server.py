@@ -710,3 +710,12 @@ async def test_dynamic_source_that_raises_gives_500(nursery, root: Path):
         (EventKind.FILE_DONE, "ok"),
     ]
     assert stats.internal_errors == 0
+
+
+def test_content_types_uefi_http_boot_wants_application_efi():
+    from orchestrator.bootserver.http import content_type
+
+    assert content_type("ipxe.efi") == b"application/efi"
+    assert content_type("EFI/BOOT/BOOTX64.EFI") == b"application/efi"
+    assert content_type("ipxe/52-54-00-00-00-01.ipxe").startswith(b"text/plain")
+    assert content_type("vmlinuz") == content_type("dir.efi/vmlinuz") == b"application/octet-stream"

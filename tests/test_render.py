@@ -19,6 +19,7 @@ from orchestrator.render import boot_tree, dynamic_source, render_all, render_dh
 from tests.conftest import REPO, require_tool
 
 FULL = REPO / "plans" / "full.yaml"
+MATRIX = REPO / "plans" / "examples" / "lab-matrix.yaml"
 BEOWULF = REPO / "plans" / "examples" / "beowulf-64.yaml"
 PXELINUX_README = Path("/usr/share/doc/pxelinux/README.txt.gz")
 
@@ -124,7 +125,7 @@ def dnsmasq_check(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([dnsmasq, "--test", "-C", str(path)], capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.parametrize("plan", [FULL, BEOWULF], ids=["full", "beowulf-64"])
+@pytest.mark.parametrize("plan", [FULL, BEOWULF, MATRIX], ids=["full", "beowulf-64", "lab-matrix"])
 def test_real_daemons_accept_rendered_configs(tmp_path, plan):
     out = tmp_path / "out"
     assert main(["render", str(plan), "--out", str(out)]) == 0
@@ -132,6 +133,22 @@ def test_real_daemons_accept_rendered_configs(tmp_path, plan):
     assert r.returncode == 0, r.stderr
     r = dnsmasq_check(out / "dnsmasq.conf")
     assert r.returncode == 0 and "syntax check OK" in (r.stdout + r.stderr), r.stderr
+
+
+def test_every_client_kind_in_the_rendered_configs():
+    """The site daemons' configs give each client kind what the embedded server gives it."""
+    plan = load_plan(MATRIX)
+    dnsmasq = render_dnsmasq(plan)
+    assert "dhcp-boot=tag:efihttp,tag:!ipxe,http://10.78.0.1:8080/ipxe.efi" in dnsmasq
+    assert "dhcp-option-force=tag:efihttp,tag:!ipxe,option:vendor-class,HTTPClient" in dnsmasq
+    # m01, m05 (profile ipxe: loader) and m06 get a loader from iPXE; m03, m04 their script.
+    tagged = sorted(line.split(",")[1] for line in dnsmasq.splitlines() if line.startswith("dhcp-mac=set:ipxeloader"))
+    assert tagged == [plan.by_name[n].mac for n in ("m01", "m05", "m06")]
+    dhcpd = render_dhcpd(plan)
+    assert 'match if substring (option vendor-class-identifier, 0, 10) = "HTTPClient";' in dhcpd
+    host_m01 = dhcpd[dhcpd.index("host m01 {"):dhcpd.index("host m02 {")]
+    assert 'filename "pxelinux.0"' in host_m01 and "ipxe: loader" in host_m01
+    assert "ipxe" not in dhcpd[dhcpd.index("host m03 {"):dhcpd.index("host m04 {")]
 
 
 def test_real_daemons_reject_a_broken_config(tmp_path):

@@ -85,6 +85,7 @@ class StaticPolicy:
         ipxe_script_for: dict[str, str] | None = None,
         gate_unknown: bool = False,
         ipxe_gets_loader: bool = False,
+        ipxe_gets_loader_for: dict[str, bool] | None = None,
     ) -> None:
         self._res = {m.lower(): r for m, r in reservations.items()}
         self._ips = {r.ip for r in self._res.values()}
@@ -94,6 +95,7 @@ class StaticPolicy:
         self.ipxe_script_for = ipxe_script_for or {}
         self.gate_unknown = gate_unknown
         self.ipxe_gets_loader = ipxe_gets_loader
+        self.ipxe_gets_loader_for = {m.lower(): v for m, v in (ipxe_gets_loader_for or {}).items()}
         self.gated: set[str] = set()
 
     def reservation(self, mac: str) -> Reservation | None:
@@ -102,12 +104,13 @@ class StaticPolicy:
     def is_reserved_ip(self, ip: int) -> bool:
         return ip in self._ips
 
-    def boot(self, mac: str, kind: ClientKind) -> BootAnswer | None:
+    def boot(self, mac: str, kind: ClientKind, uefi: bool = False) -> BootAnswer | None:
         if mac in self.gated or (self.gate_unknown and mac not in self._res):
             return None
         if kind == ClientKind.IPXE:
-            if self.ipxe_gets_loader:
-                kind = ClientKind.BIOS  # iPXE runs pxelinux.0 like a PXE ROM would
+            if self.ipxe_gets_loader_for.get(mac, self.ipxe_gets_loader):
+                # iPXE runs the loader a PXE ROM of its firmware would: pxelinux.0 or syslinux.efi.
+                kind = ClientKind.UEFI if uefi else ClientKind.BIOS
             else:
                 script = self.ipxe_script_for.get(mac, self.ipxe_script)
                 return BootAnswer(script, self.next_server) if script else None
@@ -130,10 +133,17 @@ def plan_policy(plan) -> StaticPolicy:  # plan: orchestrator.plan.LoadedPlan (im
     return StaticPolicy(
         {n.mac: Reservation(int(n.ip), n.name) for n in plan.nodes},
         next_server=server,
-        loaders={ClientKind.BIOS: model.boot.loaders.bios, ClientKind.UEFI: model.boot.loaders.uefi},
+        loaders={
+            ClientKind.BIOS: model.boot.loaders.bios,
+            ClientKind.UEFI: model.boot.loaders.uefi,
+            ClientKind.UEFI_HTTP: f"{base}/{model.boot.loaders.uefi_http.lstrip('/')}",
+        },
         ipxe_script=f"{base}/boot.ipxe",
         ipxe_script_for={n.mac: f"{base}/{ipxe_script_name(n.mac)}" for n in plan.nodes},
         ipxe_gets_loader=model.boot.ipxe == "loader",
+        ipxe_gets_loader_for={
+            n.mac: model.profiles[n.profile].ipxe == "loader" for n in plan.nodes if model.profiles[n.profile].ipxe
+        },
     )
 
 

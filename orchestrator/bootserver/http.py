@@ -832,7 +832,7 @@ class _Connection:
                 await self._simple(416, b"range not satisfiable\n", extra=extra)
                 return
         headers = _base_headers()
-        headers += [(b"content-type", b"application/octet-stream"), (b"accept-ranges", b"bytes")]
+        headers += [(b"content-type", content_type(name)), (b"accept-ranges", b"bytes")]
         if span is not None:
             start, length, status = span[0], span[1] - span[0] + 1, 206
             headers.append((b"content-range", f"bytes {span[0]}-{span[1]}/{size}".encode()))
@@ -935,6 +935,17 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b""
+
+
+#: Content types by file suffix; everything else is application/octet-stream. UEFI
+#: HTTP Boot takes an NBP only as ``application/efi`` (or named ``*.efi``).
+CONTENT_TYPES = {".efi": b"application/efi", ".ipxe": b"text/plain; charset=utf-8", ".cfg": b"text/plain; charset=utf-8"}
+
+
+def content_type(name: str) -> bytes:
+    """The Content-Type for the file ``name``."""
+    dot = name.rfind(".")
+    return CONTENT_TYPES.get(name[dot:].lower(), b"application/octet-stream") if dot > name.rfind("/") else b"application/octet-stream"
 
 
 def _base_headers() -> list[tuple[bytes, bytes]]:

@@ -78,23 +78,43 @@ BROADCAST = 0xFFFFFFFF
 
 class ClientKind(str, enum.Enum):
     BIOS = "bios"
-    UEFI = "uefi"
+    UEFI = "uefi"  # UEFI PXE: edk2's own network stack, a loader over TFTP
+    UEFI_HTTP = "uefi_http"  # UEFI HTTP Boot: a URL as the boot file
     IPXE = "ipxe"
     OTHER = "other"  # an OS DHCP client: no boot file
 
 
+#: RFC 4578 §2.1 / IANA processor architecture types that are x86 UEFI: 6 x86 UEFI,
+#: 7 x86-64 UEFI, 9 EBC (used by some x86-64 UEFI firmware, e.g. older VMware),
+#: 15 x86 and 16 x86-64 UEFI HTTP Boot.
+UEFI_ARCHES = frozenset({6, 7, 9, 15, 16})
+#: UEFI HTTP Boot architecture types: 15 x86, 16 x86-64.
+HTTP_ARCHES = frozenset({15, 16})
+
+
 def client_kind(p: Packet) -> ClientKind:
-    """What is asking. iPXE first: it also sends PXEClient and option 93."""
+    """What is asking. iPXE first: it also sends PXEClient and option 93.
+
+    UEFI HTTP Boot sends vendor class ``HTTPClient:Arch:00016:...`` and option
+    93 = 16; its offer must carry ``HTTPClient`` and a URL.
+    """
     if p.is_ipxe:
         return ClientKind.IPXE
+    vc = p.options.get(Opt.VENDOR_CLASS)
+    arch = p.client_arch
+    if (vc is not None and vc.startswith(b"HTTPClient")) or (arch and arch[0] in HTTP_ARCHES):
+        return ClientKind.UEFI_HTTP
     if not p.is_pxe:
         return ClientKind.OTHER
-    arch = p.client_arch
-    # RFC 4578 §2.1 / IANA: 0 x86 BIOS, 6 x86 UEFI, 7 x86-64 UEFI, 9 EBC (used by
-    # some x86-64 UEFI firmware, e.g. older VMware), 16 x86-64 UEFI HTTP.
-    if arch and arch[0] in (6, 7, 9, 16):
+    if arch and arch[0] in UEFI_ARCHES:
         return ClientKind.UEFI
     return ClientKind.BIOS
+
+
+def is_uefi(p: Packet) -> bool:
+    """The client runs UEFI firmware (option 93), whatever is asking: edk2 or iPXE's EFI build."""
+    arch = p.client_arch
+    return bool(arch) and arch[0] in UEFI_ARCHES
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +136,10 @@ class BootPolicy(Protocol):
 
     def is_reserved_ip(self, ip: int) -> bool: ...
 
-    def boot(self, mac: str, kind: ClientKind) -> BootAnswer | None: ...
+    def boot(self, mac: str, kind: ClientKind, uefi: bool = False) -> BootAnswer | None:
+        """The boot file for ``mac`` asking as ``kind``; ``uefi``: its firmware is UEFI
+        (option 93), which matters when iPXE asks and gets a loader."""
+        ...
 
 
 class LeaseTable(Protocol):
@@ -675,7 +698,7 @@ class DhcpServerCore(Generic[LeasesT]):
                     opts[Opt.HOSTNAME] = res.hostname.encode()
             kind = client_kind(req)
             if kind != ClientKind.OTHER:
-                answer = self.policy.boot(req.mac, kind)
+                answer = self.policy.boot(req.mac, kind, is_uefi(req))
                 if answer is not None:
                     boot_file = answer.filename
                     rep.siaddr = answer.next_server
@@ -684,7 +707,11 @@ class DhcpServerCore(Generic[LeasesT]):
                         rep.file = fname
                     else:
                         opts[Opt.BOOTFILE] = fname  # long iPXE URLs: option 67 only
-                    if req.options.get(Opt.VENDOR_CLASS, b"").startswith(b"PXEClient"):
+                    if kind == ClientKind.UEFI_HTTP:
+                        # UEFI spec 2.x §24.7: an HTTP Boot client takes only offers that
+                        # say HTTPClient in option 60, with a URI as the boot file.
+                        opts[Opt.VENDOR_CLASS] = b"HTTPClient"
+                    elif req.options.get(Opt.VENDOR_CLASS, b"").startswith(b"PXEClient"):
                         # The seed's discovery control: at least one PXE vendor option
                         # must be present for a ROM to accept the offer as PXE. 6=8:
                         # "use the boot file in this offer, no boot server discovery".
