@@ -58,9 +58,9 @@ import shlex
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import paramiko
 import trio
@@ -85,22 +85,38 @@ class CheckSpec:
     command: str
     expect: str | None = None  # regex on stdout
     expect_exit: int = 0
+    #: Addresses of the nodes the check runs on; None: every node.
+    hosts: frozenset[str] | None = None
 
 
-def check_specs(checks) -> list[CheckSpec]:
-    """Turn the plan's readiness checks into shell commands (busybox-compatible)."""
+def check_specs(checks, hosts_of_profile: Mapping[str, Iterable[str]] | None = None) -> list[CheckSpec]:
+    """Turn the plan's readiness checks into shell commands (busybox-compatible).
+
+    ``hosts_of_profile`` (profile -> node addresses) scopes a check that names ``profiles:``.
+    """
     out = []
     for i, c in enumerate(checks):
+        hosts = None
+        if getattr(c, "profiles", None):
+            hosts = frozenset(h for p in c.profiles for h in (hosts_of_profile or {}).get(p, ()))
         if c.command is not None:
-            out.append(CheckSpec(c.name or f"check{i + 1}", c.command, c.expect))
+            spec = CheckSpec(c.name or f"check{i + 1}", c.command, c.expect)
         elif c.kernel is not None:
-            out.append(CheckSpec(c.name or "kernel", "uname -r", c.kernel))
+            spec = CheckSpec(c.name or "kernel", "uname -r", c.kernel)
         elif c.mount is not None:
             mp = shlex.quote(c.mount)
-            out.append(CheckSpec(c.name or f"mount {c.mount}", f"awk -v m={mp} '$2 == m {{f=1}} END {{exit !f}}' /proc/mounts"))
+            spec = CheckSpec(c.name or f"mount {c.mount}", f"awk -v m={mp} '$2 == m {{f=1}} END {{exit !f}}' /proc/mounts")
         elif c.service is not None:
-            out.append(CheckSpec(c.name or f"service {c.service}", f"pidof {shlex.quote(c.service)}"))
+            spec = CheckSpec(c.name or f"service {c.service}", f"pidof {shlex.quote(c.service)}")
+        else:
+            continue
+        out.append(replace(spec, hosts=hosts) if hosts is not None else spec)
     return out
+
+
+def checks_for(checks: Sequence[CheckSpec], host: str) -> list[CheckSpec]:
+    """The checks that run on ``host``."""
+    return [c for c in checks if c.hosts is None or host in c.hosts]
 
 
 def _tail(text: str) -> str:
@@ -393,6 +409,13 @@ def _one_check(client: paramiko.SSHClient, spec: CheckSpec, timeout: float) -> C
 # --------------------------------------------------------------------------- trio API
 
 
+def _hosts_of_profile(plan) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for n in plan.nodes:
+        out.setdefault(n.profile, []).append(str(n.ip))
+    return out
+
+
 class Readiness:
     """Readiness checks for many nodes, bounded in concurrency and time."""
 
@@ -415,7 +438,8 @@ class Readiness:
         returned, having pinned the nodes' own host keys into :func:`known_hosts_path`."""
         ssh = plan.model.readiness.ssh
         return cls(
-            known_hosts=known_hosts_path(plan), policy=ssh.host_key_policy, checks=check_specs(plan.model.readiness.checks),
+            known_hosts=known_hosts_path(plan), policy=ssh.host_key_policy,
+            checks=check_specs(plan.model.readiness.checks, _hosts_of_profile(plan)),
             user=ssh.user, port=ssh.port, key_file=plan.resolve_path(ssh.key) if ssh.key else None, agent=ssh.agent,
             pinned=pinned, concurrency=ssh.concurrency, step_timeout=ssh.connect_timeout,
         )
@@ -442,11 +466,12 @@ class Readiness:
         """One attempt: connect, verify the host key, run every check. Bounded by ``timeout``."""
         target = SshTarget(host, self.port, self.user, self.key_file, self.agent, self.pinned.get(host))
         session = _Session()
-        budget = timeout if timeout is not None else self.step_timeout * (3 + len(self.checks))
+        checks = checks_for(self.checks, host)
+        budget = timeout if timeout is not None else self.step_timeout * (3 + len(checks))
         with trio.move_on_after(budget) as scope:
             try:
                 return await trio.to_thread.run_sync(
-                    _run_checks_blocking, session, target, self.known, self.policy, self.checks, self.step_timeout,
+                    _run_checks_blocking, session, target, self.known, self.policy, checks, self.step_timeout,
                     limiter=self.limiter, abandon_on_cancel=True)
             finally:
                 if scope.cancelled_caught or scope.cancel_called:

@@ -23,6 +23,10 @@ an earlier stage  late or duplicate evidence: ignored -- except PXE DHCP seen at
                   rebooted, a **new attempt** starts at ``pxe_dhcp`` (counted)
 ================  ====================================================================
 
+A DHCP without the PXE class at ``loader`` or ``config`` is a network loader's
+own (syslinux.efi asks without option 60/93), not the OS's: it counts as
+``pxe_dhcp`` evidence there, so it moves nothing.
+
 Evidence comes from hosts that can lie (any host on the boot LAN can send a
 DHCPDISCOVER with any MAC), so it may move a node's stage -- forward, or back
 to ``pxe_dhcp`` as a new attempt -- but it never *authorises* anything. Each
@@ -93,7 +97,8 @@ DOWNLOADING = {Stage.LOADER, Stage.CONFIG, Stage.KERNEL, Stage.INITRD}
 class BootFilesOf:
     """The file names that mark each stage for one node (from its profile)."""
 
-    loaders: frozenset[str] = frozenset({"pxelinux.0", "lpxelinux.0", "syslinux.efi", "ipxe.efi", "undionly.kpxe"})
+    loaders: frozenset[str] = frozenset({"pxelinux.0", "lpxelinux.0", "syslinux.efi", "ipxe.efi", "undionly.kpxe",
+                                         "ldlinux.e64", "ldlinux.e32"})
     kernels: frozenset[str] = frozenset()
     initrds: frozenset[str] = frozenset()
 
@@ -132,7 +137,7 @@ class Classifier:
             return Stage.KERNEL
         if name in f.initrds:
             return Stage.INITRD
-        if name in f.loaders or base in f.loaders or base.endswith(".c32"):
+        if name in f.loaders or base in f.loaders or base.endswith((".c32", ".e64", ".e32")):
             return Stage.LOADER
         if name.startswith("pxelinux.cfg/") or name.endswith(".ipxe") or name.startswith("ipxe/"):
             return Stage.CONFIG
@@ -276,6 +281,10 @@ class Tracker:
             # The source cannot tell (ISC dhcpd logs no vendor class by default):
             # go by order -- before the kernel it is the ROM, after it the OS.
             stage = Stage.PXE_DHCP if st.stage.index < Stage.KERNEL.index else Stage.OS_DHCP
+        elif stage == Stage.OS_DHCP and st.stage in (Stage.LOADER, Stage.CONFIG):
+            # A loader's own DHCP (syslinux.efi asks without option 60/93): after a
+            # loader and before any kernel it is still the firmware phase, not the OS.
+            stage = Stage.PXE_DHCP
         if ev.kind == EventKind.FILE_DONE and stage in (Stage.KERNEL, Stage.INITRD, Stage.LOADER):
             st.done.add(stage.value)
         if stage is None:
@@ -538,7 +547,8 @@ class Tracker:
 def plan_nodes(plan) -> dict[str, NodeInfo]:
     """NodeInfo for every node of a LoadedPlan (stage-marking files from its profile)."""
     model = plan.model
-    loaders = frozenset({model.boot.loaders.bios, model.boot.loaders.uefi, "pxelinux.0", "lpxelinux.0", "ldlinux.c32"})
+    ld = model.boot.loaders
+    loaders = frozenset({ld.bios, ld.uefi, ld.uefi_http, "pxelinux.0", "lpxelinux.0", "ldlinux.c32", "ldlinux.e64"})
     out = {}
     for n in plan.nodes:
         prof = model.profiles[n.profile]

@@ -351,3 +351,18 @@ def test_state_dir_inside_the_boot_root_is_refused(tmp_path):
         (tmp_path / "tftpboot" / f).write_bytes(b"x")
     line, msg = one(write(tmp_path, "state_dir: tftpboot/state\n" + BASE))
     assert line == 1 and "inside the boot root" in msg and "host keys" in msg
+
+
+def test_lab_firmware_by_node_set(tmp_path):
+    plan = load_plan(write(tmp_path, BASE + 'lab:\n  firmware: {"n[2-3]": uefi, n3: uefi-http}\n'))
+    assert [plan.firmware_of(n) for n in plan.nodes] == ["bios", "uefi", "uefi-http"]
+    line, msg = one(write(tmp_path, BASE + "lab:\n  firmware: {n9: uefi}\n"))
+    assert line == 14 and "lab.firmware" in msg and "n9" in msg
+    errs = problems(write(tmp_path, BASE + "lab:\n  firmware: efi\n"))
+    assert errs[0][0] == 14 and "'uefi-http'" in errs[0][1]  # the allowed names are listed
+
+
+def test_readiness_check_profiles_must_exist(tmp_path):
+    text = BASE + "readiness:\n  checks:\n    - {name: nfs, profiles: [q], mount: /}\n"
+    line, msg = one(write(tmp_path, text))
+    assert line == 15 and "profiles the plan does not define: q" in msg and "defined: p" in msg

@@ -346,3 +346,16 @@ async def test_pinned_host_key_refused_with_the_likely_cause(sshd):
         assert hint in v.error and "did not get its host key" in v.error
         assert "ssh-keygen" not in v.error  # accepting the new key is not the fix here
     assert (sshd.tmp / "known_hosts").read_text().split()[2] == b64  # nothing was re-learned
+
+
+def test_checks_scoped_to_profiles_run_only_on_their_nodes():
+    from orchestrator.plan import load_plan
+    from orchestrator.readiness import Readiness, checks_for
+    from tests.conftest import REPO
+
+    plan = load_plan(REPO / "plans" / "examples" / "lab-matrix.yaml")
+    r = Readiness.from_plan(plan)
+    names = lambda host: [c.name for c in checks_for(r.checks, host)]  # noqa: E731
+    assert names("10.78.0.15") == ["kernel", "root-is-nfs", "sshd"]  # m05, profile nfsroot
+    assert names("10.78.0.12") == ["kernel", "root-in-ram", "sshd"]  # m02, profile ramdisk
+    assert names("10.99.9.9") == ["kernel", "sshd"]  # not a plan node: only the unscoped checks

@@ -59,6 +59,42 @@ def test_full_path_in_order_with_times():
     assert st.attempt == 1 and "kernel" in st.done and not st.flags
 
 
+def test_uefi_pxe_path_the_loaders_own_dhcp_is_not_the_os():
+    """edk2 PXE -> syslinux.efi, which DHCPs again without option 60/93, loads ldlinux.e64,
+    walks pxelinux.cfg/: the same stages as BIOS; the size probe and that DHCP move nothing."""
+    files = BootFilesOf(loaders=frozenset({"syslinux.efi", "ldlinux.e64"}), kernels=frozenset({"vmlinuz"}),
+                        initrds=frozenset({"rootfs.gz"}))
+    tr = Tracker({MAC: NodeInfo("node01", IP, files)}, timeouts=TIMEOUTS)
+    tr.wake(MAC, 0)
+    tr.feed(dhcp(1))
+    tr.feed(read(2, "syslinux.efi"))  # the tsize probe's RRQ
+    tr.feed(BootEvent(time=2.1, wall=2.1, source="tftp", kind=EventKind.FILE_REQUEST, client_ip=IP,
+                      filename="syslinux.efi", result="options_declined"))
+    tr.feed(read(2.2, "syslinux.efi"))
+    tr.feed(dhcp(3, pxe=False))  # syslinux.efi's own DHCP
+    tr.feed(dhcp(3.1, "REQUEST", pxe=False))
+    tr.feed(read(4, "ldlinux.e64"))
+    tr.feed(read(5, "pxelinux.cfg/01-52-54-00-00-00-01"))
+    tr.feed(dhcp(5.5, pxe=False))  # after a config, before a kernel: still the loader
+    tr.feed(read(6, "vmlinuz"))
+    tr.feed(read(7, "rootfs.gz"))
+    tr.feed(dhcp(9, pxe=False))
+    tr.ssh_up(MAC, 12)
+    tr.ready(MAC, 13)
+    assert stages(tr) == FULL_PATH
+    assert [t.time for t in tr.nodes[MAC].history] == [0, 1, 2, 5, 6, 7, 9, 12, 13]
+    assert tr.nodes[MAC].attempt == 1
+
+
+def test_os_dhcp_right_after_pxe_still_advances():
+    # Evidence without file reads (a site's DHCP log only): the OS's DHCP moves the node on.
+    tr = tracker()
+    tr.wake(MAC, 0)
+    tr.feed(dhcp(1))
+    tr.feed(dhcp(9, pxe=False))
+    assert stages(tr) == [Stage.WAKING, Stage.PXE_DHCP, Stage.OS_DHCP]
+
+
 def test_skipped_stages_allowed():
     """iPXE over HTTP: no pxelinux loader; static ip=: no os_dhcp."""
     tr = tracker()

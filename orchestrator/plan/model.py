@@ -171,10 +171,15 @@ class Dhcp(Strict):
 
 
 class Loaders(Strict):
-    """Boot loader file per client kind (DHCP option 93 / user class)."""
+    """Boot loader file per client kind (DHCP option 93 / 60 / user class)."""
 
+    #: BIOS PXE ROMs (option 93 = 0), over TFTP.
     bios: str = "pxelinux.0"
+    #: UEFI PXE (option 93 = 6/7/9: edk2's own network stack), over TFTP.
     uefi: str = "syslinux.efi"
+    #: UEFI HTTP Boot (option 93 = 16, vendor class ``HTTPClient``): a file in the boot root,
+    #: offered as its URL on bootorch's HTTP server. iPXE's EFI build, which then gets its script.
+    uefi_http: str = "ipxe.efi"
 
 
 class Boot(Strict):
@@ -241,6 +246,9 @@ class Profile(Strict):
     append: str = ""
     #: File systems the booted node mounts (the RAM-disk image's init does this).
     mounts: list[Mount] = []
+    #: What a node on this profile gets when it runs iPXE (user class "iPXE"):
+    #: "script" or "loader", as ``boot.ipxe`` explains; unset: ``boot.ipxe``.
+    ipxe: Literal["script", "loader"] | None = None
     #: Kernel modules the RAM-disk image carries and loads (NIC drivers): names as modprobe knows them.
     modules: list[str] = ["e1000", "virtio_net", "af_packet"]
     #: Shell commands the image's init runs after the network and mounts are up.
@@ -392,6 +400,8 @@ class Check(Strict):
     kernel: str | None = None  # regex on `uname -r`
     mount: str | None = None  # mount point that must be mounted
     service: str | None = None  # process name that must be running
+    #: Run only on nodes of these profiles; empty: on every node.
+    profiles: Annotated[list[str], BeforeValidator(_listify)] = []
 
     @model_validator(mode="after")
     def _one(self) -> "Check":
@@ -445,6 +455,9 @@ class Metrics(Strict):
         return v
 
 
+Firmware = Literal["bios", "uefi", "uefi-http", "uefi-ipxe"]
+
+
 class Lab(Strict):
     """The virtual lab cluster (``bootorch lab``): one QEMU VM per node, in a namespace."""
 
@@ -461,6 +474,12 @@ class Lab(Strict):
     nic_model: str = "e1000"
     #: Port of the lab's Redfish BMC endpoint, on network.server inside the namespace.
     bmc_port: Port = 9200
+    #: The VMs' firmware: one name for every node, or a map from node set to name
+    #: (``{"node[02-03]": uefi, node04: uefi-http}``; later entries win, unnamed
+    #: nodes get bios). bios: SeaBIOS + the NIC's iPXE ROM; uefi: OVMF with edk2's own
+    #: PXE stack (virtio-net, no option ROM); uefi-http: the same, HTTP Boot tried
+    #: first; uefi-ipxe: OVMF + the NIC's iPXE EFI ROM (e1000).
+    firmware: Firmware | dict[str, Firmware] = "bios"
     #: Fault injection: nodes whose NIC ignores magic packets (Wake-on-LAN off in
     #: the BIOS); only a BMC power action starts them. Tests the escalation ladder.
     wol_disabled: list[str] = []

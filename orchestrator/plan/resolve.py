@@ -78,6 +78,11 @@ class LoadedPlan:
         sd = self.model.state_dir or Path("var") / self.model.name
         return self.resolve_path(sd)
 
+    def nfs_export(self, profile: str) -> Path:
+        """Where ``bootorch image build`` writes the root tree of an NFS-root profile
+        (``<state_dir>/nfsroot/<profile>``); the lab's NFS server exports it, a site copies it."""
+        return self.state_dir / "nfsroot" / profile
+
     @property
     def groups(self) -> dict[str, list[str]]:
         """``@group`` and ``@rack`` names usable in node sets (waves, CLI)."""
@@ -90,6 +95,17 @@ class LoadedPlan:
         if unknown:
             raise NodeSetError(f"not in the plan: {', '.join(sorted(unknown)[:5])}")
         return [n for n in self.nodes if n.name in names]
+
+    def firmware_of(self, node: Node) -> str:
+        """The lab firmware of ``node`` (``lab.firmware``)."""
+        fw = self.model.lab.firmware
+        if isinstance(fw, str):
+            return fw
+        got = "bios"
+        for expr, name in fw.items():
+            if node.name in expand(expr, self.groups):
+                got = name
+        return got
 
     def waves(self) -> list[tuple[str, list[Node]]]:
         """The rollout's waves in order; nodes in no wave form a last wave 'rest'."""
@@ -402,6 +418,18 @@ def _check_cluster(plan: LoadedPlan, src: Source) -> list[Problem]:
     unknown_lab = [x for x in model.lab.wol_disabled if x not in plan.by_name]
     if unknown_lab:
         out.append(Problem(*at("lab", "wol_disabled"), f"lab.wol_disabled names nodes the plan does not define: {', '.join(unknown_lab)}"))
+
+    for i, c in enumerate(model.readiness.checks):
+        unknown_p = [x for x in c.profiles if x not in model.profiles]
+        if unknown_p:
+            out.append(Problem(*at("readiness", "checks", i, "profiles"), f"readiness check {c.name or i + 1} names profiles the plan does not define: {', '.join(unknown_p)} (defined: {', '.join(model.profiles)})"))
+
+    if isinstance(model.lab.firmware, dict):
+        for expr in model.lab.firmware:
+            try:
+                plan.select(expr)
+            except (NodeSetError, ValueError) as e:
+                out.append(Problem(*at("lab", "firmware", expr), f"lab.firmware: {expr!r} is not a node set of this plan ({e})"))
 
     budget = model.rollout.failure_budget
     if isinstance(budget, int) and plan.nodes and budget >= len(plan.nodes):
