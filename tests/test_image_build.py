@@ -52,7 +52,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, image.ImageRe
 def test_build_writes_every_file(built: tuple[Path, image.ImageReport]) -> None:
     d, report = built
     names = {f.name for f in report.files}
-    assert names == {"vmlinuz", "rootfs.gz", "pxelinux.0", "ldlinux.c32"}
+    # the plan's default loaders: BIOS pxelinux.0, UEFI syslinux.efi (+ its ldlinux.e64), UEFI HTTP ipxe.efi
+    assert names == {"vmlinuz", "rootfs.gz", "pxelinux.0", "ldlinux.c32", "syslinux.efi", "ldlinux.e64", "ipxe.efi"}
+    assert {f.name: f.source.split("_")[0] for f in report.files if f.role == "loader"} == {
+        "pxelinux.0": "pxelinux", "ldlinux.c32": "syslinux-common", "syslinux.efi": "syslinux-efi",
+        "ldlinux.e64": "syslinux-common", "ipxe.efi": "ipxe"}
+    assert (d / "tftpboot" / "ipxe.efi").read_bytes()[:2] == b"MZ"  # the package's PE image, not its symlink's host target
+    assert not report.warnings
     for f in report.files:
         path = d / "tftpboot" / f.name
         assert path.is_file() and not path.is_symlink()

@@ -4,6 +4,7 @@ functions, checks the rendered /init and the udhcpc script.
 
 from __future__ import annotations
 
+import stat
 import subprocess
 from pathlib import Path
 
@@ -102,3 +103,22 @@ def test_start_ssh_uses_the_delivered_key_else_generates_one(tmp_path: Path) -> 
     out = run_sh(f'. {lib}; DROPBEAR="echo dropbear"; start_ssh {tmp_path}/absent; wait').splitlines()
     assert "no host key was delivered" in out[0] and "dropbear -R" in out[0] and "refuse" in out[0]
     assert out[1] == "dropbear -R -p 22 -s -E -F -P /run/dropbear.pid"
+
+
+def test_build_tree_makes_static_mount_targets(tmp_path: Path) -> None:
+    """A read-only NFS root cannot make mount points at boot: the tree has the ones that name no per-node field."""
+    from orchestrator.image.modules import ModuleSet
+    from orchestrator.image.rootfs import build_tree
+    from orchestrator.image.userland import Userland
+
+    plan = load_plan(tiny_plan(tmp_path, mounts=[
+        {"source": "tmpfs", "target": "/scratch/a", "type": "tmpfs"},
+        {"source": "{server}:/home", "target": "/home/{name}", "type": "nfs"},
+        {"source": "tmpfs", "target": "/var/run/x", "type": "tmpfs"},  # under a symlink: made at boot
+        {"source": "tmpfs", "target": "/../etc/../opt", "type": "tmpfs"},
+    ]))
+    user = Userland(busybox=b"bb", applets=["bin/sh"], dropbear=b"db", libs={}, dropbearkey=[])
+    tree = build_tree(plan, "ramdisk", plan.model.profiles["ramdisk"], user, ModuleSet([], []), "6.1.0-test", None)
+    assert stat.S_ISDIR(tree.entries["scratch/a"].mode) and "scratch" in tree.entries
+    assert "home" not in tree.entries and "var/run/x" not in tree.entries
+    assert stat.S_ISDIR(tree.entries["opt"].mode)  # normalised: /../etc/../opt is /opt

@@ -59,8 +59,10 @@ def add_commands(sub) -> None:
     _lab.add_arguments(lb)
     lb.set_defaults(func=_lab.run)
 
-    im = sub.add_parser("image", help="build a plan's boot files: kernel, RAM-disk root (busybox + dropbear), pxelinux",
-                        description="Build each profile's kernel and RAM-disk root and place pxelinux into the plan's boot root.")
+    im = sub.add_parser("image", help="build a plan's boot files: kernel, RAM-disk root (busybox + dropbear), loaders, NFS roots",
+                        description="Build each profile's kernel and RAM-disk root, place the BIOS and UEFI loaders (pxelinux.0, "
+                                    "syslinux.efi, ipxe.efi) into the plan's boot root, and write each NFS-root profile's "
+                                    "root tree to <state_dir>/nfsroot/<profile>.")
     from orchestrator import image as _image
 
     _image.add_arguments(im)

@@ -15,8 +15,16 @@ For every profile this writes into the plan's boot root:
   ``readiness.ssh.key`` and an ``/init`` that brings the node up (network from
   the kernel's ``ip=`` parameter or DHCP, mounts, commands, SSH) and prints
   :data:`READY_MARKER` on the console. It holds **no host key**;
-- the **BIOS boot loader** ``pxelinux.0`` and its ``ldlinux.c32``, copied from
-  Debian's pxelinux / syslinux-common packages;
+- for a ``root: nfs`` profile, the same image with the NFS client modules,
+  whose ``/init`` mounts the kernel command line's ``nfsroot=`` (NFSv4) and
+  ``switch_root``s into it, and the **NFS root** itself: that tree without
+  device nodes or private keys, as a world-readable directory (outside the boot root) at
+  ``<state_dir>/nfsroot/<profile>`` for an NFS server to export
+  (:mod:`~orchestrator.image.nfsroot`);
+- the **boot loaders** the plan names, from Debian's packages: BIOS
+  ``pxelinux.0`` and its ``ldlinux.c32`` (pxelinux / syslinux-common), UEFI
+  ``syslinux.efi`` and its ``ldlinux.e64`` (syslinux-efi / syslinux-common),
+  UEFI HTTP Boot ``ipxe.efi`` (ipxe);
 
 and, outside the boot root, for every node whose profile says ``host_key:
 per-node`` (the default), **its own dropbear host key**, pinned in readiness's
@@ -46,6 +54,7 @@ The package, in the order a build uses it:
 - :mod:`~orchestrator.image.elf` -- just enough of ELF: DT_NEEDED and ``.modinfo``;
 - :mod:`~orchestrator.image.modules` -- a profile's kernel modules with their dependencies, in load order;
 - :mod:`~orchestrator.image.rootfs` -- the root's file tree and ``/init``, from the shell code in ``templates/``;
+- :mod:`~orchestrator.image.nfsroot` -- a ``root: nfs`` profile's tree written as the directory an NFS server exports;
 - :mod:`~orchestrator.image.cpio` -- the in-memory tree, the newc writer, reproducible gzip;
 - :mod:`~orchestrator.image.keys` -- the lab's login key and the nodes' host keys;
 - :mod:`~orchestrator.image.cli` -- ``bootorch image build`` and ``python -m orchestrator.image``.

@@ -1,22 +1,31 @@
-"""The build: every profile's kernel, RAM-disk root and the BIOS loader, into the plan's boot root.
+"""The build: every profile's kernel, image and NFS root, and the boot loaders, into the plan's boot root.
 
 :func:`build_images` fetches the Debian packages it needs into the cache
-(:mod:`~orchestrator.image.debs`; one ``apt-get download`` for the known ones),
+(:mod:`~orchestrator.image.debs`; one ``apt-get download`` for all of them),
 then for every profile
 
 - puts the kernel under the profile's ``kernel`` name;
-- builds the RAM-disk root (:func:`~orchestrator.image.rootfs.build_tree`), writes
+- builds the image's root (:func:`~orchestrator.image.rootfs.build_tree`), writes
   it as a newc cpio and gzips it reproducibly under the profile's first
   ``initrd`` name;
+- for a ``root: nfs`` profile, adds the NFS client modules (NFSv4, or v3 when
+  ``nfsroot``'s options ask) to that image, whose ``/init`` mounts the root and
+  switches into it, and writes the same tree, without device nodes or private
+  keys, as a directory at ``plan.nfs_export(profile)`` for the NFS server
+  (:mod:`~orchestrator.image.nfsroot`; reported as the image's ``nfs_export``);
 
-places ``pxelinux.0`` (or ``lpxelinux.0``) and its ``ldlinux.c32`` when the
-plan's BIOS loader is one of them, writes every file atomically (0644, skipped
+places the boot loaders the plan names when we know them -- ``boot.loaders.bios``
+``pxelinux.0`` / ``lpxelinux.0`` with ``ldlinux.c32``; ``boot.loaders.uefi`` and
+``boot.loaders.uefi_http`` from :data:`EFI_LOADERS` (``syslinux.efi`` with the
+``ldlinux.e64`` it loads from its own directory, ``ipxe.efi``, ``snponly.efi``),
+all at the top of the boot root -- writes every file atomically (0644, skipped
 when unchanged), and finally makes the nodes' own host keys
 (:func:`~orchestrator.image.keys.ensure_host_keys`) and pins them into
-readiness's known_hosts (:func:`orchestrator.hostkeys.pin_host_keys`).
+readiness's known_hosts (:func:`orchestrator.hostkeys.pin_host_keys`). A loader
+name we do not know is a warning, and the site places that file itself.
 
 Two profiles may share a file name only when they want the same bytes there.
-``SOURCE_DATE_EPOCH`` (default 0) is the cpio's one mtime.
+``SOURCE_DATE_EPOCH`` (default 0) is the cpio's one mtime, and the NFS root's.
 """
 
 from __future__ import annotations
@@ -29,11 +38,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.hostkeys import pin_host_keys
-from orchestrator.image.cpio import gzip_reproducible, newc_archive
+from orchestrator.image.cpio import Tree, gzip_reproducible, newc_archive
 from orchestrator.image.debs import DEFAULT_CACHE, DebCache, dep_names
 from orchestrator.image.errors import ImageError
 from orchestrator.image.keys import ensure_host_keys, ensure_user_key
 from orchestrator.image.modules import FS_MODULES, resolve_modules
+from orchestrator.image.nfsroot import export_view, nfsroot_fstype, write_export
 from orchestrator.image.rootfs import build_tree
 from orchestrator.image.userland import BUSYBOX_PKG, DROPBEAR_PKG, Userland, load_userland
 from orchestrator.plan import LoadedPlan
@@ -49,6 +59,17 @@ PXELINUX_FILES = {
     "lpxelinux.0": "usr/lib/PXELINUX/lpxelinux.0",
 }
 LDLINUX = "usr/lib/syslinux/modules/bios/ldlinux.c32"
+#: UEFI loaders we can place (``boot.loaders.uefi`` and ``boot.loaders.uefi_http``): loader name -> the files it
+#: takes, each (name in the boot root, package, path inside it). syslinux.efi loads ldlinux.e64 from its own
+#: directory; Debian ships that in syslinux-common, beside the BIOS ldlinux.c32.
+EFI_LOADERS: dict[str, list[tuple[str, str, str]]] = {
+    "syslinux.efi": [
+        ("syslinux.efi", "syslinux-efi", "usr/lib/SYSLINUX.EFI/efi64/syslinux.efi"),
+        ("ldlinux.e64", SYSLINUX_PKG, "usr/lib/syslinux/modules/efi64/ldlinux.e64"),
+    ],
+    "ipxe.efi": [("ipxe.efi", "ipxe", "usr/lib/ipxe/ipxe.efi")],
+    "snponly.efi": [("snponly.efi", "ipxe", "usr/lib/ipxe/snponly.efi")],
+}
 
 
 # --------------------------------------------------------------------------- report
@@ -57,7 +78,7 @@ LDLINUX = "usr/lib/syslinux/modules/bios/ldlinux.c32"
 @dataclass(frozen=True)
 class OutputFile:
     name: str  # relative to the boot root
-    role: str  # kernel | initrd | loader
+    role: str  # kernel | initrd | loader (syslinux.efi's ldlinux.e64 and pxelinux's ldlinux.c32 too)
     size: int
     sha256: str
     source: str  # where it came from: package_version or "built"
@@ -84,9 +105,11 @@ class ImageReport:
         kernel), ``files`` (``name`` relative to the boot root, ``role``
         kernel/initrd/loader, ``size`` in bytes, ``sha256``, ``source``
         ``package_version`` or ``built``), ``packages`` (Debian package ->
-        version used), ``images`` (per RAM-disk image: ``profile``, ``root``,
+        version used), ``images`` (per image: ``profile``, ``root``,
         ``entries``, ``cpio_bytes``, ``modules`` in load order,
-        ``builtin_modules``, ``mounts``, ``commands``), ``authorized_key``,
+        ``builtin_modules``, ``mounts``, ``commands``; for ``root: nfs``
+        also ``nfs_export``, the directory holding the NFS root, and
+        ``nfs_export_changed``, false when it already held that tree), ``authorized_key``,
         ``host_key`` (null: no key is shared by the nodes), ``host_keys``
         (node name -> the OpenSSH public key line of its own host key, for
         every node with ``host_key: per-node``), ``known_hosts`` (the file
@@ -131,6 +154,41 @@ def _write(boot_root: Path, name: str, data: bytes) -> Path:
     return dest
 
 
+def _package_file(tree: Path, rel: str) -> bytes:
+    """The bytes of ``rel`` in an unpacked package ``tree``, following symlinks inside the tree.
+
+    Packages link into their own absolute paths (ipxe's ``usr/lib/ipxe/ipxe.efi``
+    is a link to ``/boot/ipxe.efi``): such a link names a file of the package, not
+    of the build host.
+    """
+    parts = [p for p in rel.split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        p = tree.joinpath(*done, part)
+        if p.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise ImageError(f"{rel}: too many symlinks in {tree.name}")
+            target = os.readlink(p)
+            if target.startswith("/"):
+                done = []
+            parts = [x for x in target.split("/") if x] + parts
+            continue
+        done.append(part)
+    path = tree.joinpath(*done)
+    if not path.is_file():
+        raise ImageError(f"{tree.name} has no file {rel}")
+    return path.read_bytes()
+
+
 def _source_date_epoch() -> int:
     v = os.environ.get("SOURCE_DATE_EPOCH", "")
     return int(v) if v.isdigit() else 0
@@ -143,16 +201,22 @@ def build_images(
     log: Callable[[str], None] = print,
     refresh: bool = False,
 ) -> ImageReport:
-    """Build every profile's kernel and RAM-disk root, and the BIOS loader, into the boot root."""
+    """Build every profile's kernel, image and NFS root, and the boot loaders, into the boot root."""
     t0 = time.monotonic()
     for pname, prof in sorted(plan.model.profiles.items()):  # before any download
         if not prof.initrd and prof.root in ("ramdisk", "initramfs"):
             raise ImageError(f"profile {pname}: root: {prof.root} needs an initrd: name (e.g. rootfs.gz)")
+        if not prof.initrd and prof.root == "nfs":
+            raise ImageError(
+                f"profile {pname}: root: nfs needs an initrd: name (e.g. nfsinit.gz): Debian's kernel has its NFS "
+                "client as a module and no IP autoconfiguration, so our image mounts the NFS root"
+            )
     cache = DebCache(cache_dir or DEFAULT_CACHE, refresh=refresh, log=log)
     boot_root = plan.boot_root
     report = ImageReport(boot_root=boot_root)
     mtime = _source_date_epoch()
     outputs: dict[str, tuple[str, bytes, str]] = {}  # name -> (role, data, source)
+    exports: list[tuple[str, str, Tree]] = []  # (profile, its image's name, its NFS root) for root: nfs
 
     def put(name: str, role: str, data: bytes, source: str) -> None:
         if name in outputs and outputs[name][1] != data:
@@ -162,7 +226,9 @@ def build_images(
         outputs[name] = (role, data, source)
 
     # One apt-get for what we know we need (apt takes seconds to start).
-    cache.ensure([KERNEL_META, BUSYBOX_PKG, DROPBEAR_PKG, PXELINUX_PKG, SYSLINUX_PKG])
+    loaders = plan.model.boot.loaders
+    efi_pkgs = [pkg for n in (loaders.uefi, loaders.uefi_http) for _f, pkg, _p in EFI_LOADERS.get(n, [])]
+    cache.ensure([KERNEL_META, BUSYBOX_PKG, DROPBEAR_PKG, PXELINUX_PKG, SYSLINUX_PKG, *efi_pkgs])
     # Kernel: the meta package names the ABI package that has the files.
     meta = cache.deb(KERNEL_META)
     report.packages[KERNEL_META] = cache.field(meta, "Version")
@@ -196,10 +262,6 @@ def build_images(
             report.warnings.append(
                 f"profile {pname}: built {prof.initrd[0]}; {', '.join(prof.initrd[1:])} are not ours to build"
             )
-        if prof.root == "nfs":
-            report.warnings.append(
-                f"profile {pname}: root: nfs with an initrd: the image runs from RAM and does not switch to the NFS root"
-            )
         if authorized_key is None:
             report.warnings.append(
                 f"profile {pname}: readiness.ssh.key is not set: the image has no authorized key and nobody can SSH in"
@@ -207,8 +269,12 @@ def build_images(
         if user is None:
             user = load_userland(cache, report.packages)
         wanted = list(prof.modules)
-        for m in prof.mounts:
-            wanted += [x for x in FS_MODULES.get(m.type, []) if x not in wanted]
+        fs_types = [m.type for m in prof.mounts]
+        if prof.root == "nfs":
+            assert prof.nfsroot is not None  # the plan model requires it
+            fs_types.append(nfsroot_fstype(prof.nfsroot))
+        for fs in fs_types:
+            wanted += [x for x in FS_MODULES.get(fs, []) if x not in wanted]
         mods = resolve_modules(moddir, wanted)
         tree = build_tree(plan, pname, prof, user, mods, kver, authorized_key)
         cpio = newc_archive(tree, mtime)
@@ -230,23 +296,49 @@ def build_images(
             f"modules {' '.join(report.images[prof.initrd[0]]['modules']) or 'none'}"
             + (f" (built in: {' '.join(mods.builtin)})" if mods.builtin else "")
         )
+        if prof.root == "nfs":
+            exports.append((pname, prof.initrd[0], export_view(tree)))
 
     # The BIOS loader and the module it loads (pxelinux 6 needs ldlinux.c32 beside it).
-    bios = plan.model.boot.loaders.bios
+    bios = loaders.bios
     if bios in PXELINUX_FILES:
         px_tree, px_ver = cache.unpacked(PXELINUX_PKG)
         sl_tree, sl_ver = cache.unpacked(SYSLINUX_PKG)
         report.packages[PXELINUX_PKG] = px_ver
         report.packages[SYSLINUX_PKG] = sl_ver
-        put(bios, "loader", (px_tree / PXELINUX_FILES[bios]).read_bytes(), f"{PXELINUX_PKG}_{px_ver}")
-        put("ldlinux.c32", "loader", (sl_tree / LDLINUX).read_bytes(), f"{SYSLINUX_PKG}_{sl_ver}")
+        put(bios, "loader", _package_file(px_tree, PXELINUX_FILES[bios]), f"{PXELINUX_PKG}_{px_ver}")
+        put("ldlinux.c32", "loader", _package_file(sl_tree, LDLINUX), f"{SYSLINUX_PKG}_{sl_ver}")
     else:
         report.warnings.append(f"boot.loaders.bios is {bios!r}: not a pxelinux loader, not placed")
+    # The UEFI loaders, each with what it loads from its own directory (syslinux.efi: ldlinux.e64).
+    for key, name in (("uefi", loaders.uefi), ("uefi_http", loaders.uefi_http)):
+        if name not in EFI_LOADERS:
+            report.warnings.append(f"boot.loaders.{key} is {name!r}: not a loader we know ({', '.join(EFI_LOADERS)}), not placed")
+            continue
+        for fname, pkg, rel in EFI_LOADERS[name]:
+            ptree, ver = cache.unpacked(pkg)
+            report.packages[pkg] = ver
+            put(fname, "loader", _package_file(ptree, rel), f"{pkg}_{ver}")
 
     for name in sorted(outputs):
         role, data, source = outputs[name]
         _write(boot_root, name, data)
         report.files.append(OutputFile(name, role, len(data), _sha256(data), source))
+
+    # The NFS roots, once everything else is known to build.
+    for pname, initrd, view in exports:
+        export = plan.nfs_export(pname)
+        changed = write_export(view, export, mtime)
+        report.images[initrd]["nfs_export"] = str(export)
+        report.images[initrd]["nfs_export_changed"] = changed
+        nfsroot = (plan.model.profiles[pname].nfsroot or "").replace("{server}", str(plan.model.network.server))
+        log(f"image: NFS root of profile {pname}: {export} ({'written' if changed else 'unchanged'}); "
+            f"the image mounts nfsroot={nfsroot}" + ("; a server exporting it must export it again" if changed else ""))
+        if os.geteuid() != 0:
+            report.warnings.append(
+                f"profile {pname}: the NFS root {export} is owned by uid {os.geteuid()}, not root: "
+                "run image build as root for a root-owned export"
+            )
 
     # The nodes' own host keys, and readiness's trust in exactly those.
     if any(plan.model.profiles[n.profile].host_key == "per-node" for n in plan.nodes):

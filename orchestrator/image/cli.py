@@ -27,10 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     b = sub.add_parser(
         "build",
-        help="build the kernel, RAM-disk root and boot loader files of every profile into the boot root",
-        description="Build each profile's kernel (Debian's linux-image-amd64) and RAM-disk root "
-        "(busybox + dropbear cpio), and place pxelinux.0 and ldlinux.c32, into the plan's boot root. "
-        "Same cache and plan give byte-identical files.",
+        help="build the kernel, image, NFS root and boot loader files of every profile into the boot root",
+        description="Build each profile's kernel (Debian's linux-image-amd64) and image "
+        "(busybox + dropbear cpio; for root: nfs also the NFS root directory under <state_dir>/nfsroot/), "
+        "and place the boot loaders (pxelinux.0 + ldlinux.c32, syslinux.efi + ldlinux.e64, ipxe.efi) "
+        "into the plan's boot root. Same cache and plan give byte-identical files.",
     )
     b.add_argument("plan", help="plan file (YAML)")
     b.add_argument("--cache", type=Path, default=None, help=f"Debian package cache (default {DEFAULT_CACHE})")
@@ -71,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"boot root {report.boot_root} (kernel {report.kernel_release}), built in {report.seconds:.1f} s:")
         for f in report.files:
             print(f"  {f.name:<16} {f.size:>10} bytes  sha256 {f.sha256}  ({f.role}, {f.source})")
+        for name, info in report.images.items():
+            if "nfs_export" in info:
+                state = "written" if info.get("nfs_export_changed") else "unchanged"
+                print(f"  NFS root of profile {info['profile']} ({name}): {info['nfs_export']} ({state})")
         if report.host_keys:
             print(f"  host keys: {len(report.host_keys)} nodes, each its own ({host_keys_dir(plan)}), "
                   f"pinned in {report.known_hosts}")

@@ -1,20 +1,32 @@
-"""The RAM-disk root of one profile: the file tree, and the ``/init`` that brings the node up.
+"""The image's root for one profile: the file tree, and the ``/init`` that brings the node up.
 
 :func:`build_tree` lays out the root: busybox and its applet links, dropbear
 and its libraries, the profile's kernel modules (listed in load order in
-``/etc/bootorch/modules``), a minimal ``/etc``, root's ``authorized_keys`` and
-an empty ``/etc/dropbear`` (0700) where the node's own host key arrives in its
-own archive (:func:`orchestrator.hostkeys.host_key_archive`).
+``/etc/bootorch/modules``), a minimal ``/etc``, root's ``authorized_keys``, an
+empty ``/etc/dropbear`` (0700) where the node's own host key arrives in its
+own archive (:func:`orchestrator.hostkeys.host_key_archive`), and a directory
+for every mount target of the profile that names no per-node field (a
+read-only NFS root cannot make them at boot). The same tree is the initramfs
+of every profile and, for ``root: nfs``, the NFS root
+(:func:`orchestrator.image.nfsroot.export_view`).
 
 The image's shell code is in ``templates/``, read as package data:
 
-- ``init.sh`` -- ``/init``, PID 1: mounts, kernel modules, the network (the
-  kernel's ``ip=`` parameter, static or DHCP), the profile's mounts and
-  commands, dropbear; then prints :data:`READY_MARKER` and execs busybox init.
-  Its ``@NAME@`` fields are filled by :func:`render_init`;
+- ``init.sh`` -- ``/init``, PID 1, in two stages. From the initramfs: mounts,
+  kernel modules, the network (the kernel's ``ip=`` parameter, static or
+  DHCP); with ``root=/dev/nfs`` it then mounts ``nfsroot=`` (NFSv4 unless the
+  options say vers=3), gives that root tmpfs ``/run``, ``/tmp`` and
+  ``/etc/dropbear`` (the host key copied in), moves ``/proc``, ``/sys`` and
+  ``/dev`` there and ``switch_root``s into the NFS root's own ``/init`` with
+  ``BOOTORCH_STAGE=nfsroot``, which skips modules and network; when the NFS
+  root cannot be mounted it says ``nfsroot SERVER:PATH: mount failed: ...`` and
+  stays in the initramfs without SSH. On the root the node runs on: the
+  profile's mounts and commands, dropbear, then :data:`READY_MARKER` and
+  busybox init. Its ``@NAME@`` fields are filled by :func:`render_init`;
 - ``lib.sh`` -- ``/lib/bootorch.sh``, the shell functions ``/init`` uses
-  (parsing ``ip=``, mounts, commands, starting SSH); a file of its own so tests
-  run them with the host's busybox;
+  (parsing ``ip=`` and ``nfsroot=``, mounts, the NFS root's mount and switch,
+  commands, starting SSH); a file of its own so tests run them with the host's
+  busybox;
 - ``udhcpc.script`` -- ``/etc/udhcpc.script``, udhcpc's event script;
 - ``inittab`` -- ``/etc/inittab`` for busybox init (a shell on the console).
 
@@ -25,7 +37,9 @@ running system.
 
 from __future__ import annotations
 
+import posixpath
 import shlex
+import stat
 from importlib import resources
 
 from orchestrator.hostkeys import HOST_KEY_PATH
@@ -137,6 +151,14 @@ def build_tree(
     t.dir("root/.ssh", 0o700)
     if authorized_key:
         t.file("root/.ssh/authorized_keys", (authorized_key + "\n").encode(), 0o600)
+    for m in prof.mounts:
+        target = posixpath.normpath("/" + m.target.replace("{server}", str(net.server))).strip("/")
+        if not target or "{" in target or ".." in target.split("/"):
+            continue
+        parts = target.split("/")
+        along = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if all(p not in t.entries or stat.S_ISDIR(t.entries[p].mode) for p in along) and not t.exists(target):
+            t.dir(target)
     names = [n for n, _r, _d in mods.load_order]
     t.file("init", render_init(plan, pname, prof, kver, names).encode(), 0o755)
     return t

@@ -31,16 +31,25 @@ parse_ip() {
     [ -n "$ip_dev" ] || ip_dev=eth0
 }
 
-# cmdline_ip: the value of the last ip= on the kernel command line (or "").
-cmdline_ip() {
+# cmdline_arg NAME [FILE]: the value of the last NAME= on the kernel command line (or "").
+cmdline_arg() {
     _v=
     set -f
     # shellcheck disable=SC2013
-    for _a in $(cat "${1:-/proc/cmdline}"); do
-        case "$_a" in ip=*) _v=${_a#ip=} ;; esac
+    for _a in $(cat "${2:-/proc/cmdline}"); do
+        case "$_a" in "$1"=*) _v=${_a#*=} ;; esac
     done
     set +f
     echo "$_v"
+}
+
+# cmdline_ip [FILE]: the value of the last ip= on the kernel command line (or "").
+cmdline_ip() { cmdline_arg ip "$1"; }
+
+# node_ip DEV: the first IPv4 address of DEV (or "").
+node_ip() {
+    _a=$(ip -4 -o addr show dev "$1" 2>/dev/null | awk '{print $4}' | head -n 1)
+    echo "${_a%/*}"
 }
 
 # mask_bits NETMASK: 255.255.255.0 -> 24
@@ -95,4 +104,141 @@ start_ssh() {
             "dropbear -R makes one now, and readiness will refuse it as changed"
         ${DROPBEAR:-dropbear} -R -p 22 -s -E -F -P /run/dropbear.pid &
     fi
+}
+
+# parse_nfsroot SPEC DEFAULT_SERVER CLIENT_IP: the kernel's
+#   nfsroot=[<server-ip>:]<root-dir>[,<nfs-options>]
+# (Documentation/admin-guide/nfs/nfsroot.rst: the server defaults to the one ip=
+# or DHCP named, the directory to /tftpboot/%s, and %s is the client's address).
+# Sets nfs_server, nfs_path, nfs_type (nfs4, or nfs when the options ask for
+# NFS version 2 or 3) and nfs_opts, the options the kernel gets: ro unless rw
+# is given, and addr= (busybox-static has no NFS mount helper, so the kernel
+# parses the options itself and needs the server's address there); nolock for
+# NFSv3 (no statd in the image). Keep the version rule in step with
+# orchestrator.image.nfsroot.nfsroot_fstype, which picks the modules.
+parse_nfsroot() {
+    _spec=$1
+    nfs_opts=
+    case "$_spec" in *,*) nfs_opts=${_spec#*,} _spec=${_spec%%,*} ;; esac
+    case "$_spec" in
+        *:*) nfs_server=${_spec%%:*} nfs_path=${_spec#*:} ;;
+        *) nfs_server=$2 nfs_path=$_spec ;;
+    esac
+    [ -n "$nfs_path" ] || nfs_path=/tftpboot/%s
+    case "$nfs_path" in *%s*) nfs_path="${nfs_path%%%s*}$3${nfs_path#*%s}" ;; esac
+    nfs_type=nfs4
+    case ",$nfs_opts," in
+        *,vers=2,* | *,vers=3,* | *,nfsvers=2,* | *,nfsvers=3,* | *,v2,* | *,v3,*) nfs_type=nfs ;;
+    esac
+    case ",$nfs_opts," in *,ro,* | *,rw,*) ;; *) nfs_opts="ro${nfs_opts:+,$nfs_opts}" ;; esac
+    case ",$nfs_opts," in *,addr=*) ;; *) nfs_opts="$nfs_opts,addr=$nfs_server" ;; esac
+    if [ $nfs_type = nfs ]; then
+        case ",$nfs_opts," in *,lock,* | *,nolock,*) ;; *) nfs_opts="$nfs_opts,nolock" ;; esac
+    fi
+}
+
+# nfs_mount_once DIR: one attempt at mounting $nfs_server:$nfs_path on DIR,
+# killed after NFS_TIMEOUT seconds (default 30); sets nfs_error. With no
+# version in the options it tries NFSv4.2, 4.1, then 4.0 while the server says
+# "Protocol not supported" (what mount.nfs negotiates; the kernel alone would
+# take 4.0). Sets nfs_vers to the version that mounted.
+nfs_mount_once() {
+    _vers=given
+    if [ "$nfs_type" = nfs4 ]; then
+        case ",$nfs_opts," in *,vers=* | *,nfsvers=* | *,minorversion=*) ;; *) _vers="4.2 4.1 4.0" ;; esac
+    fi
+    for _v in $_vers; do
+        _o=$nfs_opts
+        [ "$_v" = given ] || _o="$_o,vers=$_v"
+        if _out=$(timeout -s KILL "${NFS_TIMEOUT:-30}" ${MOUNT:-mount} -t "$nfs_type" -o "$_o" \
+            "$nfs_server:$nfs_path" "$1" 2>&1); then
+            nfs_vers=$_v
+            return 0
+        fi
+        case "$_out" in *"not supported"*) ;; *) break ;; esac
+    done
+    nfs_error=$_out
+    return 1
+}
+
+# mount_nfsroot DIR: mount $nfs_server:$nfs_path (parse_nfsroot) on DIR, with
+# bounded retries: NFS_TRIES attempts (default 10), NFS_WAIT seconds apart
+# (default 3), each bounded by NFS_TIMEOUT (nfs_mount_once); the kernel hands
+# such name=value words of its command line to /init as environment. Says every
+# failure, and the last one as "nfsroot SERVER:PATH: mount failed: ...".
+mount_nfsroot() {
+    if [ -z "$nfs_server" ]; then
+        nfs_failure="mount failed: no server (nfsroot= names none, and neither ip= nor DHCP did)"
+        say "nfsroot ?:$nfs_path: $nfs_failure"
+        return 1
+    fi
+    case "$nfs_server" in
+        *[!0-9.]* | "")
+            nfs_failure="mount failed: the server must be an IPv4 address (the kernel resolves no names)"
+            say "nfsroot $nfs_server:$nfs_path: $nfs_failure"
+            return 1
+            ;;
+    esac
+    mkdir -p "$1"
+    _try=1
+    while :; do
+        say "nfsroot $nfs_server:$nfs_path: mounting ($nfs_type, $nfs_opts), attempt $_try of ${NFS_TRIES:-10}"
+        if nfs_mount_once "$1"; then
+            _how=
+            [ "$nfs_vers" = given ] || _how=" (vers=$nfs_vers)"
+            say "nfsroot $nfs_server:$nfs_path: mounted on $1$_how"
+            return 0
+        fi
+        _err=$(echo "$nfs_error" | tr '\n' ' ')
+        _err=${_err% }
+        _err=${_err#mount: mounting * failed: } # busybox's prefix repeats what we say
+        [ -n "$_err" ] || _err="no answer in ${NFS_TIMEOUT:-30} s"
+        if [ "$_try" -ge "${NFS_TRIES:-10}" ]; then
+            nfs_failure="mount failed: $_err (gave up after $_try attempts)"
+            say "nfsroot $nfs_server:$nfs_path: $nfs_failure"
+            return 1
+        fi
+        say "nfsroot $nfs_server:$nfs_path: attempt $_try failed: $_err"
+        _try=$((_try + 1))
+        sleep "${NFS_WAIT:-3}"
+    done
+}
+
+# enter_nfsroot DIR KEYFILE: make the mounted NFS root DIR the node's root and
+# run its own /init as the second stage (BOOTORCH_STAGE=nfsroot): tmpfs on
+# /run, /tmp and /etc/dropbear (the node's host key KEYFILE, delivered into the
+# initramfs, copied there), the initramfs's /etc/resolv.conf over the root's
+# when they differ, /proc, /sys and /dev moved in, then busybox switch_root
+# (which empties the initramfs). Returns only when DIR is no bootorch root or
+# its shell does not run (nothing changed then); a failing switch_root ends
+# PID 1 (a kernel panic: panic= reboots the node).
+enter_nfsroot() {
+    for _p in init sbin/init lib/bootorch.sh proc sys dev run tmp etc/dropbear; do
+        if [ ! -e "$1/$_p" ]; then
+            say "nfsroot $nfs_server:$nfs_path: mounted, but /$_p is missing there: not a bootorch" \
+                "image root (or the server still exports a tree image build has replaced since: restart it)"
+            return 1
+        fi
+    done
+    # switch_root cannot come back: run the root's own shell first (a server
+    # still exporting a directory that image build replaced mounts, then fails here).
+    if ! _err=$(${CHROOT:-chroot} "$1" /bin/sh -c : 2>&1); then
+        say "nfsroot $nfs_server:$nfs_path: mounted, but its /bin/sh does not run: $_err"
+        return 1
+    fi
+    ${MOUNT:-mount} -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$1/run"
+    ${MOUNT:-mount} -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$1/tmp"
+    ${MOUNT:-mount} -t tmpfs -o mode=0700,size=1m,nosuid,nodev,noexec tmpfs "$1/etc/dropbear"
+    if [ -s "$2" ]; then
+        cp "$2" "$1/etc/dropbear/" && chmod 600 "$1/etc/dropbear/${2##*/}"
+    fi
+    if [ -s /etc/resolv.conf ] && ! cmp -s /etc/resolv.conf "$1/etc/resolv.conf"; then
+        cp /etc/resolv.conf "$1/run/resolv.conf" && ${MOUNT:-mount} --bind "$1/run/resolv.conf" "$1/etc/resolv.conf"
+    fi
+    for _m in proc sys dev; do
+        ${MOUNT:-mount} --move "/$_m" "$1/$_m" || say "nfsroot: could not move /$_m into the new root"
+    done
+    say "nfsroot $nfs_server:$nfs_path: switching root"
+    export BOOTORCH_STAGE=nfsroot BOOTORCH_NFSROOT="$nfs_server:$nfs_path"
+    exec ${SWITCH_ROOT:-switch_root} "$1" /init
 }
