@@ -34,11 +34,14 @@ def _missing_boot_files(plan: LoadedPlan) -> list[str]:
     from orchestrator.hostkeys import host_key_paths
 
     root = plan.boot_root
-    names = {plan.model.boot.loaders.bios}
+    loaders = plan.model.boot.loaders
+    names = {loaders.bios, loaders.uefi, loaders.uefi_http}
     for prof in plan.model.profiles.values():
         names.add(prof.kernel)
         names.update(prof.initrd)
     missing = sorted(n for n in names if not (root / n.lstrip("/")).is_file())
+    missing += [f"profile {p}'s NFS root" for p, prof in sorted(plan.model.profiles.items())
+                if prof.root == "nfs" and not (plan.nfs_export(p) / "init").is_file()]
     for n in plan.nodes:
         if plan.model.profiles[n.profile].host_key == "per-node" and not host_key_paths(plan, n)[0].is_file():
             missing.append(f"{n.name}'s host key")

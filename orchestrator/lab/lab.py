@@ -5,10 +5,18 @@
 * a bridge named ``network.interface`` carrying ``network.server/prefix`` (the
   boot network; the subnet exists only in that namespace),
 * one tap per node (``tap<index>``) attached to the bridge,
-* one QEMU VM per node on its tap, with the node's MAC, PXE boot order
-  (iPXE from Debian's ipxe-qemu is the NIC's option ROM), serial console to
-  ``<state_dir>/lab/<node>.serial.log``, QMP on ``<state_dir>/lab/<node>.qmp``,
-  started **paused** (``-S``): powered off in effect,
+* one QEMU VM per node on its tap, with the node's MAC, network boot first,
+  the firmware ``lab.firmware`` gives the node (:meth:`Lab.qemu_argv`), serial
+  console to ``<state_dir>/lab/<node>.serial.log``, QMP on
+  ``<state_dir>/lab/<node>.qmp``, started **paused** (``-S``): powered off in
+  effect,
+* the NFS server when a node's profile has an NFS root the lab serves
+  (nfs-ganesha, NFSv4, read-only, on ``network.server:2049``; what it exports
+  and why it is configured so: :mod:`orchestrator.lab.nfs`). ``lab up`` waits
+  until the port accepts TCP from inside the namespace, restarts the server
+  when its rendered config changed and stops it when no profile needs it any
+  more; :func:`nfs_stop` / :func:`nfs_start` do it by hand (a test stops the
+  server mid-boot),
 * the lab daemon (``python -m orchestrator.lab.lab daemon PLAN``, inside the
   namespace): the Wake-on-LAN listener on the bridge (raw 0x0842 frames and
   UDP 9/7, see :mod:`orchestrator.lab.wol_listener`), which resumes the VM a
@@ -18,10 +26,39 @@
 Everything ``lab up`` starts has a PID file in ``<state_dir>/lab/``; ``lab
 down`` kills exactly those PIDs (after checking that ``/proc/PID/cmdline`` is
 still the process we started: the QEMU whose QMP socket is ours, the daemon
-with our plan), then any process left in the lab namespace whose command line
-names our state directory (a crash may have lost a PID file), and deletes the
-taps, the bridge and the namespace. Both commands are idempotent and build or
-remove only what is missing or present, so they also repair a half-created lab.
+with our plan, ganesha with our config), then any process left in the lab
+namespace whose command line names our state directory (a crash may have lost
+a PID file), and deletes the taps, the bridge and the namespace. Both commands are idempotent and build or
+remove only what is missing or present, so they also repair a half-created lab;
+a running QEMU whose command line differs from what the plan now asks (firmware,
+memory, ...) is restarted (paused).
+
+Firmware (``lab.firmware``, per node: ``plan.firmware_of(node)``):
+
+* ``bios``: ``pc`` machine, SeaBIOS with "sercon" (its text and iPXE's go to the
+  serial port too), NIC ``lab.nic_model`` with its iPXE ROM from ipxe-qemu.
+* ``uefi``: ``q35``, OVMF (``/usr/share/OVMF/OVMF_CODE.fd`` read-only pflash, Debian
+  package ``ovmf``) with a per-VM NVRAM ``<node>.OVMF_VARS.fd`` -- copied from
+  ``OVMF_VARS.fd`` at every QEMU start, so each VM starts from default NVRAM; it
+  persists across the guest's reboots and the BMC's power cycles (a reset still
+  PXE boots first: OVMF rebuilds BootOrder from QEMU's ``bootindex`` at every
+  boot) -- and a virtio-net NIC with ``romfile=`` empty, so edk2's own PXE stack
+  runs (DHCP option 93 = 7, vendor class ``PXEClient:Arch:00007``). OVMF writes
+  to the serial port by itself.
+* ``uefi-http``: the same, with PXE switched off in fw_cfg
+  (``opt/org.tianocore/IPv4PXESupport``/``IPv6PXESupport`` = ``no``) so HTTP Boot
+  over IPv4 comes first (option 93 = 16, ``HTTPClient:Arch:00016``); with
+  default settings OVMF tries PXEv4 and PXEv6 for ~2 minutes first.
+* ``uefi-ipxe``: OVMF with an e1000 NIC and its default option ROM, ipxe-qemu's
+  ``efi-e1000.rom``: iPXE's EFI build (option 93 = 7, user class ``iPXE``).
+
+UEFI VMs get at least :data:`UEFI_MIN_MEMORY_MIB` of memory whatever
+``lab.memory_mib`` says: under OVMF, once syslinux.efi has loaded our kernel
+and initrd, the kernel hangs silently below ~210 MiB plus the initrd's size,
+where SeaBIOS + pxelinux boots the same image in 96 MiB. An OVMF whose
+network boot gets no answer tries PXEv4, PXEv6, HTTPv4 and HTTPv6 and then
+stops in the EFI shell (~250 s under TCG); only a power cycle (the BMC) makes
+it try again.
 
 Power model: "off" is a paused QEMU, never a dead one (see
 :mod:`orchestrator.lab.qmp`); a VM whose QEMU died is restarted (paused) by
@@ -30,19 +67,23 @@ running ``lab up`` again.
 Files in ``<state_dir>/lab/``: ``lab.json`` (namespace, bridge, taps, chosen
 accelerator; written *before* anything is created, so ``down`` after a crash
 knows what to remove), ``<node>.pid`` / ``<node>.qmp`` / ``<node>.serial.log`` /
-``<node>.qemu.log``, ``daemon.pid`` / ``daemon.log`` (every wake and BMC
-request) / ``daemon.ready``. Serial logs stay after ``down`` for post-mortems;
-the next ``up`` truncates them.
+``<node>.qemu.log`` / ``<node>.OVMF_VARS.fd`` (UEFI), ``daemon.pid`` /
+``daemon.log`` (every wake and BMC request) / ``daemon.ready``, ``nfs.pid`` /
+``nfs.log`` / ``ganesha.conf`` / ``nfs-recovery/``. Serial logs, ``nfs.log``
+and ``ganesha.conf`` stay after ``down`` for post-mortems.
 
 Credentials: the daemon resolves ``power.bmc.password`` (and
 ``power.wol.secureon``) when it starts, i.e. at ``lab up``, from the
 environment ``lab up`` runs in; after changing them, ``lab down`` + ``lab up``.
 
-Acceleration: ``lab.accel: auto`` runs a probe VM under KVM -- a 64 KiB
-firmware that counts down a loop and writes to QEMU's ``isa-debug-exit`` port --
-which must exit within a few seconds. ``/dev/kvm`` can exist and still hang
-(nested virtualisation in some sandboxes), so only a finished probe counts;
-otherwise TCG. The choice is logged and shown by ``lab status``.
+Acceleration: ``lab.accel: auto`` runs probe VMs under KVM (:func:`kvm_works`)
+-- a 64 KiB firmware that must exit through ``isa-debug-exit``, SeaBIOS + iPXE
+that must print on the serial port and, when a node has a UEFI firmware, OVMF
+that must reach its boot manager -- each within a few seconds. ``/dev/kvm`` can
+exist and still hang (nested virtualisation in some sandboxes), so only
+finished probes count; otherwise TCG. The choice and its reason are logged and
+shown by ``lab status``; the probe is redone when UEFI nodes appear in a lab
+whose choice did not probe OVMF.
 """
 
 from __future__ import annotations
@@ -63,6 +104,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from orchestrator.lab import nfs
 from orchestrator.lab import qmp as q
 from orchestrator.lab.netns import NetnsError, require_root, run_checked
 from orchestrator.plan import LoadedPlan, Node, PlanError, load_plan
@@ -74,6 +116,17 @@ QEMU = "qemu-system-x86_64"
 KVM_PROBE_TIMEOUT = 8.0
 #: Seconds ``lab up`` waits for the daemon to bind its sockets.
 DAEMON_START_TIMEOUT = 15.0
+#: Seconds ``lab up`` waits for the NFS server's port to accept TCP.
+NFS_START_TIMEOUT = 15.0
+
+#: Debian's ovmf: the UEFI firmware (read-only) and the NVRAM template each UEFI VM gets a copy of.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+#: Debian's ipxe-qemu: the e1000's default ROM (iPXE, BIOS + EFI); QEMU finds it in its data path.
+IPXE_EFI_ROM = Path("/usr/lib/ipxe/qemu/efi-e1000.rom")
+UEFI_FIRMWARES = frozenset({"uefi", "uefi-http", "uefi-ipxe"})
+#: Memory floor of a UEFI VM (module docstring), with room for initrds far bigger than today's.
+UEFI_MIN_MEMORY_MIB = 384
 
 
 class LabError(RuntimeError):
@@ -121,6 +174,16 @@ class Lab:
     def qemu_log(self, node: Node) -> Path:
         return self.dir / f"{node.name}.qemu.log"
 
+    def ovmf_vars(self, node: Node) -> Path:
+        return self.dir / f"{node.name}.OVMF_VARS.fd"
+
+    def firmware(self, node: Node) -> str:
+        return self.plan.firmware_of(node)
+
+    def memory_mib(self, node: Node) -> int:
+        mem = self.plan.model.lab.memory_mib
+        return max(mem, UEFI_MIN_MEMORY_MIB) if self.firmware(node) in UEFI_FIRMWARES else mem
+
     @property
     def daemon_pidfile(self) -> Path:
         return self.dir / "daemon.pid"
@@ -142,26 +205,64 @@ class Lab:
         return self.dir / "lab.json"
 
     def qemu_argv(self, node: Node, accel: str) -> list[str]:
+        """QEMU's command line for ``node`` under its firmware (module docstring); touches nothing."""
         lab = self.plan.model.lab
-        return [
+        fw = self.firmware(node)
+        tap = f"tap,ifname={self.tap(node)},script=no,downscript=no"
+        argv = [
             QEMU,
             "-name", f"{node.name},process=lab-{node.name}",
-            "-machine", "pc", "-accel", accel,
-            "-m", str(lab.memory_mib), "-smp", str(lab.cpus),
+            "-machine", "pc" if fw == "bios" else "q35", "-accel", accel,
+            "-m", str(self.memory_mib(node)), "-smp", str(lab.cpus),
             "-nodefaults", "-display", "none", "-vga", "none",
-            # The node's NIC on its tap; QEMU's own scripts never run (we made the tap).
-            "-nic", f"tap,ifname={self.tap(node)},script=no,downscript=no,model={lab.nic_model},mac={node.mac}",
-            "-boot", "order=n",
-            "-serial", f"file:{self.serial(node)}",
-            # SeaBIOS "sercon": BIOS, iPXE and pxelinux text (int 10h) also goes to
-            # COM1, so the serial log shows the whole boot, not just the kernel's.
-            "-fw_cfg", f"name=etc/sercon-port,file={self.sercon_file}",
+        ]
+        if fw == "bios":
+            argv += [
+                # The node's NIC on its tap; QEMU's own scripts never run (we made the tap).
+                "-nic", f"{tap},model={lab.nic_model},mac={node.mac}",
+                "-boot", "order=n",
+                "-serial", f"file:{self.serial(node)}",
+                # SeaBIOS "sercon": BIOS, iPXE and pxelinux text (int 10h) also goes to
+                # COM1, so the serial log shows the whole boot, not just the kernel's.
+                "-fw_cfg", f"name=etc/sercon-port,file={self.sercon_file}",
+            ]
+        else:
+            # uefi/uefi-http: romfile= keeps QEMU's iPXE ROM off the NIC, so edk2's own
+            # network stack boots; uefi-ipxe: the e1000's default ROM is ipxe-qemu's efi-e1000.rom.
+            nic = (f"e1000,netdev=net0,mac={node.mac}" if fw == "uefi-ipxe"
+                   else f"virtio-net-pci,netdev=net0,mac={node.mac},romfile=")
+            argv += [
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={self.ovmf_vars(node)}",
+                "-netdev", f"{tap},id=net0",
+                # bootindex: OVMF puts this NIC's boot options first at every boot (from fw_cfg bootorder).
+                "-device", f"{nic},bootindex=0",
+                "-boot", "order=n",
+                "-serial", f"file:{self.serial(node)}",
+            ]
+            if fw == "uefi-http":
+                # OVMF's default order is PXEv4, PXEv6, HTTPv4, HTTPv6: without PXE, HTTP Boot goes first.
+                argv += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
+                         "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no"]
+        argv += [
             "-qmp", f"unix:{self.qmp(node)},server=on,wait=off",
             "-pidfile", str(self.pidfile(node)),
             "-S",             # paused: "powered off" until a magic packet or the BMC
             "-no-shutdown",   # a guest poweroff leaves QEMU alive in 'shutdown' state
             "-daemonize",
         ]
+        return argv
+
+
+def check_firmware_files(plan: LoadedPlan) -> None:
+    """:class:`LabError` naming the Debian package when a firmware file the plan's VMs need is missing."""
+    fws = {plan.firmware_of(n) for n in plan.nodes}
+    if fws & UEFI_FIRMWARES:
+        for f in (OVMF_CODE, OVMF_VARS):
+            if not f.is_file():
+                raise LabError(f"lab.firmware has UEFI nodes but {f} is missing (Debian: apt-get install ovmf)")
+    if "uefi-ipxe" in fws and not IPXE_EFI_ROM.is_file():
+        raise LabError(f"lab.firmware uefi-ipxe needs iPXE's EFI ROM {IPXE_EFI_ROM} (Debian: apt-get install ipxe-qemu)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -280,32 +381,42 @@ def _probe_firmware() -> bytes:
     return bytes(fw)
 
 
-def _run_probe(argv: list[str], timeout: float, *, done: "callable | None" = None) -> tuple[int | None, str, float]:
+def _run_probe(argv: list[str], timeout: float, *, done: "callable | None" = None,
+               err_file: Path | None = None) -> tuple[int | None, str, float]:
     """Run a probe VM (its own session) until it exits, ``done()`` is true, or ``timeout``.
 
     Returns (exit status or None when we stopped it, stderr, seconds). The VM is
-    killed by its PID in every case.
+    killed by its PID in every case. With ``err_file`` stderr goes there while
+    the VM runs (so ``done`` can read it), else to a pipe read at the end.
     """
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         start_new_session=True)
+    errf = open(err_file, "wb") if err_file is not None else None
     try:
-        while time.monotonic() - t0 < timeout:
-            if p.poll() is not None:
-                break
-            if done is not None and done():
-                break
-            time.sleep(0.1)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=errf if errf is not None else subprocess.PIPE, start_new_session=True)
+        try:
+            while time.monotonic() - t0 < timeout:
+                if p.poll() is not None:
+                    break
+                if done is not None and done():
+                    break
+                time.sleep(0.1)
+        finally:
+            rc = p.poll()
+            if rc is None:
+                p.kill()
+            _, err = p.communicate(timeout=10)
     finally:
-        rc = p.poll()
-        if rc is None:
-            p.kill()
-        _, err = p.communicate(timeout=10)
-    return rc, err.decode(errors="replace"), time.monotonic() - t0
+        if errf is not None:
+            errf.close()
+    if err_file is not None:
+        err = err_file.read_bytes()[-4096:]
+    return rc, (err or b"").decode(errors="replace"), time.monotonic() - t0
 
 
-def kvm_works(workdir: Path, *, timeout: float = KVM_PROBE_TIMEOUT, nic_model: str = "e1000") -> tuple[bool, str]:
-    """Probe KVM with two tiny VMs; ``(True, why)`` only when both behave, in time.
+def kvm_works(workdir: Path, *, timeout: float = KVM_PROBE_TIMEOUT, nic_model: str = "e1000",
+              ovmf: bool = False) -> tuple[bool, str]:
+    """Probe KVM with tiny VMs; ``(True, why)`` only when all behave, in time.
 
     1. A 64 KiB firmware that loops and exits through ``isa-debug-exit``
        (status 3): KVM can run real-mode code at all.
@@ -314,6 +425,8 @@ def kvm_works(workdir: Path, *, timeout: float = KVM_PROBE_TIMEOUT, nic_model: s
        serial port. Seen on this project's CI machines: /dev/kvm works for (1)
        but the guest hangs for good at "iPXE ... starting execution" (iPXE's
        switch to protected mode), so (1) alone is not enough.
+    3. With ``ovmf`` (a node has a UEFI firmware): :func:`ovmf_runs` under KVM,
+       before (2) since a KVM that cannot run OVMF usually says so at once.
     """
     if not os.path.exists("/dev/kvm"):
         return False, "no /dev/kvm"
@@ -329,6 +442,11 @@ def kvm_works(workdir: Path, *, timeout: float = KVM_PROBE_TIMEOUT, nic_model: s
         return False, f"KVM probe VM did not finish within {timeout:.0f}s (KVM hangs here)"
     if rc != 3:
         return False, f"KVM probe VM exited {rc}: {err.strip()[:200]}"
+    ovmf_why = ""
+    if ovmf:
+        ok, ovmf_why = ovmf_runs(workdir, accel="kvm", timeout=timeout)
+        if not ok:
+            return False, ovmf_why
     serial = workdir / "kvm-probe.serial.log"
     serial.unlink(missing_ok=True)
     sercon = workdir / "kvm-probe.sercon.bin"
@@ -345,18 +463,57 @@ def kvm_works(workdir: Path, *, timeout: float = KVM_PROBE_TIMEOUT, nic_model: s
                                  "-serial", f"file:{serial}", "-fw_cfg", f"name=etc/sercon-port,file={sercon}"],
                                 timeout, done=ipxe_running)
     if ipxe_running():
-        return True, f"KVM probe VMs ran (firmware exit in {took:.2f}s, iPXE started in {took2:.1f}s)"
+        return True, (f"KVM probe VMs ran (firmware exit in {took:.2f}s, iPXE started in {took2:.1f}s"
+                      + (f", {ovmf_why})" if ovmf_why else ")"))
     if rc is not None:
         return False, f"KVM iPXE probe VM exited {rc} before iPXE started: {err.strip()[:200]}"
     return False, (f"a KVM guest runs real-mode code but hangs in iPXE (no 'initialising devices' within "
                    f"{timeout:.0f}s)")
 
 
+def ovmf_runs(workdir: Path, *, accel: str = "kvm", timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool, str]:
+    """OVMF with no NIC and no disk under ``accel`` must print "BdsDxe" (its boot manager) on the serial port.
+
+    A KVM that cannot run OVMF may instead report "KVM internal error ...
+    emulation failure" on stderr and stop the guest: the probe ends at that
+    message and says so.
+    """
+    if not (OVMF_CODE.is_file() and OVMF_VARS.is_file()):
+        return False, f"OVMF is not installed ({OVMF_CODE}; Debian: apt-get install ovmf)"
+    workdir.mkdir(parents=True, exist_ok=True)
+    serial, err = workdir / "ovmf-probe.serial.log", workdir / "ovmf-probe.err"
+    nvram = workdir / "ovmf-probe.OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, nvram)
+    serial.unlink(missing_ok=True)
+
+    def seen(path: Path, marker: bytes) -> bool:
+        try:
+            return marker in path.read_bytes()
+        except FileNotFoundError:
+            return False
+
+    rc, text, took = _run_probe(
+        [QEMU, "-machine", "q35", "-accel", accel, "-m", "128", "-nodefaults", "-display", "none", "-no-reboot",
+         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+         "-drive", f"if=pflash,format=raw,unit=1,file={nvram}", "-serial", f"file:{serial}"],
+        timeout, done=lambda: seen(serial, b"BdsDxe") or seen(err, b"internal error"), err_file=err)
+    nvram.unlink(missing_ok=True)
+    if seen(serial, b"BdsDxe"):
+        return True, f"OVMF reached its boot manager in {took:.1f}s"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "warning" not in ln]
+    detail = "; ".join([ln for ln in lines if "error" in ln or "fail" in ln][:2] or lines[:2])[:200]
+    if "internal error" in text:
+        return False, f"OVMF under {accel.upper()} stops at once: {detail}"
+    if rc is not None:
+        return False, f"the OVMF probe VM exited {rc} before its boot manager: {detail}"
+    return False, f"OVMF under {accel.upper()} did not reach its boot manager (no 'BdsDxe') within {timeout:.0f}s"
+
+
 def choose_accel(lab: Lab) -> tuple[str, str]:
     want = lab.plan.model.lab.accel
     if want == "tcg":
         return "tcg", "lab.accel: tcg"
-    ok, why = kvm_works(lab.dir, nic_model=lab.plan.model.lab.nic_model)
+    ok, why = kvm_works(lab.dir, nic_model=lab.plan.model.lab.nic_model, ovmf=_needs_ovmf(lab.plan))
     if want == "kvm":
         if not ok:
             raise LabError(f"lab.accel is kvm but KVM does not work: {why} (use accel: auto or tcg)")
@@ -384,6 +541,10 @@ def _write_info(lab: Lab, info: dict[str, Any]) -> None:
     os.replace(tmp, lab.info_file)
 
 
+def _needs_ovmf(plan: LoadedPlan) -> bool:
+    return any(plan.firmware_of(n) in UEFI_FIRMWARES for n in plan.nodes)
+
+
 def qemu_pid(lab: Lab, node: Node) -> int | None:
     pid = _read_pid(lab.pidfile(node))
     return pid if _is_ours(pid, str(lab.qmp(node))) else None
@@ -399,6 +560,11 @@ def up(plan: LoadedPlan) -> dict[str, Any]:
     require_root()
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (Debian: apt-get install qemu-system-x86 ipxe-qemu)")
+    check_firmware_files(plan)
+    try:
+        exports = nfs.plan_exports(plan)  # before creating anything: a missing tree stops `up` here
+    except nfs.NfsError as e:
+        raise LabError(str(e)) from None
     lab = Lab(plan)
     lab.dir.mkdir(parents=True, exist_ok=True)
     ns, br = lab.namespace, lab.bridge
@@ -429,16 +595,31 @@ def up(plan: LoadedPlan) -> dict[str, Any]:
             _run(["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])
         _run(["ip", "-n", ns, "link", "set", tap, "master", br, "up"])
 
+    if exports:
+        nfs_start(plan, exports)
+    elif (pid := nfs_stop(plan)) is not None:
+        _say(f"no NFS root to serve any more: NFS server (pid {pid}) stopped")
+
     missing = [n for n in plan.nodes if qemu_pid(lab, n) is None]
+    if info.get("accel") is not None:
+        # A running VM whose command line the plan changed (firmware, memory, NIC): restart it, paused.
+        for node in plan.nodes:
+            pid = qemu_pid(lab, node)
+            if pid is not None and node not in missing and _cmdline(pid) != lab.qemu_argv(node, info["accel"]):
+                _say(f"{node.name}: the plan changed its VM (firmware {lab.firmware(node)}): restarting QEMU pid {pid}")
+                _kill(pid)
+                missing.append(node)
     if missing:
-        if info.get("accel") is None or plan.model.lab.accel != info.get("accel_wanted"):
+        if (info.get("accel") is None or plan.model.lab.accel != info.get("accel_wanted")
+                or (_needs_ovmf(plan) and info.get("accel") == "kvm" and not info.get("accel_ovmf"))):
             accel, why = choose_accel(lab)
-            info.update(accel=accel, accel_wanted=plan.model.lab.accel, accel_reason=why)
+            info.update(accel=accel, accel_wanted=plan.model.lab.accel, accel_reason=why, accel_ovmf=_needs_ovmf(plan))
             _write_info(lab, info)
             _say(f"accelerator {accel}: {why}")
         for node in missing:
             _start_qemu(lab, node, info["accel"])
-            _say(f"{node.name}: QEMU pid {qemu_pid(lab, node)} on {lab.tap(node)}, paused (powered off)")
+            _say(f"{node.name}: QEMU pid {qemu_pid(lab, node)} on {lab.tap(node)}, firmware {lab.firmware(node)}, "
+                 "paused (powered off)")
     # The daemon knows the nodes it was started with: restart it when they changed.
     nodes_now = {n.name: n.mac for n in plan.nodes}
     pid = daemon_pid(lab)
@@ -454,7 +635,10 @@ def up(plan: LoadedPlan) -> dict[str, Any]:
 
 
 def _start_qemu(lab: Lab, node: Node, accel: str) -> None:
-    lab.sercon_file.write_bytes((0x3F8).to_bytes(2, "little"))  # SeaBIOS reads etc/sercon-port as an integer
+    if lab.firmware(node) == "bios":
+        lab.sercon_file.write_bytes((0x3F8).to_bytes(2, "little"))  # SeaBIOS reads etc/sercon-port as an integer
+    else:
+        shutil.copyfile(OVMF_VARS, lab.ovmf_vars(node))  # default NVRAM at every QEMU start
     for stale in (lab.qmp(node), lab.pidfile(node)):
         stale.unlink(missing_ok=True)
     argv = ["ip", "netns", "exec", lab.namespace, *lab.qemu_argv(node, accel)]
@@ -514,6 +698,10 @@ def down(plan: LoadedPlan) -> list[str]:
         if pid is not None:
             _kill(pid)
             done.append(f"qemu {node.name} {pid}")
+    pid = nfs_stop(plan)
+    if pid is not None:
+        done.append(f"nfs {pid}")
+    shutil.rmtree(nfs.recovery_dir(lab.dir), ignore_errors=True)  # ganesha's client records: runtime state
     if namespace_exists(ns):
         # Processes a crash left without a PID file: only ones naming our lab directory.
         cp = _run(["ip", "netns", "pids", ns], check=False)
@@ -535,7 +723,7 @@ def down(plan: LoadedPlan) -> list[str]:
         _run(["ip", "netns", "del", ns])
         done.append(f"namespace {ns}")
     for node in plan.nodes:
-        for f in (lab.qmp(node), lab.pidfile(node)):
+        for f in (lab.qmp(node), lab.pidfile(node), lab.ovmf_vars(node)):
             f.unlink(missing_ok=True)
     for f in (lab.daemon_pidfile, lab.ready_file, lab.info_file):
         f.unlink(missing_ok=True)
@@ -560,6 +748,7 @@ def status(plan: LoadedPlan) -> dict[str, Any]:
         state = "running" if raw in q.ON_STATES else raw if raw in ("absent", "unreachable") else "paused"
         nodes.append({
             "name": node.name, "mac": node.mac, "ip": str(node.ip), "tap": lab.tap(node), "pid": pid,
+            "firmware": lab.firmware(node), "memory_mib": lab.memory_mib(node),
             "state": state, "qemu_state": raw, "power": "On" if raw in q.ON_STATES else "Off",
             "serial_log": str(lab.serial(node)), "serial_last": tail_line(lab.serial(node)),
         })
@@ -570,6 +759,7 @@ def status(plan: LoadedPlan) -> dict[str, Any]:
         "server": f"{lab.server_cidr}", "accel": info.get("accel"), "accel_reason": info.get("accel_reason"),
         "daemon": {"pid": dpid, "running": dpid is not None, "log": str(lab.daemon_log)},
         "bmc": f"http://{plan.model.network.server}:{plan.model.lab.bmc_port}/redfish/v1/Systems/",
+        "nfs": nfs_status(plan),
         "nodes": nodes,
     }
 
@@ -580,11 +770,123 @@ def format_status(st: dict[str, Any]) -> str:
         f"{st['server']}: {'present' if st['bridge_exists'] else 'absent'}; accel {st['accel'] or '-'}",
         f"daemon: {'pid ' + str(st['daemon']['pid']) if st['daemon']['running'] else 'not running'}; BMC {st['bmc']}",
     ]
+    srv = st["nfs"]
+    if srv["exports"] or srv["running"] or srv["problem"]:
+        what = ", ".join(f"{e['pseudo']} ({e['profile']})" for e in srv["exports"]) or "nothing"
+        run = f"pid {srv['pid']} on {srv['address']}" if srv["running"] else "not running"
+        lines.append(f"nfs: {run}; exports {what}" + (f"; {srv['problem']}" if srv["problem"] else ""))
     w = max([len(n["name"]) for n in st["nodes"]] + [4])
-    lines.append(f"{'NODE':<{w}}  {'STATE':<9} {'PID':>7}  {'TAP':<6} SERIAL (last line)")
+    lines.append(f"{'NODE':<{w}}  {'STATE':<9} {'PID':>7}  {'TAP':<6} {'FIRMWARE':<9} SERIAL (last line)")
     for n in st["nodes"]:
-        lines.append(f"{n['name']:<{w}}  {n['state']:<9} {n['pid'] or '-':>7}  {n['tap']:<6} {n['serial_last'][:80]}")
+        lines.append(f"{n['name']:<{w}}  {n['state']:<9} {n['pid'] or '-':>7}  {n['tap']:<6} {n['firmware']:<9} "
+                     f"{n['serial_last'][:80]}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the NFS server
+
+
+def nfs_pid(plan: LoadedPlan) -> int | None:
+    """The running NFS server's PID (checked against its command line: our ganesha.conf), else None."""
+    lab = Lab(plan)
+    pid = _read_pid(nfs.pid_file(lab.dir))
+    return pid if _is_ours(pid, str(nfs.conf_file(lab.dir))) else None
+
+
+def nfs_start(plan: LoadedPlan, exports: list[nfs.Export] | None = None, *,
+              timeout: float = NFS_START_TIMEOUT) -> int:
+    """Start the NFS server in the lab namespace (or keep the running one if its config is unchanged); its PID.
+
+    Needs the namespace and the bridge address (``lab up``). Returns once port
+    2049 accepts TCP from inside the namespace; :class:`LabError` with the
+    log's last line when ganesha exits or ``timeout`` passes first.
+    """
+    lab = Lab(plan)
+    try:
+        exports = nfs.plan_exports(plan) if exports is None else exports
+    except nfs.NfsError as e:
+        raise LabError(str(e)) from None
+    if not exports:
+        raise LabError("no node of this plan boots an NFS root the lab serves (root: nfs, nfsroot: '{server}:/PATH')")
+    if not nfs.installed():
+        raise LabError(f"{nfs.GANESHA} or its VFS module is not installed "
+                       "(Debian: apt-get install nfs-ganesha nfs-ganesha-vfs)")
+    if not namespace_exists(lab.namespace):
+        raise LabError(f"namespace {lab.namespace} does not exist: `bootorch lab up {plan.path}` first")
+    conf, pidf, logf_path = nfs.conf_file(lab.dir), nfs.pid_file(lab.dir), nfs.log_file(lab.dir)
+    text = nfs.render_config(plan, exports, lab.dir)
+    pid = nfs_pid(plan)
+    if pid is not None:
+        try:
+            if conf.read_text() == text:
+                return pid
+        except FileNotFoundError:
+            pass
+        _say(f"NFS exports changed: restarting the NFS server (pid {pid})")
+        nfs_stop(plan)
+    lab.dir.mkdir(parents=True, exist_ok=True)
+    nfs.recovery_dir(lab.dir).mkdir(exist_ok=True)
+    tmp = conf.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, conf)
+    pidf.unlink(missing_ok=True)
+    with open(logf_path, "ab") as logf:
+        p = subprocess.Popen(nfs.server_argv(lab.dir, lab.namespace), stdin=subprocess.DEVNULL, stdout=logf,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    pidf.write_text(f"{p.pid}\n")  # `ip netns exec` and the sh wrapper exec: this PID is ganesha's
+    server = str(plan.model.network.server)
+    probe = subprocess.Popen(["ip", "netns", "exec", lab.namespace, sys.executable, "-c", nfs.PROBE, server,
+                              str(nfs.NFS_PORT), str(timeout)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout + 5
+        while probe.poll() is None:
+            if p.poll() is not None:
+                raise LabError(f"the NFS server exited {p.returncode}; see {logf_path}: {tail_line(logf_path)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"the NFS server's port probe did not finish in {timeout:.0f}s")
+            time.sleep(0.05)
+        if probe.returncode != 0:
+            err = probe.stderr.read().decode(errors="replace").strip()[-200:] if probe.stderr else ""
+            raise LabError(f"the NFS server did not accept TCP on {server}:{nfs.NFS_PORT} within {timeout:.0f}s "
+                           f"({err}); see {logf_path}: {tail_line(logf_path)}")
+    except BaseException:
+        if probe.poll() is None:
+            probe.kill()
+        if p.poll() is None:
+            _kill(p.pid)
+        pidf.unlink(missing_ok=True)
+        raise
+    finally:
+        probe.wait(timeout=10)
+        if probe.stderr:
+            probe.stderr.close()
+    _say(f"NFS server pid {p.pid} on {server}:{nfs.NFS_PORT} (NFSv4, read-only): "
+         + ", ".join(f"{e.pseudo} = {e.path}" for e in exports))
+    return p.pid
+
+
+def nfs_stop(plan: LoadedPlan) -> int | None:
+    """Stop the NFS server by its PID (SIGTERM, SIGKILL after 5 s); the PID stopped, or None when none ran."""
+    pid = nfs_pid(plan)
+    if pid is not None:
+        _kill(pid)
+    nfs.pid_file(Lab(plan).dir).unlink(missing_ok=True)
+    return pid
+
+
+def nfs_status(plan: LoadedPlan) -> dict[str, Any]:
+    """The NFS server's part of ``lab status``: pid, running, exports (or why they cannot be served), log."""
+    try:
+        exports, problem = nfs.plan_exports(plan, check_dirs=False), None
+    except nfs.NfsError as e:
+        exports, problem = [], str(e)
+    pid = nfs_pid(plan)
+    return {
+        "pid": pid, "running": pid is not None, "address": f"{plan.model.network.server}:{nfs.NFS_PORT}",
+        "exports": [{"profile": e.profile, "pseudo": e.pseudo, "path": str(e.path)} for e in exports],
+        "problem": problem, "log": str(nfs.log_file(Lab(plan).dir)),
+    }
 
 
 # ----------------------------------------------------------------------------- the daemon

@@ -262,7 +262,7 @@ class Profile(Strict):
     @model_validator(mode="after")
     def _nfs(self) -> "Profile":
         if self.root == "nfs" and not self.nfsroot:
-            raise ValueError("root: nfs needs nfsroot: (e.g. '{server}:/export/root/{name},rw')")
+            raise ValueError("root: nfs needs nfsroot: (e.g. '{server}:/export/nfsroot')")
         return self
 
 
@@ -515,7 +515,7 @@ class Control(Strict):
 class LogSource(Strict):
     """A log file of a site's own boot server, followed like ``tail -F`` for evidence."""
 
-    source: Literal["dnsmasq", "iscdhcpd", "tftp-hpa", "kea", "syslog"]
+    source: Literal["dnsmasq", "iscdhcpd", "tftp-hpa", "kea", "syslog", "nginx"]
     path: Path
 
 
