@@ -1,6 +1,7 @@
 """The embedded boot servers of a plan: DHCP, TFTP and HTTP, started together.
 
-DHCP (full or proxy, per the plan), TFTP and HTTP, all answering from one
+DHCP (full or proxy, per the plan), TFTP and HTTP (and, with
+``bootserver.router_advertisements``, null IPv6 Router Advertisements), all answering from one
 :class:`BootFiles`: the plan's boot root plus the rendered per-node files
 (``pxelinux.cfg/...``, ``ipxe/...``, ``hostkeys/...``) served from memory. The
 file servers share one :class:`Admission` (transfer slots). Every request
@@ -20,6 +21,7 @@ from orchestrator.bootserver.dhcp import DhcpStats, plan_config, plan_policy, se
 from orchestrator.bootserver.files import BootFiles
 from orchestrator.bootserver.http import HttpStats, serve_http
 from orchestrator.bootserver.leases import LeaseStore
+from orchestrator.bootserver.ra import RaStats, serve_ra
 from orchestrator.bootserver.tftp import TftpCounters, serve_tftp
 from orchestrator.events import BootEvent
 from orchestrator.plan import LoadedPlan
@@ -53,6 +55,7 @@ class BootServers:
     dhcp_stats: DhcpStats = field(default_factory=DhcpStats)
     dhcp_core: DhcpServerCore | None = None
     admission: Admission | None = None
+    ra_stats: RaStats | None = None
 
 
 def boot_files(plan: LoadedPlan) -> BootFiles:
@@ -100,6 +103,10 @@ async def serve_plan(
                     core, host="0.0.0.0" if interface else host, port=dhcp_port,
                     pxe_port=pxe_port if pxe_port >= 0 else None, interface=interface or None,
                     events=events, stats=servers.dhcp_stats, task_status=task_status))
+            interface = ports.interface if ports.interface is not None else model.network.interface
+            if bs.router_advertisements and interface:
+                servers.ra_stats = RaStats()
+                await nursery.start(lambda task_status: serve_ra(interface, stats=servers.ra_stats, task_status=task_status))
             task_status.started(servers)
     finally:
         if leases is not None:
