@@ -122,3 +122,43 @@ def test_build_tree_makes_static_mount_targets(tmp_path: Path) -> None:
     assert stat.S_ISDIR(tree.entries["scratch/a"].mode) and "scratch" in tree.entries
     assert "home" not in tree.entries and "var/run/x" not in tree.entries
     assert stat.S_ISDIR(tree.entries["opt"].mode)  # normalised: /../etc/../opt is /opt
+
+
+def test_fetch_host_key_over_http_when_no_loader_delivered_it(tmp_path):
+    """The EFI stub under Debian's 2019 ipxe.efi unpacks only the first initrd: /init then fetches the
+    node's own archive from the boot server's HTTP and unpacks it (real busybox wget and cpio)."""
+    import functools
+    import http.server
+    import threading
+
+    from orchestrator.hostkeys import HOST_KEY_PATH, host_key_archive
+    from tests.image_helpers import busybox, lib_sh
+
+    served = tmp_path / "srv" / "hostkeys"
+    served.mkdir(parents=True)
+    (served / "127.0.0.1.cpio").write_bytes(host_key_archive(b"KEY-BYTES"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "srv"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/hostkeys"
+        key = root / HOST_KEY_PATH
+
+        def fetch(ip: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([busybox(), "sh", "-c", f'. {lib_sh(tmp_path)}; fetch_host_key {key} {url} {ip} {root}'],
+                                  capture_output=True, text=True, timeout=60)
+
+        r = fetch("10.9.9.9")  # not served: no key, says nothing, fails
+        assert r.returncode != 0 and not key.exists() and r.stdout == ""
+        r = fetch("127.0.0.1")
+        assert r.returncode == 0, r.stderr
+        assert key.read_bytes() == b"KEY-BYTES" and (key.stat().st_mode & 0o777) == 0o600
+        assert f"host key fetched from {url}/127.0.0.1.cpio" in r.stdout
+        assert not (root / "run" / "hostkey.cpio").exists()
+        r = fetch("10.9.9.9")  # a key is there: nothing to fetch
+        assert r.returncode == 0 and r.stdout == ""
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -42,12 +42,13 @@ import shlex
 import stat
 from importlib import resources
 
-from orchestrator.hostkeys import HOST_KEY_PATH
+from orchestrator.hostkeys import HOST_KEY_DIR, HOST_KEY_PATH
 from orchestrator.image.cpio import Tree
 from orchestrator.image.modules import ModuleSet
 from orchestrator.image.userland import MULTIARCH, Userland
 from orchestrator.plan import LoadedPlan
 from orchestrator.plan.model import Profile
+from orchestrator.render import http_base
 
 #: The line the image's init prints on the console once SSH accepts connections
 #: (``say "ready ..."`` in templates/init.sh).
@@ -92,6 +93,7 @@ def render_init(plan: LoadedPlan, pname: str, prof: Profile, kver: str, modules:
         "@MOUNTS@": mounts,
         "@COMMANDS@": commands,
         "@HOST_KEY_PATH@": HOST_KEY_PATH,
+        "@HOST_KEY_URL@": f"{http_base(plan)}/{HOST_KEY_DIR}",
     }.items():
         text = text.replace(k, v)
     return text

@@ -108,6 +108,7 @@ if [ $stage = initramfs ]; then
         echo "nfsroot $nfs_server:$nfs_path: ${nfs_failure:-not mounted}" >/run/bootorch/nfsroot.error
         if [ $net_ok -eq 1 ]; then
             timeout 60 head -c 1 /dev/random >/dev/null 2>&1
+            fetch_host_key /@HOST_KEY_PATH@ "@HOST_KEY_URL@" "$(node_ip "$ip_dev")"
             start_ssh /@HOST_KEY_PATH@
             say "nfsroot $nfs_server:$nfs_path: staying in the initramfs; ssh answers for a post-mortem (console shell follows)"
         else
@@ -140,6 +141,7 @@ NODE_MAC=$(cat "/sys/class/net/$ip_dev/address" 2>/dev/null)
 timeout 60 head -c 1 /dev/random >/dev/null 2>&1 || say "warning: kernel random pool not ready after 60 s"
 
 # SSH, with the node's own host key (made once by image build, so it survives reboots).
+fetch_host_key /@HOST_KEY_PATH@ "@HOST_KEY_URL@" "$NODE_IP"
 start_ssh /@HOST_KEY_PATH@
 i=0
 while ! netstat -ltn 2>/dev/null | grep -q ':22 ' && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done

@@ -95,6 +95,24 @@ run_command() {
 # which the boot server sent as a second initrd. Without it dropbear makes a key
 # now (-R), which readiness refuses: say why on the console. -s: no password
 # logins; -E -F: log to the console, stay a child of PID 1.
+# fetch_host_key KEYPATH URL IP [ROOT]: when no host key arrived with the initrds (a
+# loader dropped the second archive: the kernel's EFI stub under Debian's 2019
+# ipxe.efi unpacks only the first), fetch this node's archive, URL/IP.cpio, from
+# the boot server's HTTP (it serves it to this address only) and unpack it.
+# ROOT (default /) is where the archive unpacks; KEYPATH is the key's full path.
+# One try, bounded; without it start_ssh says what is missing.
+fetch_host_key() {
+    [ -s "$1" ] && return 0
+    [ -n "$2" ] && [ -n "$3" ] || return 1
+    _hk=${4:-}/run/hostkey.cpio
+    if timeout 10 wget -q -O "$_hk" "$2/$3.cpio" 2>/dev/null \
+        && (cd "${4:-/}" && cpio -i -d -u <"$_hk") 2>/dev/null && [ -s "$1" ]; then
+        say "ssh: host key fetched from $2/$3.cpio (no loader delivered it)"
+    fi
+    rm -f "$_hk"
+    [ -s "$1" ]
+}
+
 start_ssh() {
     if [ -s "$1" ]; then
         say "ssh: this node's own host key (delivered by the boot server)"
