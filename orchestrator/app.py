@@ -203,7 +203,12 @@ class Orchestrator:
                     if follow_logs and plan.model.logs:
                         from orchestrator.logwatch.watch import track_logs
 
-                        nursery.start_soon(lambda: track_logs(plan, self.store, self.tracker, on_change=sched.on_change))
+                        # The tracker holds the journal before log evidence lands on it, and
+                        # following has started (every log positioned at its end, or at the
+                        # journal's offset) before anything is woken: no line after a wake is missed.
+                        sched.restore()
+                        await nursery.start(lambda task_status: track_logs(plan, self.store, self.tracker, on_change=sched.journaled,
+                                                                           task_status=task_status))
                         self.log(f"following {len(plan.model.logs)} log(s): "
                                  + ", ".join(f"{e.source} {e.path}" for e in plan.model.logs))
                     if oncall is not None:

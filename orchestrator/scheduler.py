@@ -257,6 +257,17 @@ class Scheduler:
         if not ts:
             return
         self.store.append(ts)
+        self.journaled(ts)
+
+    def journaled(self, ts: list[Transition]) -> None:
+        """Act on tracker transitions that are already in the journal: notify, set results, start probes, wake waiters.
+
+        The log watchers (:func:`orchestrator.logwatch.watch.track_logs`) feed the
+        tracker and journal each line's transitions with the line's offset
+        themselves; they hand the transitions here, as ``on_change``.
+        """
+        if not ts:
+            return
         self.on_change(ts)
         wake = False
         for t in ts:

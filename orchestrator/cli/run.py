@@ -4,6 +4,11 @@ Both build the same :class:`~orchestrator.app.Orchestrator`; ``rollout`` gives
 it the plan's waves and prints progress (a live table on a terminal) and a
 result, ``serve`` runs the boot servers for on-call requests until SIGINT or
 SIGTERM and prints every stage change (and, with ``--events``, every request).
+
+Both follow the plan's ``logs:`` (the site's own dnsmasq, dhcpd, tftp-hpa,
+Kea, nginx) in every ``dhcp.mode``: with ``dhcp.mode: external`` bootorch runs
+no boot server and those logs are all its evidence; otherwise they add to what
+its own servers see.
 """
 
 from __future__ import annotations
@@ -57,7 +62,10 @@ def _print_dry_run(plan: LoadedPlan, as_json: bool) -> None:
 
 
 def rollout(plan: LoadedPlan, *, as_json: bool) -> int:
-    """The rollout in this process: progress on stderr, the result on stdout. Exit 0 when it succeeded."""
+    """The rollout in this process: progress on stderr, the result on stdout. Exit 0 when it succeeded.
+
+    The plan's ``logs:`` are followed for evidence (:mod:`orchestrator.logwatch.watch`).
+    """
     from orchestrator.app import Mode, Orchestrator
     from orchestrator.present import LiveProgress, Progress, print_rollout, rollout_json
 
@@ -69,7 +77,7 @@ def rollout(plan: LoadedPlan, *, as_json: bool) -> int:
             if isinstance(progress, LiveProgress):
                 progress.tracker = orch.tracker
                 nursery.start_soon(progress.refresher)
-            summary = await orch.run()
+            summary = await orch.run(follow_logs=True)
             nursery.cancel_scope.cancel()
         return summary
 

@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from orchestrator.events import BootEvent
-from orchestrator.logwatch.follow import Follower, Offset, follow_lines
+from orchestrator.logwatch.follow import Follower, Offset
 from orchestrator.logwatch.parsers import parser_for
 
 log = logging.getLogger(__name__)
@@ -45,26 +45,49 @@ def offset_key(source: str, path: Path) -> str:
 
 
 async def watch_log(source: str, path: Path, store, send: trio.MemorySendChannel, *, poll: float = 0.2,
-                    year_hint: int | None = None) -> None:
+                    year_hint: int | None = None, task_status: Any = trio.TASK_STATUS_IGNORED, **options: Any) -> None:
+    """Follow one log into ``send``: from the journal's saved offset, else from the end of what the file holds now.
+
+    Lines written before the first start are never evidence (a rollout must not
+    take yesterday's boots for today's). ``task_status.started()`` comes once the
+    file is open and positioned: a line written after that is read. ``options``
+    go to the parser (``tftp_root=`` for dnsmasq: its ``TFTP root is`` start line
+    is not read when following starts at the end).
+    """
     key = offset_key(source, path)
     saved = store.load_offset(key)
-    follower = Follower(path, Offset.from_dict(saved) if saved else None)
+    follower = Follower(path, Offset.from_dict(saved) if saved else None, from_end=True)
     if year_hint is None:
         year_hint = datetime.fromtimestamp(path.stat().st_mtime).year if path.exists() else None
-    parser = parser_for(source, year_hint=year_hint)
+    parser = parser_for(source, year_hint=year_hint, **options)
     try:
-        async for line in follow_lines(follower, poll=poll):
-            events = parser.feed(line.data)
-            if events:
-                await send.send(LogEvidence(key, line.offset.to_dict(), events))
+        lines = follower.poll(trio.current_time())  # opens and positions the file
+        task_status.started()
+        while True:
+            for line in lines:
+                events = parser.feed(line.data)
+                if events:
+                    await send.send(LogEvidence(key, line.offset.to_dict(), events))
+            if follower.more:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.sleep(poll)
+            lines = follower.poll(trio.current_time())
     finally:
         follower.close()
 
 
-async def watch_plan_logs(plan, store, send: trio.MemorySendChannel, *, poll: float = 0.2) -> None:
+async def watch_plan_logs(plan, store, send: trio.MemorySendChannel, *, poll: float = 0.2,
+                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """One :func:`watch_log` per ``logs:`` entry; started once every file is positioned."""
     async with trio.open_nursery() as nursery:
         for entry in plan.model.logs:
-            nursery.start_soon(lambda e=entry: watch_log(e.source, plan.resolve_path(e.path), store, send, poll=poll))
+            # dnsmasq logs file names with its TFTP root; the plan's boot root is the one
+            # `bootorch render` writes into dnsmasq.conf (the log's own start line overrides it).
+            opts = {"tftp_root": str(plan.boot_root)} if entry.source in ("dnsmasq", "syslog") else {}
+            await nursery.start(lambda task_status, e=entry, o=opts: watch_log(
+                e.source, plan.resolve_path(e.path), store, send, poll=poll, task_status=task_status, **o))
+        task_status.started()
 
 
 def apply(tracker, store, item: LogEvidence) -> list:
@@ -83,11 +106,19 @@ def apply(tracker, store, item: LogEvidence) -> list:
     return changes
 
 
-async def track_logs(plan, store, tracker, *, poll: float = 0.2, on_change=None) -> None:
-    """Follow the plan's logs into the tracker and the journal until cancelled."""
+async def track_logs(plan, store, tracker, *, poll: float = 0.2, on_change=None,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Follow the plan's logs into the tracker and the journal until cancelled.
+
+    ``on_change`` gets each line's transitions once they are journaled (the
+    scheduler's :meth:`~orchestrator.scheduler.Scheduler.journaled`). Use as
+    ``await nursery.start(track_logs, ...)``: it has started when every log is
+    positioned, so nothing the site logs after that is missed.
+    """
     send, recv = trio.open_memory_channel[LogEvidence](1024)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: watch_plan_logs(plan, store, send, poll=poll))
+        await nursery.start(lambda task_status: watch_plan_logs(plan, store, send, poll=poll, task_status=task_status))
+        task_status.started()
         async for item in recv:
             changes = apply(tracker, store, item)
             if on_change is not None and changes:

@@ -1,4 +1,4 @@
-"""Log-line parsers: the boot evidence in dnsmasq, ISC dhcpd, tftp-hpa and Kea logs.
+"""Log-line parsers: the boot evidence in dnsmasq, ISC dhcpd, tftp-hpa, Kea and nginx logs.
 
 ``parser_for(source)`` gives a fresh parser for one log; feed it one line at a
 time (``feed(line)``, str or bytes) and it hands back
@@ -6,7 +6,7 @@ time (``feed(line)``, str or bytes) and it hands back
 servers' (``orchestrator/protocols/dhcp_server.py`` ``_event``,
 ``orchestrator/bootserver/tftp.py`` ``_emit``), so the tracker cannot tell a
 log-derived event from a wire-derived one, except by ``source``
-(``log:dnsmasq``, ``log:iscdhcpd``, ``log:tftp-hpa``, ``log:kea``) and two
+(``log:dnsmasq``, ``log:iscdhcpd``, ``log:tftp-hpa``, ``log:kea``, ``log:nginx``) and two
 extra detail keys: ``line`` (the raw log line, the "last evidence") and, on
 events the parser had to infer, ``inferred``. ``flush()`` hands out what a
 parser still holds back at the end of a replayed file.
@@ -25,6 +25,8 @@ does not, and what that means for the tracker's stages:
   statement that makes dhcpd log PXE evidence);
 * ``tftp_hpa.py``: :class:`TftpHpaParser` (requests and NAKs, never a completion);
 * ``kea.py``: :class:`KeaParser` (INFO outcome lines, DEBUG packet dumps);
+* ``nginx.py``: :class:`NginxParser` (the ``combined`` access log: HTTP GETs as
+  they end, for sites that serve iPXE scripts, kernels and initrds with nginx);
 * ``syslog.py``: :class:`SyslogMuxParser`, one shared syslog file routed to
   the daemon parsers by tag.
 
@@ -57,6 +59,7 @@ from orchestrator.logwatch.parsers.common import MAX_LINE, LineParser, SyslogClo
 from orchestrator.logwatch.parsers.dnsmasq import DnsmasqParser
 from orchestrator.logwatch.parsers.iscdhcpd import IscDhcpdParser
 from orchestrator.logwatch.parsers.kea import KeaParser
+from orchestrator.logwatch.parsers.nginx import NginxParser
 from orchestrator.logwatch.parsers.syslog import SyslogMuxParser
 from orchestrator.logwatch.parsers.tftp_hpa import TftpHpaParser
 
@@ -67,6 +70,7 @@ __all__ = [
     "IscDhcpdParser",
     "KeaParser",
     "LineParser",
+    "NginxParser",
     "SyslogClock",
     "SyslogMuxParser",
     "TftpHpaParser",
@@ -78,6 +82,7 @@ SOURCES: dict[str, Callable[..., LineParser]] = {
     "iscdhcpd": IscDhcpdParser,
     "tftp-hpa": TftpHpaParser,
     "kea": KeaParser,
+    "nginx": NginxParser,
     "syslog": SyslogMuxParser,
 }
 
@@ -85,7 +90,7 @@ SOURCES: dict[str, Callable[..., LineParser]] = {
 def parser_for(source: str, *, year_hint: Any = None, tz: dt.tzinfo | None = None, **options: Any) -> LineParser:
     """A fresh parser for one log of ``source``.
 
-    ``source``: ``dnsmasq``, ``iscdhcpd``, ``tftp-hpa``, ``kea``, or ``syslog``
+    ``source``: ``dnsmasq``, ``iscdhcpd``, ``tftp-hpa``, ``kea``, ``nginx``, or ``syslog``
     (a shared syslog file: ISC dhcpd + tftp-hpa lines, or any mix, routed by
     tag). ``year_hint``: see :class:`SyslogClock`. ``tz``: zone of timestamps
     that carry none (default: this machine's local time). ``options``:

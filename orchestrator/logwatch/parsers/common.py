@@ -127,7 +127,7 @@ class ClientInfo:
         if self.arch is not None:
             return self.arch
         vc = self.vendor_class or ""
-        m = re.match(r"PXEClient:Arch:(\d{5})", vc)
+        m = re.match(r"(?:PXEClient|HTTPClient):Arch:(\d{5})", vc)
         return int(m.group(1)) if m else None
 
     def detail(self) -> dict[str, Any]:
@@ -138,7 +138,7 @@ class ClientInfo:
             d["ipxe"] = None
             d["kind"] = None
         else:
-            pxe = (self.vendor_class or "").startswith("PXEClient") or self.arch is not None
+            pxe = (self.vendor_class or "").startswith(("PXEClient", "HTTPClient")) or self.arch is not None
             ipxe = self.user_class == "iPXE"
             d["pxe"] = pxe or ipxe
             d["ipxe"] = ipxe
@@ -147,6 +147,8 @@ class ClientInfo:
                 d["kind"] = "ipxe"
             elif not pxe:
                 d["kind"] = "other"
+            elif (self.vendor_class or "").startswith("HTTPClient") or arch in (15, 16):
+                d["kind"] = "uefi_http"
             elif arch in _UEFI_ARCHES:
                 d["kind"] = "uefi"
             else:

@@ -16,7 +16,8 @@ FILE an ACK with ``boot_file``.
 TFTP: dnsmasq logs a transfer only when it ends (``sent FILE to IP``,
 ``file FILE not found for IP``, ``failed sending FILE to IP``), with the
 file's full path. The parser strips the TFTP root (learnt from dnsmasq's
-``TFTP root is`` start line, or passed as ``tftp_root``) so file names match
+``TFTP root is`` start line, or passed as ``tftp_root`` for a log read from
+its middle; the start line wins) so file names match
 what the client asked for, and emits FILE_REQUEST (``inferred``: a transfer
 that ended was requested, at or before that time) followed by FILE_DONE /
 FILE_FAILED, both with the end line's time: a stage entered from a dnsmasq
@@ -57,8 +58,8 @@ class DnsmasqParser(LineParser):
 
     def __init__(self, *, tftp_root: str | None = None, **kw: Any) -> None:
         super().__init__(**kw)
+        #: Stripped from logged paths: ``tftp_root`` until the log's ``TFTP root is`` line says otherwise.
         self.tftp_root = self._norm_root(tftp_root) if tftp_root else None
-        self._root_given = tftp_root is not None
         # dnsmasq handles one packet at a time and logs its lines together, so the
         # info lines of the packet being logged are those since the last line
         # with another xid: (xid, info). An xid is client-chosen: info gathered
@@ -92,7 +93,7 @@ class DnsmasqParser(LineParser):
             root = msg[len("TFTP root is "):].rstrip()
             if root.endswith(" secure mode"):
                 root = root[: -len(" secure mode")].rstrip()
-            if root and not self._root_given:
+            if root:
                 self.tftp_root = self._norm_root(root)
             return []
         # The client's address is last; the file name (client text) sits between

@@ -21,6 +21,7 @@ from orchestrator.logwatch.parsers.common import LineParser, parse_envelope
 from orchestrator.logwatch.parsers.dnsmasq import DnsmasqParser
 from orchestrator.logwatch.parsers.iscdhcpd import IscDhcpdParser
 from orchestrator.logwatch.parsers.kea import KeaParser
+from orchestrator.logwatch.parsers.nginx import NginxParser
 from orchestrator.logwatch.parsers.tftp_hpa import TftpHpaParser
 
 __all__ = ["SyslogMuxParser"]
@@ -39,6 +40,7 @@ class SyslogMuxParser(LineParser):
             IscDhcpdParser(clock=shared),
             TftpHpaParser(clock=shared),
             KeaParser(clock=shared),
+            NginxParser(clock=shared),
         ]
 
     def _feed(self, line: str) -> list[BootEvent]:
