@@ -402,7 +402,9 @@ def _one_check(client: paramiko.SSHClient, spec: CheckSpec, timeout: float) -> C
     if status != spec.expect_exit:
         return CheckResult(spec.name, False, status, shown, f"exit status {status}, expected {spec.expect_exit}")
     if spec.expect is not None and not re.search(spec.expect, text(), re.M):
-        return CheckResult(spec.name, False, status, shown, f"output does not match {spec.expect!r}")
+        # The output's tail says why (e.g. a node whose NFS root failed prints the reason).
+        got = shown if len(shown) <= 300 else "..." + shown[-297:]
+        return CheckResult(spec.name, False, status, shown, f"output does not match {spec.expect!r}: {got}")
     return CheckResult(spec.name, True, status, shown)
 
 

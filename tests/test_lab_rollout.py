@@ -46,6 +46,8 @@ boot:
   root: {tmp_path}/tftpboot
   config_names: [mac]
   ipxe: loader
+bootserver:
+  router_advertisements: true
 profiles:
   ramdisk:
     kernel: vmlinuz

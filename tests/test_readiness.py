@@ -129,6 +129,7 @@ async def test_failing_check_reported_with_reason(sshd):
     assert not v.ok
     reasons = {c.name: c.reason for c in v.failed_checks}
     assert "does not match" in reasons["kernel"] and reasons["false"] == "exit status 3, expected 0"
+    assert reasons["kernel"].endswith(os.uname().release + "\\x0a")  # what the node said, made safe
     assert "exit status 1" in reasons["mount"]
 
 
