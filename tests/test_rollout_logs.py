@@ -23,8 +23,6 @@ import textwrap
 import threading
 import time
 
-import pytest
-
 from orchestrator.sim.runtime import _ssh_serve_blocking, make_host_key
 from tests.conftest import REPO
 

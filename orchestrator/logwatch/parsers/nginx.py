@@ -21,11 +21,12 @@ FILE_REQUEST keeps the stream shaped like the embedded server's, which emits
 one before every outcome (a 404 on a config lookup then counts for the
 ``config`` stage as it would there).
 
-File names are read like the embedded server's :func:`~orchestrator.bootserver.http.request_name`:
+File names are read by the embedded server's own :func:`~orchestrator.bootserver.http.request_name`:
 the request target's path (origin or absolute form), query and fragment
 dropped, percent-decoded, leading ``/`` removed. nginx writes bytes it escapes
 (``"``, ``\\``, control and non-ASCII bytes) as ``\\xHH``; they are turned back
-into the bytes the client sent before decoding (UTF-8, undecodable bytes replaced).
+into the bytes the client sent first. A target that is not UTF-8 is no evidence
+(the embedded server refuses it).
 
 Limits of ``combined``: a client that hangs up in the middle of a body is
 logged with status 200 and the bytes it got, so it reads as FILE_DONE (nginx's
@@ -49,9 +50,9 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import urllib.parse
 from typing import Any
 
+from orchestrator.bootserver.http import BadTarget, request_name as http_request_name
 from orchestrator.events import BootEvent, EventKind
 from orchestrator.logwatch.parsers.common import LineParser, Record, SyslogClock, parse_envelope, valid_ip
 
@@ -83,17 +84,10 @@ def _unescape(text: str) -> bytes:
 
 def request_name(target: str) -> str | None:
     """The boot-file name a logged request target asks for (the embedded server's reading), or None."""
-    raw = _unescape(target)
-    if raw.startswith(b"/"):
-        path = raw
-    elif raw[:7].lower() == b"http://" or raw[:8].lower() == b"https://":
-        rest = raw.split(b"//", 1)[1]
-        slash = rest.find(b"/")
-        path = rest[slash:] if slash >= 0 else b"/"
-    else:
+    try:
+        return http_request_name(_unescape(target))
+    except BadTarget:
         return None
-    path = path.split(b"?", 1)[0].split(b"#", 1)[0]
-    return urllib.parse.unquote_to_bytes(path).decode("utf-8", "replace")[1:]
 
 
 class NginxParser(LineParser):
