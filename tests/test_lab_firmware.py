@@ -27,6 +27,7 @@ import pytest
 from orchestrator.lab import lab as labmod
 from orchestrator.lab import qmp as q
 from orchestrator.plan import load_plan
+from tests.test_lab import _wait
 from tests.conftest import IN_CI, require_root, require_tool
 
 
@@ -224,14 +225,6 @@ def _arch(value: object) -> int:
     return int(value)  # type: ignore[arg-type]
 
 
-def _wait(cond, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.mark.slow
