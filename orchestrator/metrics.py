@@ -429,7 +429,7 @@ class _Collector:
                                    labels=["protocol"])
         active = GaugeMetricFamily("bootorch_file_transfers_active", "File transfers in progress (TFTP: including those queued for a slot).",
                                    labels=["protocol"])
-        transfers = CounterMetricFamily("bootorch_file_transfers", "Finished file transfers by result (ok, failed, and for TFTP unconfirmed: every block sent, final ACK lost; options_declined: the client ended it with ERROR 8 after our OACK, a UEFI size probe; HTTP: 2xx/3xx responses are ok).",
+        transfers = CounterMetricFamily("bootorch_file_transfers", "Finished file transfers by result (ok, failed, and for TFTP unconfirmed: every block sent, final ACK lost; options_declined: the client ended it with ERROR 8 after our OACK, a UEFI size probe; superseded: its client sent another request from the same port; HTTP: 2xx/3xx responses are ok).",
                                         labels=["protocol", "result"])
         dropped = CounterMetricFamily("bootorch_events_dropped", "Boot events a server dropped because the tracker's channel was full.",
                                       labels=["source"])
@@ -450,6 +450,7 @@ class _Collector:
         transfers.add_metric(["tftp", "failed"], t.transfers_failed)
         transfers.add_metric(["tftp", "unconfirmed"], getattr(t, "transfers_unconfirmed", 0))
         transfers.add_metric(["tftp", "options_declined"], getattr(t, "options_declined", 0))
+        transfers.add_metric(["tftp", "superseded"], getattr(t, "superseded", 0))
         by_status = dict(h.by_status)
         transfers.add_metric(["http", "ok"], sum(n for code, n in by_status.items() if int(code) < 400))
         transfers.add_metric(["http", "failed"], sum(n for code, n in by_status.items() if int(code) >= 400))

@@ -179,7 +179,7 @@ async def test_fuzz_listen_and_transfer_ports(nursery, tmp_path, autojump_clock)
         sent = 0
         base_in = counters.packets_in
         while sent < N_TRANSFER:
-            ended = counters.transfers_ok + counters.transfers_failed + counters.transfers_unconfirmed
+            ended = counters.transfers_ok + counters.transfers_failed + counters.transfers_unconfirmed + counters.options_declined
             if client is None:
                 client = udp()
                 await client.bind(("127.0.0.1", 0))
@@ -195,7 +195,7 @@ async def test_fuzz_listen_and_transfer_ports(nursery, tmp_path, autojump_clock)
             await trio.testing.wait_all_tasks_blocked()
             await drain_nowait(client)
             await drain_nowait(intruder)
-            if counters.transfers_ok + counters.transfers_failed + counters.transfers_unconfirmed != ended:
+            if counters.transfers_ok + counters.transfers_failed + counters.transfers_unconfirmed + counters.options_declined != ended:
                 client.close()
                 client = None
         assert restarts > 1  # fuzzed ERRORs and ACKs did end transfers

@@ -107,6 +107,8 @@ class TftpCounters:
     #: (UEFI PXE asks ``tsize`` first, then reads the file in a second request).
     #: Neither ok nor failed, and no sign of loss.
     options_declined: int = 0
+    #: Ended because its client sent another request from the same port (it moved on).
+    superseded: int = 0
     bytes_sent: int = 0  # payload bytes acknowledged by clients
     active: int = 0  # transfers in progress (including those queued by admission)
     refused: int = 0  # requests refused by limits
@@ -286,11 +288,16 @@ class TftpServer:
         if addr in self._transfers:
             running = self._requests.get(addr)
             if running is not None and (req.filename, req.mode, req.options) != (running.filename, running.mode, running.options):
-                # Another request from the same port: the client moved on. UEFI PXE
+                # Another request from the same port: the client moved on (UEFI PXE
                 # re-reads its loader from the port it probed the size from, and that
                 # RRQ may overtake the ERROR 8 ending the probe on the transfer's own
-                # socket. It starts when the old transfer has ended (one waits per port).
+                # socket; or a new client got a port a vanished one used). The old
+                # transfer ends now ("superseded"); the request starts when its task
+                # has retired it (one waits per port).
                 self._next_request[addr] = (sock, data, nursery)
+                x = self._running.get(addr)
+                if x is not None and self._engine is not None:
+                    self._engine.supersede(x)
                 return
             # The same client port asking again: its request retransmission (our
             # OACK/DATA was lost or crossed it, or admission queued it). One
@@ -400,6 +407,8 @@ class TftpServer:
                 self.counters.transfers_unconfirmed += 1
             elif result == "options_declined":
                 self.counters.options_declined += 1
+            elif result == "superseded":
+                self.counters.superseded += 1
             else:
                 self.counters.transfers_failed += 1
             self.counters.bytes_sent += xfer.bytes_acked
@@ -412,9 +421,12 @@ class TftpServer:
             # "unconfirmed" is reported as FILE_DONE with that result: the client
             # has every block unless the final ones were lost on every retry, and
             # a boot that moves on proves it; a FILE_FAILED would claim a failure.
-            # "options_declined" (a size probe) moved nothing: a FILE_REQUEST, as its RRQ was.
+            # "options_declined" (a size probe) moved nothing: a FILE_REQUEST, as its RRQ was;
+            # so does a transfer superseded before any ACK (the probe, when the re-read
+            # overtook its ERROR 8). Neither is a failure of the path.
+            moved_nothing = result == "options_declined" or (result == "superseded" and xfer.bytes_acked == 0)
             kind = (EventKind.FILE_DONE if result in ("ok", "unconfirmed")
-                    else EventKind.FILE_REQUEST if result == "options_declined" else EventKind.FILE_FAILED)
+                    else EventKind.FILE_REQUEST if moved_nothing else EventKind.FILE_FAILED)
             self._emit(
                 kind,
                 addr, xfer.request.filename, bytes=xfer.bytes_acked, size=xfer.size,

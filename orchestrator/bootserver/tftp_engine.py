@@ -291,6 +291,19 @@ class TransferEngine:
         # than the driver is waiting for: let it recompute.
         self._rewait(x)
 
+    def supersede(self, x: Transfer) -> None:
+        """The client of ``x`` sent another request from the same port: it moved on. End ``x`` now.
+
+        From the trio thread. The core ends with reason ``"superseded"``; the
+        transfer is handed back like any other ending, so its task retires it at
+        once and the new request can start (:class:`~orchestrator.bootserver.tftp.TftpServer`).
+        """
+        with self._lock:
+            if x.closed:
+                return
+            self._finish(x, x.core.abort("superseded"))
+            self._flush_locked(self._clock(), force=True)
+
     def _rewait(self, x: Transfer) -> None:
         """After ``x`` was added or changed from the trio side: make its driver wait for its new due time."""
         if x.thread is not None:
