@@ -187,6 +187,12 @@ class Orchestrator:
         try:
             with OrchestratorLock(lock_path(plan)):
                 async with trio.open_nursery() as nursery:
+                    if oncall is not None:
+                        # Our own request first: a request arriving on the control API as soon
+                        # as it listens (a second `reboot` of the same node) must find ours.
+                        sched.restore()
+                        oncall.operation, oncall.busy = sched.submit(oncall.op, oncall.nodes, reason=oncall.reason,
+                                                                     actor=oncall.actor, hard=oncall.hard)
                     if control:
                         sock_path, tcp = await nursery.start(self.control.serve)
                         self.log(f"control API on {sock_path}" + "".join(f", tcp {a[0]}:{a[1]}" for a in tcp))
@@ -211,12 +217,8 @@ class Orchestrator:
                                                                            task_status=task_status))
                         self.log(f"following {len(plan.model.logs)} log(s): "
                                  + ", ".join(f"{e.source} {e.path}" for e in plan.model.logs))
-                    if oncall is not None:
-                        sched.restore()
-                        oncall.operation, oncall.busy = sched.submit(oncall.op, oncall.nodes, reason=oncall.reason,
-                                                                     actor=oncall.actor, hard=oncall.hard)
-                        if not oncall.wait and oncall.operation is not None:
-                            nursery.start_soon(_return_once_acted, sched, oncall.operation, nursery.cancel_scope)
+                    if oncall is not None and not oncall.wait and oncall.operation is not None:
+                        nursery.start_soon(_return_once_acted, sched, oncall.operation, nursery.cancel_scope)
                     started()
                     summary = await sched.run(self.events_recv)
                     nursery.cancel_scope.cancel()
