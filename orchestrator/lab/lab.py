@@ -555,6 +555,20 @@ def daemon_pid(lab: Lab) -> int | None:
     return pid if _is_ours(pid, str(lab.dir)) else None
 
 
+#: Services the lab runs beside its VMs, one module each with ``up(lab)``, ``down(lab) -> list[str]``
+#: (what it stopped) and ``status(lab) -> dict``: the site's own DHCP/TFTP servers (``lab.site``),
+#: BMC implementations other than the daemon's builtin one (``lab.bmc``), Slurm (``lab.slurm``).
+#: ``up`` runs them in this order after the VMs and the daemon; ``down`` in reverse, before the
+#: namespace goes. Each does nothing when the plan does not ask for it.
+SERVICES = ("orchestrator.lab.site", "orchestrator.lab.bmcs", "orchestrator.lab.slurm")
+
+
+def _services() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(name) for name in SERVICES]
+
+
 def up(plan: LoadedPlan) -> dict[str, Any]:
     """Create (or complete) the lab for ``plan``. Returns what ``status`` returns."""
     require_root()
@@ -631,6 +645,8 @@ def up(plan: LoadedPlan) -> dict[str, Any]:
         _start_daemon(lab)
         info["daemon_nodes"] = nodes_now
         _write_info(lab, info)
+    for service in _services():
+        service.up(lab)
     return status(plan)
 
 
@@ -689,6 +705,8 @@ def down(plan: LoadedPlan) -> list[str]:
     br = info.get("bridge", lab.bridge)
     done: list[str] = []
 
+    for service in reversed(_services()):
+        done.extend(service.down(lab))
     pid = daemon_pid(lab)
     if pid is not None:
         _kill(pid)
@@ -760,6 +778,7 @@ def status(plan: LoadedPlan) -> dict[str, Any]:
         "daemon": {"pid": dpid, "running": dpid is not None, "log": str(lab.daemon_log)},
         "bmc": f"http://{plan.model.network.server}:{plan.model.lab.bmc_port}/redfish/v1/Systems/",
         "nfs": nfs_status(plan),
+        "services": {service.__name__.rpartition(".")[2]: service.status(lab) for service in _services()},
         "nodes": nodes,
     }
 

@@ -127,6 +127,17 @@ class Secret(Strict):
 # --------------------------------------------------------------------------- sections
 
 
+class RelayedSubnet(Strict):
+    """A routed rack subnet whose DHCP traffic reaches bootorch through a relay (giaddr)."""
+
+    #: The rack subnet (CIDR).
+    subnet: Subnet
+    #: The relay's (router's) address on that subnet: DHCP's giaddr and the nodes' gateway.
+    gateway: IPv4Address
+    #: Racks (node ``rack:`` values) on this subnet; their nodes' addresses must lie in it.
+    racks: list[str] = []
+
+
 class Network(Strict):
     """The boot network: where nodes PXE boot and where bootorch listens."""
 
@@ -141,6 +152,8 @@ class Network(Strict):
     namespace: str | None = None
     #: MTU of the boot network, when not 1500: caps the TFTP block size (mtu - 32).
     mtu: int | None = Field(None, ge=576, le=9216)
+    #: Routed rack subnets behind DHCP relays (their nodes are reached through routers).
+    relayed: list[RelayedSubnet] = []
 
 
 class Pool(Strict):
@@ -462,6 +475,22 @@ class Metrics(Strict):
 Firmware = Literal["bios", "uefi", "uefi-http", "uefi-ipxe"]
 
 
+class LabSite(Strict):
+    """The site's own boot servers, run by the lab in its namespace as a site would run them."""
+
+    #: The site's DHCP server. With dhcp.mode proxy it hands out addresses only (no PXE
+    #: options); with dhcp.mode external it runs the config ``bootorch render`` wrote.
+    dhcp: Literal["none", "dnsmasq", "iscdhcpd"] = "none"
+    #: The site's TFTP server (external mode), serving the rendered boot tree.
+    tftp: Literal["none", "dnsmasq", "tftp-hpa"] = "none"
+
+
+class LabSlurm(Strict):
+    """A real Slurm controller (slurmctld + munge) for the lab's nodes, power saving through bootorch."""
+
+    enabled: bool = False
+
+
 class Lab(Strict):
     """The virtual lab cluster (``bootorch lab``): one QEMU VM per node, in a namespace."""
 
@@ -478,6 +507,13 @@ class Lab(Strict):
     nic_model: str = "e1000"
     #: Port of the lab's Redfish BMC endpoint, on network.server inside the namespace.
     bmc_port: Port = 9200
+    #: Which BMC implementation fronts the VMs: builtin (our Redfish subset), ipmi_sim
+    #: (OpenIPMI's simulator, one per node), sushy (OpenStack's sushy-emulator, Redfish).
+    bmc: Literal["builtin", "ipmi_sim", "sushy"] = "builtin"
+    #: The site's own DHCP/TFTP servers (ProxyDHCP beside them, or external mode).
+    site: LabSite = LabSite()
+    #: A real Slurm controller whose power saving calls ``bootorch slurm``.
+    slurm: LabSlurm = LabSlurm()
     #: The VMs' firmware: one name for every node, or a map from node set to name
     #: (``{"node[02-03]": uefi, node04: uefi-http}``; later entries win, unnamed
     #: nodes get bios). bios: SeaBIOS + the NIC's iPXE ROM; uefi: OVMF with edk2's own
