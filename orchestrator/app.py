@@ -38,6 +38,7 @@ from orchestrator.metrics import Metrics, serve_metrics, split_listen
 from orchestrator.plan import LoadedPlan
 from orchestrator.power import PowerDriver, SecretError, Unavailable, resolve_secret
 from orchestrator.power.drivers import plan_drivers
+from orchestrator.power.wol import plan_wake
 from orchestrator.readiness import Readiness
 from orchestrator.scheduler import Operation, Scheduler, Summary
 from orchestrator.store import Store
@@ -142,6 +143,7 @@ class Orchestrator:
         plan.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             wake, bmc = plan_drivers(plan)
+            wake = plan_wake(plan, wake, bmc)  # network.relayed: directed broadcasts or the BMC for routed racks
         except SecretError as e:
             if mode is not Mode.SERVE:
                 raise

@@ -93,8 +93,8 @@ def boot_entry(plan: LoadedPlan, node: Node | None, profile_name: str | None = N
             prof.ip,
             client=node.ip,
             server=model.network.server,
-            gateway=model.network.gateway,
-            subnet=model.network.subnet,
+            gateway=relayed.gateway if (relayed := plan.relayed_subnet_of(node)) else model.network.gateway,
+            subnet=relayed.subnet if relayed else model.network.subnet,
             hostname=node.name,
             device=prof.device,
         )
@@ -212,6 +212,26 @@ def render_dhcpd(plan: LoadedPlan) -> str:
         '                 " user-class ", pick-first-value(binary-to-ascii(16, 8, ":", option user-class), "-"),',
         '                 " vendor-class ", pick-first-value(option vendor-class-identifier, "-")));',
         "",
+        "# The classes are global: their options come after every subnet's (a class inside the boot",
+        "# subnet would bring that subnet's routers option to clients of relayed subnets too).",
+        'class "pxeclients" {',
+        '  match if substring (option vendor-class-identifier, 0, 9) = "PXEClient";',
+        '  option vendor-class-identifier "PXEClient";',
+        "  vendor-option-space PXE;",
+        "  # At least one PXE vendor option must be set for ROMs to accept the offer;",
+        "  # 0.0.0.0 says: no multicast TFTP.",
+        "  option PXE.mtftp-ip 0.0.0.0;",
+        f"  next-server {net.server};",
+        *_dhcpd_pxe_choice(plan, model.boot.ipxe, "  "),
+        "}",
+        "",
+        "# UEFI HTTP Boot (option 93 = 16): the offer must say HTTPClient and carry a URL.",
+        'class "httpclients" {',
+        '  match if substring (option vendor-class-identifier, 0, 10) = "HTTPClient";',
+        '  option vendor-class-identifier "HTTPClient";',
+        f"  filename {_q(uefi_http_url(plan))};",
+        "}",
+        "",
         f"subnet {net.subnet.network_address} netmask {net.subnet.netmask} {{",
     ]
     if net.gateway:
@@ -220,26 +240,6 @@ def render_dhcpd(plan: LoadedPlan) -> str:
         out.append(f"  option domain-name-servers {', '.join(map(str, net.dns))};")
     if net.domain:
         out.append(f"  option domain-name {_q(net.domain)};")
-    out += [
-        "",
-        '  class "pxeclients" {',
-        '    match if substring (option vendor-class-identifier, 0, 9) = "PXEClient";',
-        '    option vendor-class-identifier "PXEClient";',
-        "    vendor-option-space PXE;",
-        "    # At least one PXE vendor option must be set for ROMs to accept the offer;",
-        "    # 0.0.0.0 says: no multicast TFTP.",
-        "    option PXE.mtftp-ip 0.0.0.0;",
-        f"    next-server {net.server};",
-        *_dhcpd_pxe_choice(plan, model.boot.ipxe, "    "),
-        "  }",
-        "",
-        "  # UEFI HTTP Boot (option 93 = 16): the offer must say HTTPClient and carry a URL.",
-        '  class "httpclients" {',
-        '    match if substring (option vendor-class-identifier, 0, 10) = "HTTPClient";',
-        '    option vendor-class-identifier "HTTPClient";',
-        f"    filename {_q(uefi_http_url(plan))};",
-        "  }",
-    ]
     if model.dhcp.pool is not None:
         out += [
             "",
@@ -252,6 +252,7 @@ def render_dhcpd(plan: LoadedPlan) -> str:
         out += ["", "  # No pool: only the hosts below get an address (deny unknown clients)."]
     out.append("}")
     out.append("")
+    out += _dhcpd_relayed(plan)
     for node in plan.nodes:
         out += [
             f"host {node.name} {{",
@@ -267,6 +268,26 @@ def render_dhcpd(plan: LoadedPlan) -> str:
                     *_dhcpd_pxe_choice(plan, mode, "    "), "  }"]
         out.append("}")
     return "\n".join(out) + "\n"
+
+
+def _dhcpd_relayed(plan: LoadedPlan) -> list[str]:
+    """``network.relayed``: a subnet declaration per routed rack network, chosen by the relay's giaddr."""
+    net = plan.model.network
+    out: list[str] = []
+    for r in net.relayed:
+        out += [
+            f"# network.relayed: {r.subnet} behind the relay {r.gateway} (giaddr); boot files from {net.server}.",
+            f"subnet {r.subnet.network_address} netmask {r.subnet.netmask} {{",
+            f"  option routers {r.gateway};",
+        ]
+        if net.dns:
+            out.append(f"  option domain-name-servers {', '.join(map(str, net.dns))};")
+        if net.domain:
+            out.append(f"  option domain-name {_q(net.domain)};")
+        if r.pool is not None:
+            out += ["  pool {", f"    range {r.pool.start} {r.pool.end};", "    allow unknown clients;", "  }"]
+        out += ["}", ""]
+    return out
 
 
 def _dhcpd_pxe_choice(plan: LoadedPlan, ipxe: str, ind: str) -> list[str]:
@@ -316,6 +337,7 @@ def render_dnsmasq(plan: LoadedPlan) -> str:
             f'pxe-service=x86PC,"bootorch",{loaders.bios.removesuffix(".0")}',
             f'pxe-service=X86-64_EFI,"bootorch",{loaders.uefi}',
         ]
+        out += [f"dhcp-range={r.subnet.network_address},proxy,{r.subnet.netmask}" for r in net.relayed]  # network.relayed
     else:
         out.append("# Known hosts only unless the plan has a pool (the seed's deny unknown clients).")
         out.append(f"dhcp-range={subnet.network_address},static,{subnet.netmask},{lease_s}")
@@ -327,6 +349,13 @@ def render_dnsmasq(plan: LoadedPlan) -> str:
             out.append(f"dhcp-option=option:dns-server,{','.join(map(str, net.dns))}")
         if net.domain:
             out.append(f"domain={net.domain}")
+        for i, r in enumerate(net.relayed, 1):
+            # network.relayed: dnsmasq answers a relayed request from the range holding its giaddr;
+            # the tagged router option wins over the untagged one above.
+            out.append(f"dhcp-range=set:relayed{i},{r.subnet.network_address},static,{r.subnet.netmask},{lease_s}")
+            if r.pool is not None:
+                out.append(f"dhcp-range=set:relayed{i},{r.pool.start},{r.pool.end},{r.subnet.netmask},{lease_s}")
+            out.append(f"dhcp-option=tag:relayed{i},option:router,{r.gateway}")
     loader_macs = [n.mac for n in plan.nodes if ipxe_mode(plan, n) == "loader"]
     out += [
         "",
@@ -348,6 +377,10 @@ def render_dnsmasq(plan: LoadedPlan) -> str:
             f"dhcp-boot=tag:ipxe,tag:ipxeloader,tag:!efi64,{loaders.bios},,{net.server}",
             f"dhcp-boot=tag:efihttp,tag:!ipxe,{uefi_http_url(plan)}",
             "dhcp-option-force=tag:efihttp,tag:!ipxe,option:vendor-class,HTTPClient",
+            # A PXE client's offer says PXEClient (option 60), like the embedded server's: without it
+            # iPXE takes the offer for a plain one and waits ~3 s for a ProxyDHCP offer (measured).
+            "dhcp-vendorclass=set:pxeclient,PXEClient",
+            "dhcp-option-force=tag:pxeclient,option:vendor-class,PXEClient",
             f"dhcp-boot=tag:efi64,tag:!ipxe,tag:!efihttp,{loaders.uefi},,{net.server}",
             f"dhcp-boot=tag:!efi64,tag:!ipxe,tag:!efihttp,{loaders.bios},,{net.server}",
         ]

@@ -221,7 +221,8 @@ def describe(ev: BootEvent) -> str:
     if ev.kind == EventKind.DHCP:
         d = ev.detail
         vc = f" vendor-class {d['vendor_class']!r}" if d.get("vendor_class") else ""
-        return f"{ev.source}: {d.get('msg')} from {ev.mac}{vc}".strip()
+        via = f" via relay {d['relay']}" if d.get("relay") else ""
+        return f"{ev.source}: {d.get('msg')} from {ev.mac}{via}{vc}".strip()
     what = {EventKind.FILE_REQUEST: "read", EventKind.FILE_DONE: "sent", EventKind.FILE_FAILED: "failed"}[ev.kind]
     extra = f" ({ev.bytes} bytes)" if ev.kind == EventKind.FILE_DONE else (f" ({ev.result})" if ev.result else "")
     return f"{ev.source}: {what} {ev.filename} to {ev.client_ip}{extra}"

@@ -366,3 +366,107 @@ def test_readiness_check_profiles_must_exist(tmp_path):
     text = BASE + "readiness:\n  checks:\n    - {name: nfs, profiles: [q], mount: /}\n"
     line, msg = one(write(tmp_path, text))
     assert line == 15 and "profiles the plan does not define: q" in msg and "defined: p" in msg
+
+
+# --------------------------------------------------------------------------- network.relayed
+
+RELAYED = """\
+version: 1
+network:
+  subnet: 10.9.0.0/24
+  server: 10.9.0.1
+  relayed:
+    - subnet: 10.10.0.0/24
+      gateway: 10.10.0.1
+      router: 10.9.0.254
+      racks: [r1]
+profiles:
+  p:
+    kernel: vmlinuz
+nodes:
+  - name: n1
+    mac: 52:54:00:00:00:01
+    ip: 10.9.0.11
+  - name: n[2-3]
+    mac: 52:54:00:00:00:02
+    ip: 10.10.0.12
+    rack: r1
+"""
+
+
+def test_relayed_subnet_plan_is_valid(tmp_path):
+    plan = load_plan(write(tmp_path, RELAYED))
+    assert plan.warnings == [] or all("boot root" in w.message for w in plan.warnings), plan.warnings
+    assert plan.relayed_subnet_of(plan.by_name["n1"]) is None
+    assert str(plan.relayed_subnet_of(plan.by_name["n3"]).subnet) == "10.10.0.0/24"
+    assert plan.model.network.relayed[0].wake == "directed-broadcast"
+
+
+def test_node_outside_boot_and_relayed_subnets(tmp_path):
+    line, msg = one(write(tmp_path, RELAYED.replace("ip: 10.9.0.11", "ip: 10.11.0.11")))
+    assert line == 14 and "outside subnet 10.9.0.0/24 and the relayed subnets (10.10.0.0/24)" in msg
+
+
+def test_rack_on_a_relayed_subnet_needs_an_address_there(tmp_path):
+    text = RELAYED.replace("    ip: 10.9.0.11\n", "    ip: 10.9.0.11\n    rack: r1\n")
+    line, msg = one(write(tmp_path, text))
+    assert line == 14 and "rack r1 is on relayed subnet 10.10.0.0/24" in msg and "10.10.0.1-10.10.0.254" in msg
+
+
+def test_relayed_node_of_an_unlisted_rack_is_a_warning(tmp_path):
+    plan = load_plan(write(tmp_path, RELAYED.replace("    rack: r1\n", "    rack: r2\n")))
+    said = [w for w in plan.warnings if "rack r2 is not in that subnet's racks" in w.message]
+    assert len(said) == 1 and said[0].line == 17, plan.warnings  # once per entry, not per node
+
+
+def test_relayed_subnet_overlaps(tmp_path):
+    line, msg = one(write(tmp_path, RELAYED.replace("subnet: 10.10.0.0/24", "subnet: 10.9.0.0/23")
+                          .replace("ip: 10.10.0.12", "ip: 10.9.1.12").replace("gateway: 10.10.0.1", "gateway: 10.9.1.1")))
+    assert line == 6 and "overlaps the boot subnet 10.9.0.0/24" in msg
+    text = RELAYED.replace("      racks: [r1]\n", "      racks: [r1]\n    - {subnet: 10.10.0.128/25, gateway: 10.10.0.129}\n")
+    line, msg = one(write(tmp_path, text))
+    assert line == 10 and "overlaps relayed subnet 10.10.0.0/24" in msg
+
+
+def test_relayed_gateway_router_and_rack_lists(tmp_path):
+    line, msg = one(write(tmp_path, RELAYED.replace("gateway: 10.10.0.1", "gateway: 10.9.0.1")))
+    assert line == 7 and "outside its relayed subnet 10.10.0.0/24" in msg and "giaddr" in msg
+    line, msg = one(write(tmp_path, RELAYED.replace("gateway: 10.10.0.1", "gateway: 10.10.0.255")))
+    assert line == 7 and "broadcast address" in msg
+    line, msg = one(write(tmp_path, RELAYED.replace("router: 10.9.0.254", "router: 10.10.0.254")))
+    assert line == 8 and "not on the boot subnet 10.9.0.0/24" in msg
+    line, msg = one(write(tmp_path, RELAYED.replace("router: 10.9.0.254", "router: 10.9.0.11")))
+    assert line == 14 and "address of the router to 10.10.0.0/24" in msg
+    errs = problems(write(tmp_path, RELAYED.replace("ip: 10.10.0.12", "ip: 10.10.0.0")))  # n2 .0, n3 .1
+    assert [e[0] for e in errs] == [17, 17] and "network address" in errs[0][1], errs
+    assert "n3: IP 10.10.0.1 is the gateway (relay) address of 10.10.0.0/24" in errs[1][1]
+    text = RELAYED.replace("      racks: [r1]\n", "      racks: [r1]\n    - {subnet: 10.11.0.0/24, gateway: 10.11.0.1, racks: [r1]}\n")
+    line, msg = one(write(tmp_path, text))
+    assert line == 10 and "rack r1 is listed on two relayed subnets" in msg
+
+
+def test_relayed_pool_and_wake(tmp_path):
+    text = RELAYED.replace("      racks: [r1]\n", "      racks: [r1]\n      pool: {start: 10.10.0.1, end: 10.10.0.20}\n")
+    errs = problems(write(tmp_path, text))
+    assert [e[0] for e in errs] == [10, 10], errs
+    assert "overlaps 2 reserved node address(es) (n2 10.10.0.12, n3 10.10.0.13)" in errs[0][1]
+    assert "contains the gateway address 10.10.0.1" in errs[1][1]
+    line, msg = one(write(tmp_path, text.replace("end: 10.10.0.20", "end: 10.11.0.20").replace("start: 10.10.0.1,", "start: 10.10.0.100,")))
+    assert line == 10 and "pool end 10.11.0.20 is outside its relayed subnet" in msg
+    line, msg = one(write(tmp_path, RELAYED.replace("      racks: [r1]\n", "      racks: [r1]\n      wake: bmc\n")))
+    assert line == 10 and "wake: bmc but power.bmc.driver is none" in msg
+    line, msg = one(write(tmp_path, RELAYED.replace("      racks: [r1]\n", "      racks: [r1]\n      wake: etherwake\n")))
+    assert line == 10 and "directed-broadcast" in msg
+
+
+def test_site_dhcp_beside_full_mode_is_rejected_with_the_fix(tmp_path):
+    """The lab's site DHCP server and bootorch's full DHCP would both answer: `validate` says so, at lab.site."""
+    text = (Path(__file__).resolve().parents[1] / "plans" / "full.yaml").read_text()
+    text = text.replace("\nlab:\n", "\nlab:\n  site: {dhcp: dnsmasq}\n", 1)
+    p = tmp_path / "plan.yaml"
+    p.write_text(text)
+    with pytest.raises(PlanError) as e:
+        load_plan(p)
+    [problem] = [x for x in e.value.problems if "lab.site.dhcp" in x.message]
+    assert problem.severity == "error"
+    assert "dhcp.mode: proxy" in problem.message and problem.line == text.splitlines().index("  site: {dhcp: dnsmasq}") + 1

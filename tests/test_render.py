@@ -359,3 +359,82 @@ def test_tftp_hpa_remap_rule_from_the_docs_gives_each_client_its_own_key(tmp_pat
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- network.relayed
+
+RELAYED_BLOCK = """\
+  relayed:
+    - subnet: 10.78.0.0/24
+      gateway: 10.78.0.1
+      router: 10.77.0.254
+      racks: [r1]
+      pool: {start: 10.78.0.100, end: 10.78.0.120}
+"""
+
+
+def relayed_plan(tmp_path: Path, mode: str = "full") -> Path:
+    """plans/full.yaml with node04 on a relayed rack subnet (and a pool there)."""
+    text = FULL.read_text().replace("  gateway: 10.77.0.1\n", "  gateway: 10.77.0.1\n" + RELAYED_BLOCK, 1)
+    text = text.replace("mode: full", f"mode: {mode}")
+    text = text.replace("  - name: node[02-04]\n    mac: 52:54:00:77:00:02    # counted up: ...:02, :03, :04\n"
+                        "    ip: 10.77.0.12            # counted up: .12, .13, .14\n",
+                        "  - name: node[02-03]\n    mac: 52:54:00:77:00:02\n    ip: 10.77.0.12\n"
+                        "  - name: node04\n    mac: 52:54:00:77:00:04\n    ip: 10.78.0.14\n    rack: r1\n    profile: ramdisk\n")
+    assert "10.78.0.14" in text
+    p = tmp_path / "plans" / "relayed.yaml"
+    p.parent.mkdir(exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_relayed_subnets_in_dhcpd_conf(tmp_path):
+    plan = load_plan(relayed_plan(tmp_path))
+    conf = render_dhcpd(plan)
+    block = conf[conf.index("subnet 10.78.0.0 netmask 255.255.255.0 {"):]
+    block = block[:block.index("\n}\n")]
+    assert "option routers 10.78.0.1;" in block and "range 10.78.0.100 10.78.0.120;" in block
+    host4 = conf[conf.index("host node04 {"):]
+    assert "fixed-address 10.78.0.14;" in host4
+    # The PXE classes are global (before every subnet): inside the boot subnet they would bring its routers
+    # option to relayed clients (dhcpd runs a class's enclosing scope after the client's subnet).
+    assert conf.index('class "pxeclients"') < conf.index("\nsubnet ") and conf.index('class "httpclients"') < conf.index("\nsubnet ")
+    path = tmp_path / "dhcpd.conf"
+    path.write_text(conf)
+    r = dhcpd_check(path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_relayed_subnets_in_dnsmasq_conf(tmp_path):
+    plan = load_plan(relayed_plan(tmp_path))
+    conf = render_dnsmasq(plan)
+    assert "dhcp-range=set:relayed1,10.78.0.0,static,255.255.255.0,60m" in conf
+    assert "dhcp-range=set:relayed1,10.78.0.100,10.78.0.120,255.255.255.0,60m" in conf
+    assert "dhcp-option=tag:relayed1,option:router,10.78.0.1" in conf
+    assert "dhcp-host=52:54:00:77:00:04,10.78.0.14,node04" in conf
+    path = tmp_path / "dnsmasq.conf"
+    path.write_text(conf)
+    r = dnsmasq_check(path)
+    assert r.returncode == 0 and "syntax check OK" in (r.stdout + r.stderr), r.stderr
+    proxy = render_dnsmasq(load_plan(relayed_plan(tmp_path, "proxy")))
+    assert "dhcp-range=10.78.0.0,proxy,255.255.255.0" in proxy
+    path.write_text(proxy)
+    assert dnsmasq_check(path).returncode == 0
+
+
+def test_relayed_node_static_ip_uses_its_subnet_gateway_and_mask(tmp_path):
+    p = relayed_plan(tmp_path)
+    p.write_text(p.read_text().replace("    ip: dhcp ", "    ip: static "))
+    plan = load_plan(p)
+    tree = boot_tree(plan)
+    cfg4 = next(v for k, v in tree.items() if k.endswith(plan.by_name["node04"].mac.replace(":", "-")))
+    cfg1 = next(v for k, v in tree.items() if k.endswith(plan.by_name["node01"].mac.replace(":", "-")))
+    assert "ip=10.78.0.14:10.77.0.1:10.78.0.1:255.255.255.0:node04:" in cfg4.decode(), cfg4
+    assert "ip=10.77.0.11:10.77.0.1:10.77.0.1:255.255.255.0:node01:" in cfg1.decode(), cfg1
+
+
+def test_dnsmasq_offer_to_a_pxe_client_says_pxeclient():
+    """iPXE waits ~3 s for a ProxyDHCP offer after an offer without option 60 PXEClient (measured in the lab)."""
+    dnsmasq = render_dnsmasq(load_plan(MATRIX)).splitlines()
+    assert "dhcp-vendorclass=set:pxeclient,PXEClient" in dnsmasq
+    assert "dhcp-option-force=tag:pxeclient,option:vendor-class,PXEClient" in dnsmasq

@@ -158,9 +158,16 @@ def plan_config(plan) -> ServerConfig:
         pool=(int(pool.start), int(pool.end)) if pool else None,
         lease_time=int(model.dhcp.lease_time),
     )
+    # network.relayed: one subnet per routed rack network, chosen by a relayed request's giaddr;
+    # its router option is the relay's address there, boot files still come from network.server.
+    relayed = tuple(
+        Subnet(network=r.subnet, router=r.gateway, dns=tuple(model.network.dns), domain=model.network.domain,
+               pool=(int(r.pool.start), int(r.pool.end)) if r.pool else None, lease_time=int(model.dhcp.lease_time))
+        for r in model.network.relayed
+    )
     return ServerConfig(
         server_ip=model.bootserver.listen or model.network.server,
-        subnets=(subnet,),
+        subnets=(subnet, *relayed),
         mode="proxy" if model.dhcp.mode == "proxy" else "full",
     )
 

@@ -20,8 +20,13 @@
 * the lab daemon (``python -m orchestrator.lab.lab daemon PLAN``, inside the
   namespace): the Wake-on-LAN listener on the bridge (raw 0x0842 frames and
   UDP 9/7, see :mod:`orchestrator.lab.wol_listener`), which resumes the VM a
-  magic packet names, and the lab BMC (:mod:`orchestrator.lab.bmc`), a Redfish
-  subset on ``network.server:lab.bmc_port``.
+  magic packet names, and (with ``lab.bmc: builtin``, the default) the lab BMC
+  (:mod:`orchestrator.lab.bmc`), a Redfish subset on ``network.server:lab.bmc_port``,
+* the services :data:`SERVICES` names, when the plan asks for them: the site's own
+  DHCP/TFTP servers (``lab.site``), ``ipmi_sim`` or ``sushy-emulator`` as the BMCs
+  (``lab.bmc``), Slurm (``lab.slurm``); and per ``network.relayed`` subnet a router
+  namespace with ``dhcrelay`` holding that rack's bridge, taps and VMs
+  (:mod:`orchestrator.lab.router`).
 
 Everything ``lab up`` starts has a PID file in ``<state_dir>/lab/``; ``lab
 down`` kills exactly those PIDs (after checking that ``/proc/PID/cmdline`` is
@@ -106,6 +111,7 @@ from typing import Any, Sequence
 from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from orchestrator.lab import nfs
 from orchestrator.lab import qmp as q
+from orchestrator.lab import router as rt
 from orchestrator.lab.netns import NetnsError, require_root, run_checked
 from orchestrator.plan import LoadedPlan, Node, PlanError, load_plan
 
@@ -587,7 +593,12 @@ def up(plan: LoadedPlan) -> dict[str, Any]:
         raise LabError(f"network.namespace is {net_ns} but lab.namespace is {ns}: bootorch would serve in one "
                        "namespace and the VMs would boot in the other; make them the same")
     info = _info(lab)
-    info.update(namespace=ns, bridge=br, taps={n.name: lab.tap(n) for n in plan.nodes})
+    try:
+        routers = rt.routers(lab)  # network.relayed: a router namespace per routed rack subnet
+    except rt.RouterError as e:
+        raise LabError(str(e)) from None
+    info.update(namespace=ns, bridge=br, taps={n.name: lab.tap(n) for n in plan.nodes},
+                routers=sorted({*info.get("routers", []), *(r.namespace for r in routers)}))
     _write_info(lab, info)  # before creating anything: `down` after a crash reads it
 
     if not namespace_exists(ns):
@@ -603,11 +614,15 @@ def up(plan: LoadedPlan) -> dict[str, Any]:
     if lab.server_cidr not in have.split():
         _run(["ip", "-n", ns, "addr", "add", lab.server_cidr, "dev", br])
     _run(["ip", "-n", ns, "link", "set", br, "up"])
+    try:
+        rt.up(lab)
+    except rt.RouterError as e:
+        raise LabError(str(e)) from None
     for node in plan.nodes:
-        tap = lab.tap(node)
-        if not link_exists(ns, tap):
-            _run(["ip", "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"])
-        _run(["ip", "-n", ns, "link", "set", tap, "master", br, "up"])
+        tap, tap_ns, tap_br = lab.tap(node), rt.namespace_of(lab, node), rt.bridge_of(lab, node)
+        if not link_exists(tap_ns, tap):
+            _run(["ip", "-n", tap_ns, "tuntap", "add", "dev", tap, "mode", "tap"])
+        _run(["ip", "-n", tap_ns, "link", "set", tap, "master", tap_br, "up"])
 
     if exports:
         nfs_start(plan, exports)
@@ -657,7 +672,7 @@ def _start_qemu(lab: Lab, node: Node, accel: str) -> None:
         shutil.copyfile(OVMF_VARS, lab.ovmf_vars(node))  # default NVRAM at every QEMU start
     for stale in (lab.qmp(node), lab.pidfile(node)):
         stale.unlink(missing_ok=True)
-    argv = ["ip", "netns", "exec", lab.namespace, *lab.qemu_argv(node, accel)]
+    argv = ["ip", "netns", "exec", rt.namespace_of(lab, node), *lab.qemu_argv(node, accel)]
     with open(lab.qemu_log(node), "ab") as logf:
         # -daemonize: QEMU forks once it is set up; the parent's exit status says
         # whether setup (tap, sockets) worked. Its session is its own.
@@ -692,8 +707,9 @@ def _start_daemon(lab: Lab) -> None:
             _kill(p.pid)
             raise LabError(f"the lab daemon did not get ready in {DAEMON_START_TIMEOUT:.0f}s; see {lab.daemon_log}")
         time.sleep(0.05)
-    _say(f"daemon pid {p.pid}: WoL listener on {lab.bridge} (raw 0x0842, udp 9/7), "
-         f"BMC http://{lab.plan.model.network.server}:{lab.plan.model.lab.bmc_port}/redfish/v1/Systems/<node>")
+    bmc = (f"BMC http://{lab.plan.model.network.server}:{lab.plan.model.lab.bmc_port}/redfish/v1/Systems/<node>"
+           if lab.plan.model.lab.bmc == "builtin" else f"BMCs: {lab.plan.model.lab.bmc} (started next)")
+    _say(f"daemon pid {p.pid}: WoL listener on {lab.bridge} (raw 0x0842, udp 9/7), {bmc}")
 
 
 def down(plan: LoadedPlan) -> list[str]:
@@ -720,6 +736,7 @@ def down(plan: LoadedPlan) -> list[str]:
     if pid is not None:
         done.append(f"nfs {pid}")
     shutil.rmtree(nfs.recovery_dir(lab.dir), ignore_errors=True)  # ganesha's client records: runtime state
+    done.extend(rt.down(lab, info.get("routers", [])))
     if namespace_exists(ns):
         # Processes a crash left without a PID file: only ones naming our lab directory.
         cp = _run(["ip", "netns", "pids", ns], check=False)
@@ -776,9 +793,12 @@ def status(plan: LoadedPlan) -> dict[str, Any]:
         "bridge_exists": link_exists(lab.namespace, lab.bridge) if ns_ok else False,
         "server": f"{lab.server_cidr}", "accel": info.get("accel"), "accel_reason": info.get("accel_reason"),
         "daemon": {"pid": dpid, "running": dpid is not None, "log": str(lab.daemon_log)},
-        "bmc": f"http://{plan.model.network.server}:{plan.model.lab.bmc_port}/redfish/v1/Systems/",
+        # lab.bmc builtin: the daemon's Redfish endpoint; otherwise services.bmcs says where each BMC listens.
+        "bmc": (f"http://{plan.model.network.server}:{plan.model.lab.bmc_port}/redfish/v1/Systems/"
+                if plan.model.lab.bmc == "builtin" else f"{plan.model.lab.bmc}: see services.bmcs"),
         "nfs": nfs_status(plan),
         "services": {service.__name__.rpartition(".")[2]: service.status(lab) for service in _services()},
+        "routers": rt.status(lab),
         "nodes": nodes,
     }
 
@@ -794,6 +814,10 @@ def format_status(st: dict[str, Any]) -> str:
         what = ", ".join(f"{e['pseudo']} ({e['profile']})" for e in srv["exports"]) or "nothing"
         run = f"pid {srv['pid']} on {srv['address']}" if srv["running"] else "not running"
         lines.append(f"nfs: {run}; exports {what}" + (f"; {srv['problem']}" if srv["problem"] else ""))
+    lines += rt.format_status(st.get("routers", []))
+    for name, service in st.get("services", {}).items():
+        if service:  # a service the plan does not ask for reports {}
+            lines.append(f"{name}: " + json.dumps(service, sort_keys=True, default=str)[:400])
     w = max([len(n["name"]) for n in st["nodes"]] + [4])
     lines.append(f"{'NODE':<{w}}  {'STATE':<9} {'PID':>7}  {'TAP':<6} {'FIRMWARE':<9} SERIAL (last line)")
     for n in st["nodes"]:
@@ -914,7 +938,6 @@ def nfs_status(plan: LoadedPlan) -> dict[str, Any]:
 def daemon(plan: LoadedPlan, lab_dir: Path) -> int:
     """The lab daemon: WoL listener + BMC, until SIGTERM. Runs inside the lab namespace."""
     from orchestrator.lab.bmc import LabBmc
-    from orchestrator.lab.wol_listener import WolListener
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     lab = Lab(plan)
@@ -949,24 +972,32 @@ def daemon(plan: LoadedPlan, lab_dir: Path) -> int:
     password = read_secret(plan, bmc_cfg.password)
     if password is None:
         log.info("BMC: no password configured (or its variable is unset): accepting any credentials")
+    from orchestrator.lab.bmc import ACTION_DELAY
+
+    # lab.bmc other than builtin: orchestrator.lab.bmcs runs that BMC (ipmi_sim, sushy-emulator), not the daemon.
     bmc = LabBmc(str(plan.model.network.server), plan.model.lab.bmc_port, {n.name: str(lab.qmp(n)) for n in plan.nodes},
-                 username=bmc_cfg.username, password=password)
-    listener = WolListener(lab.bridge, on_magic)
+                 username=bmc_cfg.username, password=password, delay=ACTION_DELAY) if plan.model.lab.bmc == "builtin" else None
+    listeners = rt.wol_listeners(lab, on_magic)  # the boot bridge, and each routed rack's bridge
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    bmc.start()
-    listener.start()
-    log.info("ready: WoL on %s, BMC on %s:%d", lab.bridge, *bmc.address)
+    if bmc is not None:
+        bmc.start()
+    for listener in listeners:
+        listener.start()
+    log.info("ready: WoL on %s, BMC %s", lab.bridge,
+             "on %s:%d" % bmc.address if bmc is not None else f"{plan.model.lab.bmc} (lab.bmc)")
     lab.ready_file.write_text(f"{os.getpid()}\n")
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        listener.stop()
-        bmc.stop()
+        for listener in listeners:
+            listener.stop()
+        if bmc is not None:
+            bmc.stop()
         lab.ready_file.unlink(missing_ok=True)
-        log.info("stopped (wol: %s)", listener.counts)
+        log.info("stopped (wol: %s)", [listener.counts for listener in listeners])
     return 0
 
 
@@ -994,6 +1025,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         if args.action == "up":
+            from orchestrator.netns_exec import ensure_lab_secret
+
+            ensure_lab_secret(plan)  # the BMCs read their password at `up`: the managed lab's file, made once
             st = up(plan)
         elif args.action == "down":
             removed = down(plan)

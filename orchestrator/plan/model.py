@@ -128,7 +128,14 @@ class Secret(Strict):
 
 
 class RelayedSubnet(Strict):
-    """A routed rack subnet whose DHCP traffic reaches bootorch through a relay (giaddr)."""
+    """A routed rack subnet whose DHCP traffic reaches bootorch through a relay (giaddr).
+
+    The router between the rack and the boot network runs a DHCP relay (``ip
+    helper-address``, ``dhcrelay``) pointing at ``network.server``; bootorch
+    answers a relayed request from the subnet holding its giaddr, with this
+    subnet's mask and ``gateway`` as the router option, and boot files still
+    from ``network.server``. docs/site.md says what the network team configures.
+    """
 
     #: The rack subnet (CIDR).
     subnet: Subnet
@@ -136,6 +143,17 @@ class RelayedSubnet(Strict):
     gateway: IPv4Address
     #: Racks (node ``rack:`` values) on this subnet; their nodes' addresses must lie in it.
     racks: list[str] = []
+    #: The router's address on the boot network (in network.subnet): the next hop to this
+    #: subnet. The lab's router namespace takes it and the lab routes the subnet through it;
+    #: at a site it is documentation (bootorch's host must already route the subnet).
+    router: IPv4Address | None = None
+    #: Addresses for clients the plan does not list, on this subnet (dhcp.mode full); absent: none.
+    pool: Pool | None = None
+    #: How bootorch wakes this subnet's nodes. Raw 0x0842 frames do not cross routers:
+    #: directed-broadcast sends the UDP magic packet to the subnet's broadcast address,
+    #: which the router forwards only when configured to (Cisco ``ip directed-broadcast``,
+    #: Linux ``net.ipv4.conf.<if>.bc_forwarding=1``); bmc powers them on with power.bmc.
+    wake: Literal["directed-broadcast", "bmc"] = "directed-broadcast"
 
 
 class Network(Strict):
@@ -340,6 +358,13 @@ class Bmc(Strict):
     verify_tls: bool = True
     #: For driver: command, e.g. "pdu-ctl {action} {name}"; {action} is on/off/cycle.
     command: str | None = None
+    #: Before powering a node on (on, cycle): none, or pxe: the BMC's one-time boot-source
+    #: override to network boot (Redfish Boot.BootSourceOverrideTarget Pxe, IPMI chassis bootdev pxe).
+    boot_override: Literal["none", "pxe"] = "none"
+    #: IPMI (lanplus) cipher suite: 17 (HMAC-SHA256, AES-128) or 3 (HMAC-SHA1, AES-128); never 0.
+    cipher_suite: Literal[3, 8, 12, 17] = 17
+    #: After on/off, how long to poll the BMC's power state for the change (BMCs answer before it happens).
+    settle: Duration = 60.0
 
     @model_validator(mode="after")
     def _needs(self) -> "Bmc":
@@ -476,7 +501,8 @@ Firmware = Literal["bios", "uefi", "uefi-http", "uefi-ipxe"]
 
 
 class LabSite(Strict):
-    """The site's own boot servers, run by the lab in its namespace as a site would run them."""
+    """The site's own boot servers, run by the lab in its namespace as a site would run them
+    (:mod:`orchestrator.lab.site`). Which ``dhcp.mode`` they fit: :meth:`conflicts`."""
 
     #: The site's DHCP server. With dhcp.mode proxy it hands out addresses only (no PXE
     #: options); with dhcp.mode external it runs the config ``bootorch render`` wrote.
@@ -484,11 +510,42 @@ class LabSite(Strict):
     #: The site's TFTP server (external mode), serving the rendered boot tree.
     tftp: Literal["none", "dnsmasq", "tftp-hpa"] = "none"
 
+    def conflicts(self, dhcp_mode: str) -> list[str]:
+        """What is wrong with these servers beside ``dhcp.mode`` (each message says the fix); [] when nothing."""
+        out = []
+        if self.dhcp != "none" and dhcp_mode == "full":
+            out.append(f"lab.site.dhcp is {self.dhcp} but dhcp.mode is full: two DHCP servers would answer the same "
+                       "nodes; set dhcp.mode: proxy (the site hands out addresses, bootorch the boot file), "
+                       "dhcp.mode: external (the site serves the boot from `bootorch render`'s configs), "
+                       "or lab.site.dhcp: none")
+        if self.tftp != "none" and dhcp_mode != "external":
+            out.append(f"lab.site.tftp is {self.tftp} but dhcp.mode is {dhcp_mode}: bootorch serves the boot files "
+                       "itself there; set dhcp.mode: external, or lab.site.tftp: none")
+        return out
+
 
 class LabSlurm(Strict):
-    """A real Slurm controller (slurmctld + munge) for the lab's nodes, power saving through bootorch."""
+    """A real Slurm controller (slurmctld + munge) for the lab's nodes, power saving through bootorch.
+
+    ``lab up`` runs munged, slurmctld and a per-node slurmd supervisor in the lab namespace
+    (:mod:`orchestrator.lab.slurm`); every node starts powered down in Slurm (``State=CLOUD``).
+    """
 
     enabled: bool = False
+    #: SlurmUser: the user slurmctld runs as and runs the power-saving programs as; the wrapper
+    #: reaches the root-owned orchestrator through sudo (a sudoers rule the lab installs). root: no sudo.
+    user: str = Field("slurm", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    #: The one partition holding every lab node (the default partition).
+    partition: str = Field("lab", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    #: slurmctld's port on network.server (inside the namespace).
+    ctld_port: Port = 6817
+    #: First slurmd port: node N (its index in the plan, from 0) listens on slurmd_port + 1 + N.
+    slurmd_port: Port = 6818
+    #: Idle time before Slurm suspends a node (SuspendTime).
+    suspend_time: Duration = 600.0
+    #: Slurm's SuspendTimeout and ResumeTimeout (above the plan's worst case boot, or Slurm gives up first).
+    suspend_timeout: Duration = 60.0
+    resume_timeout: Duration = 600.0
 
 
 class Lab(Strict):

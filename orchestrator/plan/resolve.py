@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.nodeset import NodeSetError, expand
-from orchestrator.plan.model import Plan, parse_mac
+from orchestrator.plan.model import Plan, RelayedSubnet, parse_mac
 from orchestrator.plan.source import PlanError, Problem, Source, load_yaml
 
 INVENTORY_COLUMNS = ("name", "mac", "ip", "profile", "group", "rack", "bmc")
@@ -87,6 +87,11 @@ class LoadedPlan:
     def groups(self) -> dict[str, list[str]]:
         """``@group`` and ``@rack`` names usable in node sets (waves, CLI)."""
         return node_groups(self.nodes)
+
+    def relayed_subnet_of(self, node: Node | IPv4Address) -> RelayedSubnet | None:
+        """The relayed subnet (``network.relayed``) a node's address lies in; None: the boot subnet."""
+        ip = node.ip if isinstance(node, Node) else node
+        return next((r for r in self.model.network.relayed if ip in r.subnet), None)
 
     def select(self, expr: str) -> list[Node]:
         """Nodes named by a node-set expression (``node[01-04]``, ``@rack1``), plan order kept."""
@@ -336,6 +341,8 @@ def _check_cluster(plan: LoadedPlan, src: Source) -> list[Problem]:
         out.append(Problem(*at("network", "server"), f"boot server {model.network.server} is outside subnet {net}; PXE clients on {net} must reach it directly", sev))
     if model.network.gateway is not None and model.network.gateway not in net:
         out.append(Problem(*at("network", "gateway"), f"gateway {model.network.gateway} is outside subnet {net}"))
+    for msg in model.lab.site.conflicts(model.dhcp.mode):
+        out.append(Problem(*at("lab", "site"), msg))
 
     # Duplicates and addresses. A range entry with a wrong address would give
     # one line per node; say it once per entry and count the rest.
@@ -352,6 +359,7 @@ def _check_cluster(plan: LoadedPlan, src: Source) -> list[Problem]:
     seen_name: dict[str, Node] = {}
     seen_mac: dict[str, Node] = {}
     seen_ip: dict[IPv4Address, Node] = {}
+    warned: set[tuple[str, int | None]] = set()
     for n in plan.nodes:
         for table, key, what in ((seen_name, n.name, "name"), (seen_mac, n.mac, "MAC"), (seen_ip, n.ip, "IP")):
             other = table.get(key)  # type: ignore[call-overload]
@@ -359,14 +367,21 @@ def _check_cluster(plan: LoadedPlan, src: Source) -> list[Problem]:
                 out.append(Problem(*n.origin, f"duplicate {what} {key}: node {n.name} and node {other.name} ({_loc(other)}); every node needs its own {what}"))
             else:
                 table[key] = n  # type: ignore[index]
-        if n.ip not in net:
-            node_problem(n, "outside", f"node {n.name}: IP {n.ip} is outside subnet {net}; use an address in {net[1]}-{net[-2]}")
-        elif n.ip in (net.network_address, net.broadcast_address):
-            node_problem(n, "netaddr", f"node {n.name}: IP {n.ip} is the subnet's {'network' if n.ip == net.network_address else 'broadcast'} address")
+        home = plan.relayed_subnet_of(n)
+        home_net = home.subnet if home is not None else net
+        if n.ip not in home_net:
+            relayed = ", ".join(str(r.subnet) for r in model.network.relayed)
+            where_ok = f" and the relayed subnets ({relayed})" if relayed else ""
+            node_problem(n, "outside", f"node {n.name}: IP {n.ip} is outside subnet {net}{where_ok}; use an address in "
+                         f"{net[1]}-{net[-2]}" + (" or a relayed subnet" if relayed else "")
+                         + ", or list its routed subnet under network.relayed")
+        elif n.ip in (home_net.network_address, home_net.broadcast_address):
+            node_problem(n, "netaddr", f"node {n.name}: IP {n.ip} is the subnet's {'network' if n.ip == home_net.network_address else 'broadcast'} address")
         if n.ip == model.network.server:
             node_problem(n, "server", f"node {n.name}: IP {n.ip} is the boot server's address")
         if model.network.gateway is not None and n.ip == model.network.gateway:
             node_problem(n, "gateway", f"node {n.name}: IP {n.ip} is the gateway's address")
+        out.extend(_check_node_relayed(plan, n, home, node_problem, warned))
     for idx, extra in per_entry.values():
         if extra:
             p = out[idx]
@@ -392,6 +407,8 @@ def _check_cluster(plan: LoadedPlan, src: Source) -> list[Problem]:
         for what, addr in (("boot server", model.network.server), ("gateway", model.network.gateway)):
             if addr is not None and lo <= int(addr) <= hi:
                 out.append(Problem(*at("dhcp", "pool"), f"pool {pool.start}-{pool.end} contains the {what} address {addr}"))
+
+    out.extend(_check_relayed(plan, src))
 
     if model.boot.default_profile and model.boot.default_profile not in model.profiles:
         out.append(Problem(*at("boot", "default_profile"), f"default_profile {model.boot.default_profile!r} is not a profile (defined: {', '.join(model.profiles)})"))
@@ -469,6 +486,91 @@ def _check_cluster(plan: LoadedPlan, src: Source) -> list[Problem]:
             f"state_dir {plan.state_dir} is inside the boot root {plan.boot_root}: the boot server would serve the "
             "nodes' private host keys, the journal and the leases to anyone; put it outside (the default is "
             "var/<name> beside the plan)")))
+    return out
+
+
+def _check_node_relayed(plan: LoadedPlan, n: Node, home: RelayedSubnet | None, node_problem: Any,
+                        warned: set[tuple[str, int | None]]) -> list[Problem]:
+    """One node against ``network.relayed``: its rack's subnet holds its address; not a relay's address."""
+    out: list[Problem] = []
+    listed = [r for r in plan.model.network.relayed if n.rack is not None and n.rack in r.racks]
+    if listed and home is not listed[0]:
+        r = listed[0]
+        node_problem(n, "rack-subnet", f"node {n.name}: rack {n.rack} is on relayed subnet {r.subnet} (network.relayed) "
+                     f"but its IP {n.ip} is not in it; give it an address in {r.subnet[1]}-{r.subnet[-2]} or move "
+                     f"{n.rack} to the right subnet's racks:")
+    elif home is not None and n.rack is not None and not listed and n.origin not in warned:
+        warned.add(n.origin)
+        out.append(Problem(*n.origin, f"node {n.name}: IP {n.ip} is on relayed subnet {home.subnet} but its rack {n.rack} "
+                           f"is not in that subnet's racks:; add it there (the plan says which subnet a rack is on)",
+                           "warning"))
+    for r in plan.model.network.relayed:
+        if n.ip == r.gateway:
+            node_problem(n, "relay-gw", f"node {n.name}: IP {n.ip} is the gateway (relay) address of {r.subnet}")
+        if r.router is not None and n.ip == r.router:
+            node_problem(n, "relay-router", f"node {n.name}: IP {n.ip} is the address of the router to {r.subnet}")
+    return out
+
+
+def _check_relayed(plan: LoadedPlan, src: Source) -> list[Problem]:
+    """``network.relayed``: subnets apart from each other and the boot subnet, gateways, routers, racks, pools."""
+    model = plan.model
+    net = model.network.subnet
+    out: list[Problem] = []
+    rack_home: dict[str, int] = {}
+    for i, r in enumerate(model.network.relayed):
+        def at(*loc: Any, key: bool = False) -> tuple[str, int | None]:
+            return (src.path, src.line_of(("network", "relayed", i, *loc), key=key))
+
+        if r.subnet.overlaps(net):
+            out.append(Problem(*at("subnet"), f"relayed subnet {r.subnet} overlaps the boot subnet {net} (network.subnet); "
+                               "a relayed subnet is a different, routed network: give it its own range"))
+        for j, other in enumerate(model.network.relayed[:i]):
+            if r.subnet.overlaps(other.subnet):
+                out.append(Problem(*at("subnet"), f"relayed subnet {r.subnet} overlaps relayed subnet {other.subnet} "
+                                   f"(network.relayed entry {j + 1}); each routed rack network needs its own range"))
+        if r.gateway not in r.subnet:
+            out.append(Problem(*at("gateway"), f"gateway {r.gateway} is outside its relayed subnet {r.subnet}; it is the relay's "
+                               f"address on that subnet (DHCP's giaddr), e.g. {r.subnet[1]}"))
+        elif r.subnet.prefixlen < 31 and r.gateway in (r.subnet.network_address, r.subnet.broadcast_address):
+            out.append(Problem(*at("gateway"), f"gateway {r.gateway} is the {'network' if r.gateway == r.subnet.network_address else 'broadcast'} "
+                               f"address of {r.subnet}; use a host address such as {r.subnet[1]}"))
+        if r.router is not None:
+            if r.router not in net:
+                out.append(Problem(*at("router"), f"router {r.router} is not on the boot subnet {net}; it is the router's "
+                                   "address there, the next hop bootorch's host reaches the relayed subnet through"))
+            elif r.router == model.network.server:
+                out.append(Problem(*at("router"), f"router {r.router} is the boot server's own address (network.server)"))
+            pool = model.dhcp.pool
+            if pool is not None and int(pool.start) <= int(r.router) <= int(pool.end):
+                out.append(Problem(*at("router"), f"router {r.router} is inside dhcp.pool {pool.start}-{pool.end}; "
+                                   "move the pool off it"))
+        for k, rack in enumerate(r.racks):
+            if rack in rack_home and rack_home[rack] != i:
+                out.append(Problem(*at("racks", k), f"rack {rack} is listed on two relayed subnets "
+                                   f"({model.network.relayed[rack_home[rack]].subnet} and {r.subnet}); a rack is on one"))
+            rack_home.setdefault(rack, i)
+            if not any(n.rack == rack for n in plan.nodes):
+                out.append(Problem(*at("racks", k), f"rack {rack} of relayed subnet {r.subnet} has no node (no node says "
+                                   f"rack: {rack})", "warning"))
+        if r.pool is not None:
+            if model.dhcp.mode != "full":
+                out.append(Problem(*at("pool"), f"pool is ignored in dhcp mode {model.dhcp.mode} (only mode full hands out addresses)", "warning"))
+            for end in ("start", "end"):
+                addr = getattr(r.pool, end)
+                if addr not in r.subnet:
+                    out.append(Problem(*at("pool", end), f"pool {end} {addr} is outside its relayed subnet {r.subnet}"))
+            lo, hi = int(r.pool.start), int(r.pool.end)
+            inside = [n for n in plan.nodes if lo <= int(n.ip) <= hi]
+            if inside:
+                shown = ", ".join(f"{n.name} {n.ip}" for n in inside[:3]) + (", ..." if len(inside) > 3 else "")
+                out.append(Problem(*at("pool"), f"pool {r.pool.start}-{r.pool.end} overlaps {len(inside)} reserved node "
+                                   f"address(es) ({shown}); move the pool off the reservations"))
+            if lo <= int(r.gateway) <= hi:
+                out.append(Problem(*at("pool"), f"pool {r.pool.start}-{r.pool.end} contains the gateway address {r.gateway}"))
+        if r.wake == "bmc" and model.power.bmc.driver == "none":
+            out.append(Problem(*at("wake"), f"relayed subnet {r.subnet} says wake: bmc but power.bmc.driver is none; "
+                               "configure power.bmc, or use wake: directed-broadcast"))
     return out
 
 

@@ -16,13 +16,28 @@ scans any frame for that pattern, so the envelope is free:
 * **udp**: the magic packet as the payload of a UDP datagram to port 9
   (discard) or 7 (echo), broadcast on the boot subnet. Any user may send it;
   routers may forward a directed broadcast.
+
+Routed racks (``network.relayed``): a raw frame never crosses a router, so
+:class:`SegmentWake` (built by :func:`plan_wake` around the plan's wake driver)
+wakes a node on a relayed subnet by that subnet's ``wake:``: ``directed-broadcast``
+sends the UDP magic packet to the subnet's broadcast address (e.g. 10.83.0.255),
+an ordinary routed datagram until the last router, which turns it into a
+link-layer broadcast on the rack only when it forwards directed broadcasts
+(Cisco ``ip directed-broadcast``; Linux ``net.ipv4.conf.all.bc_forwarding=1``
+and the same on the interface it arrives on); ``bmc`` powers the node on with
+the BMC driver. Nodes on the boot subnet keep the plan's method.
+:func:`parse_udp_frame` finds such a datagram in a whole Ethernet frame: what the
+lab's rack-side "NIC" (:mod:`orchestrator.lab.wol_listener`) looks at.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
-from typing import Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, Sequence
+
+from orchestrator.power import PowerResult, Target
 
 #: EtherType of etherwake's frames ("Wake-on-LAN", IEEE registered to AMD).
 ETH_P_WOL = 0x0842
@@ -131,6 +146,31 @@ def parse_ether_frame(frame: bytes) -> tuple[str, bytes] | None:
         return None
 
 
+def parse_udp_frame(frame: bytes, ports: Sequence[int] = UDP_PORTS) -> tuple[str, bytes, str, int] | None:
+    """``(mac, password, destination IP, port)`` of an Ethernet frame carrying an IPv4 UDP magic packet, else ``None``.
+
+    Only unfragmented IPv4 (no VLAN tag) to one of ``ports``; every length is
+    checked against the frame, so a truncated or lying header gives ``None``.
+    """
+    if len(frame) < 14 + 20 + 8 or struct.unpack_from("!H", frame, 12)[0] != 0x0800:
+        return None
+    ip = frame[14:]
+    ihl = (ip[0] & 0x0F) * 4
+    if ip[0] >> 4 != 4 or ihl < 20 or ip[9] != 17 or struct.unpack_from("!H", ip, 6)[0] & 0x3FFF:
+        return None  # not IPv4, not UDP, or a fragment (MF set or an offset)
+    total = struct.unpack_from("!H", ip, 2)[0]
+    if total > len(ip) or total < ihl + 8:
+        return None
+    dport, ulen = struct.unpack_from("!2xHH", ip, ihl)
+    if dport not in ports or ulen < 8 or ihl + ulen > total:
+        return None
+    try:
+        mac, password = parse_magic(ip[ihl + 8 : ihl + ulen])
+    except WolError:
+        return None
+    return mac, password, socket.inet_ntoa(ip[16:20]), dport
+
+
 # ------------------------------------------------------------------------------ I/O
 
 
@@ -176,3 +216,80 @@ def send_udp(macs: Sequence[str], *, broadcast: str = "255.255.255.255", port: i
         for p in payloads:
             s.sendto(p, (broadcast, port))
     return len(payloads)
+
+
+# ------------------------------------------------------------------------------ routed racks
+
+
+class SegmentWake:
+    """The plan's wake driver for the boot subnet, and the ``network.relayed`` rule for every routed subnet.
+
+    ``segments`` is ``[(subnet, how)]`` with ``how`` ``"directed-broadcast"`` or
+    ``"bmc"`` (:func:`plan_wake` builds it from the plan). A node whose address
+    lies in no segment is woken by ``local`` exactly as before.
+    """
+
+    name = "wol"
+
+    def __init__(self, local: Any, segments: Sequence[tuple[IPv4Network, str]], *, bmc: Any = None,
+                 interface: str | None, repeat: int = 3, interval: float = 0.1, port: int = 9,
+                 password: str | None = None) -> None:
+        self.local, self.segments, self.bmc = local, list(segments), bmc
+        self.interface, self.repeat, self.interval, self.port, self.password = interface, repeat, interval, port, password
+        self.directed = 0
+
+    @property
+    def sent(self) -> int:
+        """Magic packets sent (the metrics read it): the local driver's and the directed broadcasts."""
+        return getattr(self.local, "sent", 0) + self.directed
+
+    def segment(self, ip: str) -> tuple[IPv4Network, str] | None:
+        addr = IPv4Address(ip)
+        return next((seg for seg in self.segments if addr in seg[0]), None)
+
+    async def on(self, t: Target) -> PowerResult:
+        seg = self.segment(t.ip)
+        if seg is None:
+            return await self.local.on(t)
+        net, how = seg
+        if how == "bmc":
+            if self.bmc is None:
+                return PowerResult(False, f"{t.ip} is on relayed subnet {net} (wake: bmc) but the plan has no BMC driver")
+            return await self.bmc.on(t)
+        import trio
+
+        broadcast = str(net.broadcast_address)
+        if not self.interface:
+            return PowerResult(False, "refusing to send magic packets without an interface to pin them to")
+        try:
+            for i in range(self.repeat):
+                # Routed like any datagram (pinned to the boot interface, never the default route);
+                # the subnet's last router makes it a broadcast on the rack.
+                send_udp([t.mac], broadcast=broadcast, port=self.port, interface=self.interface, password=self.password)
+                self.directed += 1
+                if i + 1 < self.repeat:
+                    await trio.sleep(self.interval)
+        except (OSError, ValueError) as e:
+            return PowerResult(False, f"magic packet not sent: {e}")
+        return PowerResult(True, f"{self.repeat} magic packet(s) (udp directed broadcast) to {t.mac} at "
+                                 f"{broadcast}:{self.port} via {self.interface}")
+
+    async def off(self, t: Target) -> PowerResult:
+        return await self.local.off(t)
+
+    async def cycle(self, t: Target) -> PowerResult:
+        return await self.local.cycle(t)
+
+    async def status(self, t: Target) -> str | None:
+        return await self.local.status(t)
+
+
+def plan_wake(plan: Any, local: Any, bmc: Any = None) -> Any:
+    """The wake driver for a LoadedPlan: ``local`` itself, or a :class:`SegmentWake` around it when the plan has relayed subnets."""
+    relayed = plan.model.network.relayed
+    if not relayed:
+        return local
+    w = plan.model.power.wol
+    return SegmentWake(local, [(r.subnet, r.wake) for r in relayed], bmc=bmc,
+                       interface=w.interface or plan.model.network.interface, repeat=w.repeat, interval=w.interval,
+                       port=w.udp_port, password=getattr(local, "password", None))
