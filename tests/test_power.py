@@ -1,11 +1,12 @@
 """Power drivers.
 
 Real where a real peer can run here: the command driver runs real commands, the
-WoL driver sends real datagrams (loopback). No BMC hardware exists here: the
-Redfish driver's protocol logic is tested against an in-process Redfish
-responder (httpx.MockTransport) and, end to end, against the lab BMC in the
-lab tests; ipmitool is replaced by a recording stub (a mock, because no IPMI
-BMC can run here) to prove the password never reaches its command line.
+WoL driver sends real datagrams (loopback). The Redfish driver's protocol logic
+is tested here against an in-process Redfish responder (httpx.MockTransport);
+against real implementations (sushy-emulator, OpenIPMI's ipmi_sim with the real
+ipmitool, our lab BMC) in tests/test_bmc_real.py. Here ipmitool is replaced by a
+recording stub only to read the exact command line and environment it gets (the
+password never on the command line).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ T = Target("node07", "52:54:00:00:00:07", "10.0.0.17", 6)
 class FakeBmc:
     """A Redfish responder with sessions and AllowableValues, recording what it was asked."""
 
-    def __init__(self, allowed=("On", "ForceOff", "ForceRestart", "PowerCycle"), sessions=True):
+    def __init__(self, allowed=("On", "ForceOff", "ForceRestart", "PowerCycle"), sessions=True, state="On"):
         self.allowed, self.sessions = list(allowed), sessions
         self.calls: list[tuple[str, str, dict, str | None]] = []
-        self.state = "Off"
+        self.state = state
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content) if request.content else {}
@@ -109,7 +110,8 @@ async def test_ipmi_password_by_environment_never_argv(tmp_path):
     d = IpmiDriver(address="{name}-ipmi", username="admin", password="hunter2", ipmitool=str(stub_ipmitool(tmp_path)))
     r = await d.cycle(T)
     argv = (tmp_path / "argv").read_text().split()
-    assert r.ok and argv == ["-I", "lanplus", "-H", "node07-ipmi", "-U", "admin", "-E", "chassis", "power", "cycle"]
+    assert r.ok and argv == ["-I", "lanplus", "-C", "17", "-L", "OPERATOR", "-N", "2", "-R", "3", "-H", "node07-ipmi",
+                             "-U", "admin", "-E", "-v", "chassis", "power", "cycle"]
     assert "hunter2" not in argv and (tmp_path / "pw").read_text() == "hunter2"
     assert await d.status(T) == "on"
 

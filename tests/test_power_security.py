@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import textwrap
@@ -171,6 +172,7 @@ def test_power_result_detail_is_printable_and_bounded():
 
 async def test_redfish_error_body_reaches_the_detail_escaped():
     peer = TwoHosts({("POST", RESET): httpx.Response(500, content=b"\x1b]8;;http://x\x07click\x1b]8;;\x07\xff")})
+    peer.bmc.state = "Off"
     r = await driver(peer, SYSTEM).on(T)
     assert not r.ok and "HTTP 500" in r.detail
     assert "\x1b" not in r.detail and "\\x1b]8;;http://x\\x07click" in r.detail and r.detail.isprintable()
@@ -352,3 +354,139 @@ async def test_redfish_driver_discovers_and_resets_through_the_lab_bmc_over_http
     finally:
         server.stop()
         vm.close()
+
+
+# --------------------------------------------------------------------------- real BMC behaviour (redirects, errors, delays)
+
+
+async def test_redfish_follows_a_same_origin_307_with_method_and_body():
+    # sushy-emulator: /Systems/<name> answers 307 to /Systems/<uuid>, for GET and for the reset POST alike.
+    moved = {("GET", "/redfish/v1/Systems/node07"): httpx.Response(307, headers={"Location": "/redfish/v1/Systems/1"}),
+             ("POST", "/redfish/v1/Systems/node07/Actions/ComputerSystem.Reset"):
+                 httpx.Response(307, headers={"Location": RESET})}
+    peer = TwoHosts(moved)
+    r = await driver(peer, BMC + "/redfish/v1/Systems/{name}").cycle(T)
+    assert r.ok and "PowerCycle on /redfish/v1/Systems/1" in r.detail, r.detail
+    posts = [c for c in peer.bmc.calls if c[0] == "POST" and c[1] == RESET]
+    assert posts and posts[-1][2] == {"ResetType": "PowerCycle"} and peer.foreign == []
+
+
+@pytest.mark.parametrize("answers, why", [
+    ({("GET", "/redfish/v1/Systems/1"): httpx.Response(302, headers={"Location": "/redfish/v1/Systems/1"})},
+     "more than 5 redirects"),
+    ({("POST", RESET): httpx.Response(302, headers={"Location": RESET + "2"})}, "only 307/308 redirect a POST"),
+    ({("GET", "/redfish/v1/Systems/1"): httpx.Response(307)}, "(no Location)"),
+], ids=["loop", "post-302", "no-location"])
+async def test_redfish_redirects_that_are_not_followed(answers, why):
+    peer = TwoHosts(answers)
+    r = await driver(peer, SYSTEM).cycle(T)
+    assert not r.ok and why in r.detail and "refused" in r.detail, r.detail
+    assert peer.foreign == []
+
+
+async def test_redfish_answer_larger_than_the_cap_is_refused():
+    from orchestrator.power.drivers import MAX_BODY
+
+    async def big():
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b" " * 65536
+
+    peer = TwoHosts({("GET", "/redfish/v1/Systems/1"): lambda: httpx.Response(200, content=big())})
+    r = await driver(peer, SYSTEM).on(T)
+    assert not r.ok and f"more than {MAX_BODY} bytes" in r.detail and "refused" in r.detail, r.detail
+
+
+@pytest.mark.parametrize("status, words", [
+    (401, ["BMC at https://node07-bmc rejected the credentials of user 'admin'", "power.bmc.password"]),
+    (403, ["refused GET /redfish/v1/Systems/1 to user 'admin' (HTTP 403", "ConfigureComponents"]),
+])
+async def test_redfish_auth_failures_say_what_to_fix(status, words):
+    peer = TwoHosts({("GET", "/redfish/v1/Systems/1"): httpx.Response(status, json={"error": {"message": "no"}})})
+    r = await driver(peer, SYSTEM).on(T)
+    assert not r.ok and all(w in r.detail for w in words), r.detail
+    assert "s3cret" not in r.detail
+
+
+async def test_redfish_unknown_system_lists_the_systems_the_bmc_has():
+    peer = TwoHosts({("GET", "/redfish/v1/Systems/node99"): httpx.Response(404, json={"error": {"message": "System node99 was not found"}})})
+    r = await driver(peer, BMC + "/redfish/v1/Systems/node99").on(T)
+    assert not r.ok and "BMC at https://node07-bmc has no system /redfish/v1/Systems/node99 (HTTP 404: System node99 was " \
+                       "not found); it has 1: 1: check power.bmc.address" in r.detail, r.detail
+
+
+async def test_redfish_on_waits_for_the_state_and_fails_when_it_never_comes(autojump_clock):
+    peer = TwoHosts()
+    peer.bmc.state = "Off"
+    # The BMC accepts the reset (204) and goes on reporting Off.
+    stuck = TwoHosts({("GET", "/redfish/v1/Systems/1"): lambda: httpx.Response(200, json={"PowerState": "Off"})})
+    d = RedfishDriver(address=SYSTEM, username="admin", password="s3cret", transport=httpx.MockTransport(stuck), settle=30)
+    r = await d.on(T)
+    assert not r.ok and "still reports off after 30s (power.bmc.settle)" in r.detail, r.detail
+    ok = await driver(peer, SYSTEM).on(T)
+    assert ok.ok and "On after 0.0s" in ok.detail
+
+
+async def test_redfish_boot_override_rereads_the_etag_on_412():
+    peer = TwoHosts()
+    peer.bmc.state = "Off"
+    etags = iter(['W/"1"', 'W/"2"'])
+    patches: list[str | None] = []
+
+    def system(request: httpx.Request) -> httpx.Response:
+        if request.method == "PATCH":
+            patches.append(request.headers.get("If-Match"))
+            assert json.loads(request.content) == {"Boot": {"BootSourceOverrideTarget": "Pxe",
+                                                            "BootSourceOverrideEnabled": "Once"}}
+            return httpx.Response(412 if len(patches) == 1 else 204)
+        return httpx.Response(200, headers={"ETag": next(etags, 'W/"2"')}, json={"PowerState": peer.bmc.state, "Boot": {
+            "BootSourceOverrideTarget": "Hdd", "BootSourceOverrideTarget@Redfish.AllowableValues": ["Pxe", "Hdd"]}})
+
+    class Peer(TwoHosts):
+        def __call__(self, request):
+            if request.url.path == "/redfish/v1/Systems/1" and request.method in ("GET", "PATCH"):
+                self.bmc.calls.append((request.method, request.url.path, {}, None))
+                return system(request)
+            return super().__call__(request)
+
+    p = Peer()
+    p.bmc = peer.bmc
+    d = RedfishDriver(address=SYSTEM, username="admin", password="s3cret", transport=httpx.MockTransport(p),
+                      boot_override="pxe")
+    r = await d.on(T)
+    assert r.ok and "boot override Pxe (once)" in r.detail, r.detail
+    assert patches == ['W/"1"', 'W/"2"']
+
+
+async def test_redfish_boot_override_not_offered_fails_before_power_on():
+    peer = TwoHosts({("GET", "/redfish/v1/Systems/1"): httpx.Response(200, json={"PowerState": "Off", "Boot": {
+        "BootSourceOverrideTarget@Redfish.AllowableValues": ["Hdd", "Cd"]}})})
+    d = RedfishDriver(address=SYSTEM, username="admin", password="s3cret", transport=httpx.MockTransport(peer),
+                      boot_override="pxe")
+    r = await d.on(T)
+    assert not r.ok and "offers no boot override to Pxe" in r.detail and "boot_override: none" in r.detail
+    assert not any(c[1].endswith("ComputerSystem.Reset") for c in peer.bmc.calls)
+
+
+# --------------------------------------------------------------------------- ipmi: addresses, password length
+
+
+def test_ipmi_address_with_port_and_ipv6():
+    from orchestrator.power.drivers import split_host_port
+
+    assert split_host_port("10.0.0.5") == ("10.0.0.5", None)
+    assert split_host_port("10.0.0.5:6230", 623) == ("10.0.0.5", 6230)
+    assert split_host_port("[fd00::5]:6230") == ("fd00::5", 6230) and split_host_port("fd00::5", 623) == ("fd00::5", 623)
+    with pytest.raises(ValueError, match="1-65535"):
+        split_host_port("bmc:99999")
+    d = IpmiDriver(address="{name}-ipmi:6231", username="op", password="pw", cipher_suite=3)
+    argv = d._argv(T, "chassis", "power", "status")
+    assert argv[argv.index("-H") + 1] == "node07-ipmi" and argv[argv.index("-p") + 1] == "6231"
+    assert argv[argv.index("-C") + 1] == "3" and argv[argv.index("-L") + 1] == "OPERATOR" and "pw" not in argv
+
+
+async def test_ipmi_password_longer_than_ipmi_allows_is_refused_before_ipmitool(tmp_path):
+    exe = tmp_path / "ipmitool"
+    exe.write_text(f"#!/bin/sh\ntouch {tmp_path}/ran\n")
+    exe.chmod(0o755)
+    r = await IpmiDriver(address="bmc", username="admin", password="x" * 21, ipmitool=str(exe)).on(T)
+    assert not r.ok and "21 bytes" in r.detail and "at most 20" in r.detail and not (tmp_path / "ran").exists()

@@ -14,6 +14,23 @@ addresses each node's "BMC"):
   paused, and the next On is a cold boot); ``ForceRestart``/``GracefulRestart``
   -> ``system_reset`` (+ ``cont`` if it was off); ``PowerCycle`` -> ForceOff,
   half a second, On. Answers ``204 No Content``, as Redfish services do.
+* ``PATCH /redfish/v1/Systems/{id}`` with ``{"Boot": {"BootSourceOverrideTarget":
+  ..., "BootSourceOverrideEnabled": ...}}``: the boot-source override, kept and
+  shown in the system resource (the lab's VMs boot from the network anyway:
+  QEMU's ``-boot order=n``). The system resource carries an ``ETag``; a PATCH
+  with a stale ``If-Match`` gets 412, as on BMCs that version resources.
+
+Like real services, and no kinder (the shapes measured on sushy-emulator 2.2):
+
+* with ``delay`` > 0 (the lab daemon uses :data:`ACTION_DELAY`) a reset is
+  answered 204 at once and carried out ``delay`` seconds later, in order per
+  system: a client must poll ``PowerState``, as with real BMCs (sushy's fake
+  driver: 1-11 s);
+* ``/redfish`` and ``/redfish/v1`` are readable without credentials (the
+  Redfish spec requires it); everything else answers 401 with
+  ``WWW-Authenticate`` and a Redfish error body to missing or wrong credentials;
+* an unknown system is a 404 with a Redfish error body naming it; an unknown
+  ``ResetType`` a 400.
 
 Authentication: HTTP Basic with the plan's ``power.bmc.username`` and the
 password its credential reference names (``{env: ...}`` / ``{file: ...}``).
@@ -37,6 +54,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Mapping
 
@@ -45,7 +63,13 @@ from orchestrator.lab import qmp as q
 log = logging.getLogger("bootorch.lab.bmc")
 
 RESET_TYPES = ("On", "ForceOn", "ForceOff", "GracefulShutdown", "ForceRestart", "GracefulRestart", "PowerCycle")
+BOOT_TARGETS = ("None", "Pxe", "Hdd", "Cd", "BiosSetup")
+BOOT_ENABLED = ("Disabled", "Once", "Continuous")
 SYSTEMS = "/redfish/v1/Systems"
+#: Seconds between a reset's 204 and its effect in the lab daemon's BMC (real BMCs answer first, act after).
+ACTION_DELAY = 1.0
+#: Most bytes of a request body read (a reset or a boot override is a few dozen).
+MAX_BODY = 65536
 
 
 def reset(qmp_path: str, reset_type: str) -> None:
@@ -62,7 +86,8 @@ def reset(qmp_path: str, reset_type: str) -> None:
         raise ValueError(reset_type)
 
 
-def system_resource(name: str, power: str) -> dict:
+def system_resource(name: str, power: str, boot: Mapping[str, str] | None = None) -> dict:
+    boot = boot or {}
     return {
         "@odata.id": f"{SYSTEMS}/{name}",
         "@odata.type": "#ComputerSystem.v1_13_0.ComputerSystem",
@@ -70,6 +95,11 @@ def system_resource(name: str, power: str) -> dict:
         "Name": name,
         "SystemType": "Virtual",
         "PowerState": power,
+        "Boot": {
+            "BootSourceOverrideTarget": boot.get("BootSourceOverrideTarget", "None"),
+            "BootSourceOverrideEnabled": boot.get("BootSourceOverrideEnabled", "Disabled"),
+            "BootSourceOverrideTarget@Redfish.AllowableValues": list(BOOT_TARGETS),
+        },
         "Actions": {
             "#ComputerSystem.Reset": {
                 "target": f"{SYSTEMS}/{name}/Actions/ComputerSystem.Reset",
@@ -83,11 +113,17 @@ class LabBmc:
     """The server: ``systems`` maps node name -> QMP socket path."""
 
     def __init__(self, host: str, port: int, systems: Mapping[str, str], *, username: str | None = None,
-                 password: str | None = None, on_action: Callable[[str, str], None] | None = None) -> None:
+                 password: str | None = None, on_action: Callable[[str, str], None] | None = None,
+                 delay: float = 0.0) -> None:
         self.systems = dict(systems)
         self.username = username
         self.password = password
         self.on_action = on_action
+        self.delay = delay
+        #: Boot-source override per system (what PATCH Boot set), and a version per system for its ETag.
+        self.boot: dict[str, dict[str, str]] = {n: {} for n in self.systems}
+        self.versions: dict[str, int] = {n: 0 for n in self.systems}
+        self._locks = {n: threading.Lock() for n in self.systems}
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -104,6 +140,33 @@ class LabBmc:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def etag(self, name: str) -> str:
+        return f'W/"{self.versions[name]}"'
+
+    def act(self, name: str, reset_type: str) -> None:
+        """Carry out a reset now (``delay`` 0) or ``delay`` seconds from now, in order per system."""
+        def run() -> None:
+            if self.delay:
+                time.sleep(self.delay)
+            with self._locks[name]:
+                try:
+                    reset(self.systems[name], reset_type)
+                except q.QmpError as e:
+                    log.warning("bmc %s %s failed: %s", name, reset_type, e)
+                    return
+            log.info("bmc %s %s", name, reset_type)
+            if self.on_action is not None:
+                self.on_action(name, reset_type)
+
+        if self.delay:
+            threading.Thread(target=run, name=f"lab-bmc-{name}", daemon=True).start()
+        else:
+            with self._locks[name]:
+                reset(self.systems[name], reset_type)  # QmpError: the handler answers 503
+            log.info("bmc %s %s", name, reset_type)
+            if self.on_action is not None:
+                self.on_action(name, reset_type)
 
     def authorized(self, header: str | None) -> bool:
         if not self.password:
@@ -140,26 +203,40 @@ class LabBmc:
                 self.wfile.write(data)
 
             def _error(self, code: int, msg: str, **headers: str) -> None:
-                self._send(code, {"error": {"code": "Base.1.0.GeneralError", "message": msg}}, headers)
+                self._send(code, {"error": {"code": "Base.1.0.GeneralError", "message": msg, "@Message.ExtendedInfo": [
+                    {"MessageId": "Base.1.0.GeneralError", "Message": msg}]}}, headers)
 
             def _gate(self) -> bool:
                 if bmc.authorized(self.headers.get("Authorization")):
                     return True
-                self._error(401, "authentication required", **{"WWW-Authenticate": 'Basic realm="bootorch lab"'})
+                self._error(401, "authentication required: wrong or missing credentials",
+                            **{"WWW-Authenticate": 'Basic realm="bootorch lab"'})
                 return False
 
             def _parts(self) -> list[str]:
                 return [p for p in self.path.split("?", 1)[0].split("/") if p]
 
+            def _body(self) -> bytes | None:
+                """The request body (bounded); None when too long (the connection closes after the answer)."""
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY:
+                    self.close_connection = True
+                    return None
+                return self.rfile.read(length) if length else b""
+
             def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
-                if not self._gate():
-                    return
                 parts = self._parts()
+                # The service root is open to anyone (Redfish spec; sushy-emulator and real BMCs do the same).
                 if parts in (["redfish"],):
                     return self._send(200, {"v1": "/redfish/v1/"})
                 if parts == ["redfish", "v1"]:
                     return self._send(200, {"@odata.id": "/redfish/v1", "Id": "RootService", "Name": "bootorch lab BMC",
                                             "RedfishVersion": "1.6.0", "Systems": {"@odata.id": SYSTEMS}})
+                if not self._gate():
+                    return
                 if parts == ["redfish", "v1", "Systems"]:
                     members = [{"@odata.id": f"{SYSTEMS}/{n}"} for n in bmc.systems]
                     return self._send(200, {"@odata.id": SYSTEMS, "Name": "Computer System Collection",
@@ -167,26 +244,67 @@ class LabBmc:
                 if len(parts) == 4 and parts[:3] == ["redfish", "v1", "Systems"]:
                     name = parts[3]
                     if name not in bmc.systems:
-                        return self._error(404, f"no system {name!r}")
+                        return self._error(404, f"System {name} was not found")
                     try:
                         power = q.power_state(bmc.systems[name])
                     except q.QmpError as e:
                         return self._error(503, f"{name}: VM not reachable: {e}")
-                    return self._send(200, system_resource(name, power))
+                    return self._send(200, system_resource(name, power, bmc.boot[name]), {"ETag": bmc.etag(name)})
                 self._error(404, f"no resource {self.path}")
 
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(min(length, 65536)) if length else b""
+            def do_PATCH(self) -> None:  # noqa: N802
+                raw = self._body()
                 if not self._gate():
                     return
+                if raw is None:
+                    return self._error(413, f"request body larger than {MAX_BODY} bytes")
+                parts = self._parts()
+                if not (len(parts) == 4 and parts[:3] == ["redfish", "v1", "Systems"]):
+                    return self._error(405, f"PATCH is not allowed on {self.path}")
+                name = parts[3]
+                if name not in bmc.systems:
+                    return self._error(404, f"System {name} was not found")
+                match = self.headers.get("If-Match")
+                if match is not None and match not in (bmc.etag(name), "*"):
+                    return self._error(412, f"If-Match {match[:40]!r} is not the current ETag of {name}: read it again")
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    body = None
+                boot = body.get("Boot") if isinstance(body, dict) else None
+                if not isinstance(boot, dict) or not boot:
+                    return self._error(400, "PATCH takes {\"Boot\": {\"BootSourceOverrideTarget\": ...}}")
+                target, enabled = boot.get("BootSourceOverrideTarget"), boot.get("BootSourceOverrideEnabled")
+                if target is not None and target not in BOOT_TARGETS:
+                    return self._error(400, f"BootSourceOverrideTarget must be one of {', '.join(BOOT_TARGETS)}")
+                if enabled is not None and enabled not in BOOT_ENABLED:
+                    return self._error(400, f"BootSourceOverrideEnabled must be one of {', '.join(BOOT_ENABLED)}")
+                with bmc._locks[name]:
+                    new = dict(bmc.boot[name])
+                    if target is not None:
+                        new["BootSourceOverrideTarget"] = target
+                        new.setdefault("BootSourceOverrideEnabled", "Once")
+                    if enabled is not None:
+                        new["BootSourceOverrideEnabled"] = enabled
+                    bmc.boot[name] = new
+                    bmc.versions[name] += 1
+                log.info("bmc %s boot override %s (%s)", name, new.get("BootSourceOverrideTarget"),
+                         new.get("BootSourceOverrideEnabled"))
+                self._send(204)
+
+            def do_POST(self) -> None:  # noqa: N802
+                raw = self._body()
+                if not self._gate():
+                    return
+                if raw is None:
+                    return self._error(413, f"request body larger than {MAX_BODY} bytes")
                 parts = self._parts()
                 if not (len(parts) == 6 and parts[:3] == ["redfish", "v1", "Systems"]
                         and parts[4:] == ["Actions", "ComputerSystem.Reset"]):
                     return self._error(404, f"no action {self.path}")
                 name = parts[3]
                 if name not in bmc.systems:
-                    return self._error(404, f"no system {name!r}")
+                    return self._error(404, f"System {name} was not found")
                 try:
                     body = json.loads(raw or b"{}")
                     reset_type = body.get("ResetType", "On") if isinstance(body, dict) else None
@@ -195,12 +313,9 @@ class LabBmc:
                 if reset_type not in RESET_TYPES:
                     return self._error(400, f"ResetType must be one of {', '.join(RESET_TYPES)}")
                 try:
-                    reset(bmc.systems[name], reset_type)
+                    bmc.act(name, reset_type)
                 except q.QmpError as e:
                     return self._error(503, f"{name}: {e}")
-                log.info("bmc %s %s", name, reset_type)
-                if bmc.on_action is not None:
-                    bmc.on_action(name, reset_type)
                 self._send(204)
 
         return Handler
