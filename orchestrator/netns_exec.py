@@ -60,7 +60,8 @@ def ensure_lab_secret(plan: LoadedPlan) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(18) + "\n")
+            # 16 characters: IPMI passwords are at most 20 bytes (ipmi_sim takes 19).
+            f.write(secrets.token_urlsafe(12) + "\n")
     elif path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)  # the lab's own file, from an older bootorch: credentials are read only when private
 
@@ -132,6 +133,28 @@ def reexec_in_namespace(plan: LoadedPlan, argv: list[str]) -> int:
         return subprocess.call(cmd, env={**os.environ, ENV: ns})
     except KeyboardInterrupt:
         return 130
+
+
+def exec_in_namespace(plan: LoadedPlan, argv: list[str]) -> int:
+    """Become ``bootorch ARGV`` inside the plan's namespace (``exec``: same PID, signals reach it directly).
+
+    For long-running commands (``serve``) that a supervisor (systemd, a test) stops by PID. Returns
+    only on failure.
+    """
+    ns = plan.model.network.namespace
+    assert ns
+    if os.geteuid() != 0:
+        print(f"bootorch: the plan's boot network is in network namespace {ns}; entering it (ip netns exec) needs root",
+              file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.flush()
+    sys.stderr.flush()
+    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", *argv]
+    try:
+        os.execvpe("ip", cmd, {**os.environ, ENV: ns})
+    except OSError as e:
+        print(f"bootorch: cannot enter network namespace {ns}: {e}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def lab_down_problem(plan: LoadedPlan) -> str | None:

@@ -131,18 +131,72 @@ def _perform(plan: LoadedPlan, op: str, names: list[str], *, reason: str, actor:
     return answer
 
 
-def _report(op: str, answer: dict[str, Any], out: Reporter, as_json: bool) -> int:
-    ok_results = {"ready", "off", "acted"}
+OK_RESULTS = {"ready", "off", "acted"}
+
+
+def _report(op: str, answer: dict[str, Any], out: Reporter, as_json: bool, *, stdout: bool = True) -> int:
+    """Print the answer (results to stdout, or with ``stdout=False`` to stderr and the log only); the exit code."""
     results, busy = answer["results"], answer["busy"]
-    ok = not busy and "error" not in answer and bool(results) and all(r["result"] in ok_results for r in results.values())
+    ok = not busy and "error" not in answer and bool(results) and all(r["result"] in OK_RESULTS for r in results.values())
     if as_json:
         print(json.dumps({"ok": ok, "op": op, **answer}, indent=2))
+    say = out.result if stdout else out.progress
     for name, why in busy.items():
-        out.result(f"{name}: {why}")
+        say(f"{name}: {why}")
     for name, r in results.items():
         path = " -> ".join(r.get("path") or []) or "-"
-        out.result(f"{name}: {r['result']}{': ' + r['reason'] if r.get('reason') else ''}  (via {path})")
+        say(f"{name}: {r['result']}{': ' + r['reason'] if r.get('reason') else ''}  (via {path})")
     return EXIT_OK if ok else EXIT_FAILED
+
+
+#: Longest node reason bootorch hands Slurm (``scontrol update ... Reason=``).
+SLURM_REASON_MAX = 160
+
+
+def _slurm_text(text: str) -> str:
+    """One line of printable text without tabs, for a Slurm node reason."""
+    from orchestrator.safetext import safe_text
+
+    return " ".join(safe_text(text, SLURM_REASON_MAX * 2).replace("\t", " ").split())[:SLURM_REASON_MAX]
+
+
+def _diagnosis(plan: LoadedPlan, names: list[str]) -> dict[str, str]:
+    """Each node's stage and last evidence in the journal, as ``stage: evidence``."""
+    from orchestrator.oncall import node_rows
+    from orchestrator.store import Store
+
+    db = plan.state_dir / "state.db"
+    if not db.exists():
+        return {}
+    store = Store(db)
+    try:
+        rows = node_rows(plan, store, time.time(), names)
+    finally:
+        store.close()
+    return {r["node"]: f"{r['stage']}: {r['evidence']}" if r["evidence"] else r["stage"] for r in rows}
+
+
+def _slurm_reasons(action: str, names: list[str], answer: dict[str, Any], before: dict[str, str]) -> dict[str, str]:
+    """What ``bootorch slurm`` prints on stdout, one ``NODE<TAB>REASON`` line each (the wrapper sets them in Slurm).
+
+    ``fail``: every node, with bootorch's diagnosis from before the power off (and the power
+    off's outcome when it did not work); ``resume``/``suspend``: the nodes that did not get there.
+    """
+    results, busy = answer.get("results", {}), answer.get("busy", {})
+    reasons: dict[str, str] = {}
+    for name in names:
+        r = results.get(name)
+        outcome = (f"busy: {busy[name]}" if name in busy else
+                   f"{r['result']}: {r.get('reason') or ''}" if r else answer.get("error", "no answer"))
+        done = r is not None and r["result"] in OK_RESULTS
+        if action == "fail":
+            text = f"bootorch: {before.get(name, 'no record')}" + ("" if done else f"; power off {outcome}")
+        elif not done:
+            text = f"bootorch {action}: {outcome}"
+        else:
+            continue
+        reasons[name] = _slurm_text(text)
+    return reasons
 
 
 def cmd_action(args: argparse.Namespace) -> int:
@@ -209,12 +263,18 @@ def cmd_slurm(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         out.progress(f"slurm {args.action} {args.hostlist}")
         op = SLURM_ACTIONS[args.action]
+        # What bootorch knew of the nodes before Slurm gave up on them: the reason Slurm shows for them.
+        before = _diagnosis(plan, names) if args.action == "fail" else {}
         answer = _perform(plan, op, names, reason=f"slurm {args.action}", actor=f"slurm@{actor_name().split('@', 1)[1]}",
                           hard=args.action == "fail", wait=True, argv=getattr(args, "argv", None), out=out)
         if isinstance(answer, int):
             out.progress(f"slurm {args.action} {args.hostlist}: exit {answer}")
             return answer
-        return _report(op, answer, out, args.json)
+        code = _report(op, answer, out, args.json, stdout=False)
+        if not args.json:
+            for name, reason in _slurm_reasons(args.action, names, answer, before).items():
+                print(f"{name}\t{reason}", flush=True)
+        return code
     except SecretError as e:
         out.progress(f"bootorch slurm: {e}")
         return EXIT_FAILED
