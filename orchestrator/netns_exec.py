@@ -48,24 +48,6 @@ def _missing_boot_files(plan: LoadedPlan) -> list[str]:
     return missing
 
 
-def ensure_lab_secret(plan: LoadedPlan) -> None:
-    """The lab BMC's password file (a credential reference in the plan): made once, mode 0600."""
-    import secrets
-
-    pw = plan.model.power.bmc.password
-    if pw is None or pw.file is None:
-        return
-    path = pw.file if pw.file.is_absolute() else plan.base / pw.file
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            # 16 characters: IPMI passwords are at most 20 bytes (ipmi_sim takes 19).
-            f.write(secrets.token_urlsafe(12) + "\n")
-    elif path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)  # the lab's own file, from an older bootorch: credentials are read only when private
-
-
 def archive_journal(plan: LoadedPlan) -> None:
     """New VMs, new rollout: the journal of VMs that no longer exist moves aside.
 
@@ -103,7 +85,7 @@ def rollout_in_namespace(plan: LoadedPlan, args: argparse.Namespace) -> int:
 
             print(f"bootorch rollout: building boot files ({', '.join(missing)} missing)", file=sys.stderr)
             image.build_images(plan)
-        ensure_lab_secret(plan)
+        lab.ensure_secret(plan)
         fresh = not any(lab.qemu_pid(lab.Lab(plan), n) is not None for n in plan.nodes)
         print(f"bootorch rollout: bringing up the lab ({len(plan.nodes)} VMs in namespace {ns})", file=sys.stderr)
         lab.up(plan)

@@ -31,6 +31,7 @@ import pytest
 
 from orchestrator.lab import bmc as bmc_mod
 from orchestrator.lab import lab as labmod
+from orchestrator.lab import procs
 from orchestrator.lab import qmp as q
 from orchestrator.plan import load_plan
 from tests.conftest import IN_CI, REPO, require_root, require_tool
@@ -423,7 +424,7 @@ c.close()
     removed = labmod.down(plan)
     assert f"namespace {ns}" in removed
     assert not labmod.namespace_exists(ns)
-    assert not any(os.path.exists(f"/proc/{p}") and labmod._proc_state(p) not in ("Z", "") for p in all_pids)
+    assert not any(os.path.exists(f"/proc/{p}") and procs.state(p) not in ("Z", "") for p in all_pids)
     assert labmod.down(plan) == []  # idempotent
     assert all(not lab.qmp(n).exists() and not lab.pidfile(n).exists() for n in plan.nodes)
 

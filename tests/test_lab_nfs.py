@@ -22,6 +22,7 @@ import pytest
 
 from orchestrator.lab import lab as labmod
 from orchestrator.lab import nfs
+from orchestrator.lab import procs
 from orchestrator.plan import load_plan
 from tests.conftest import require_root, require_tool
 from tests.test_lab_firmware import write_plan
@@ -134,7 +135,7 @@ def _connects(ns: str, host: str, port: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    return bool(labmod._cmdline(pid)) and labmod._proc_state(pid) not in ("Z", "")
+    return bool(procs.cmdline(pid)) and procs.state(pid) not in ("Z", "")
 
 
 @pytest.mark.slow
@@ -162,7 +163,7 @@ def test_nfs_server_lifecycle(tmp_path):
         pids.append(pid)
         in_ns = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=10).stdout.split()
         assert str(pid) in in_ns  # ganesha runs inside the lab namespace
-        assert labmod._cmdline(pid)[0] == "ganesha.nfsd"  # the sh wrapper exec'd it: the PID is ganesha's
+        assert procs.cmdline(pid)[0] == "ganesha.nfsd"  # the sh wrapper exec'd it: the PID is ganesha's
 
         ls = _in_ns(ns, "nfs-ls", f"{url}/etc?version=4")
         assert ls.returncode == 0 and "hostname" in ls.stdout, ls

@@ -49,6 +49,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from orchestrator.lab import procs
+
 IPMI_SIM = "ipmi_sim"
 #: Seconds ``up`` waits for a BMC's port to be bound.
 START_TIMEOUT = 15.0
@@ -169,7 +171,7 @@ def _start(lab, argv: list[str], pidfile: Path, logfile: Path, ready, what: str)
             pidfile.unlink(missing_ok=True)
             raise BmcsError(f"{what} exited {p.returncode}; see {logfile}: {lm.tail_line(logfile)}")
         if time.monotonic() > deadline:
-            lm._kill(p.pid)
+            procs.kill(p.pid)
             pidfile.unlink(missing_ok=True)
             raise BmcsError(f"{what} did not listen within {START_TIMEOUT:.0f}s; see {logfile}")
         time.sleep(0.05)
@@ -177,15 +179,13 @@ def _start(lab, argv: list[str], pidfile: Path, logfile: Path, ready, what: str)
 
 
 def _pid(pidfile: Path, marker: str) -> int | None:
-    lm = _lab_mod()
-    pid = lm._read_pid(pidfile)
-    return pid if lm._is_ours(pid, marker) else None
+    return procs.ours(pidfile, marker)
 
 
 def _stop(pidfile: Path, marker: str, what: str) -> list[str]:
     pid = _pid(pidfile, marker)
     if pid is not None:
-        _lab_mod()._kill(pid)
+        procs.kill(pid)
     pidfile.unlink(missing_ok=True)
     return [f"{what} {pid}"] if pid is not None else []
 

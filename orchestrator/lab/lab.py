@@ -112,6 +112,10 @@ from orchestrator import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from orchestrator.lab import nfs
 from orchestrator.lab import qmp as q
 from orchestrator.lab import router as rt
+from orchestrator.lab.procs import cmdline as _cmdline
+from orchestrator.lab.procs import is_ours as _is_ours
+from orchestrator.lab.procs import kill as _kill
+from orchestrator.lab.procs import read_pid as _read_pid
 from orchestrator.lab.netns import NetnsError, require_root, run_checked
 from orchestrator.plan import LoadedPlan, Node, PlanError, load_plan
 
@@ -287,54 +291,22 @@ def link_exists(ns: str, dev: str) -> bool:
     return _run(["ip", "-n", ns, "link", "show", "dev", dev], check=False).returncode == 0
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return []
+def ensure_secret(plan: LoadedPlan) -> None:
+    """The lab BMC's password file (a credential reference in the plan): made once, mode 0600."""
+    import secrets
 
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _is_ours(pid: int | None, marker: str) -> bool:
-    """The process is alive and its command line contains ``marker`` (guards against PID reuse)."""
-    if pid is None or pid <= 0:
-        return False
-    return any(marker in a for a in _cmdline(pid))
-
-
-def _kill(pid: int, *, grace: float = 5.0) -> None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Only called on PIDs we verified."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                # Reap it if it is our child (the daemon started by this same process).
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                pass
-            if not _cmdline(pid) or _proc_state(pid) == "Z":
-                return
-            time.sleep(0.05)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return ""
+    pw = plan.model.power.bmc.password
+    if pw is None or pw.file is None:
+        return
+    path = pw.file if pw.file.is_absolute() else plan.base / pw.file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            # 16 characters: IPMI passwords are at most 20 bytes (ipmi_sim takes 19).
+            f.write(secrets.token_urlsafe(12) + "\n")
+    elif path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)  # the lab's own file, from an older bootorch: credentials are read only when private
 
 
 def read_secret(plan: LoadedPlan, secret: Any) -> str | None:
@@ -1025,9 +997,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         if args.action == "up":
-            from orchestrator.netns_exec import ensure_lab_secret
-
-            ensure_lab_secret(plan)  # the BMCs read their password at `up`: the managed lab's file, made once
+            ensure_secret(plan)  # the BMCs read their password at `up`: the managed lab's file, made once
             st = up(plan)
         elif args.action == "down":
             removed = down(plan)

@@ -49,7 +49,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -59,6 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.lab.netns import run_checked
+from orchestrator.lab.procs import is_ours as _is_ours
+from orchestrator.lab.procs import kill as _kill
+from orchestrator.lab.procs import read_pid as _read_pid
 
 DHCRELAY = "dhcrelay"
 #: Interface names inside a router namespace (its own namespace, so fixed names do not collide).
@@ -152,48 +154,6 @@ def namespace_exists(name: str) -> bool:
 
 def link_exists(ns: str, dev: str) -> bool:
     return _run(["ip", "-n", ns, "link", "show", "dev", dev], check=False).returncode == 0
-
-
-def _is_ours(pid: int | None, marker: str) -> bool:
-    """``pid`` is alive, not a zombie, and its command line contains ``marker`` (guards against PID reuse)."""
-    if pid is None or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            args = f.read().split(b"\0")
-    except OSError:
-        return False
-    return any(marker.encode() in a for a in args)
-
-
-def _kill(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; reaps it when it is our child. Only for PIDs we checked."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                pass
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        return
-            except (OSError, IndexError):
-                return
-            time.sleep(0.05)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def relay_pid(r: Router) -> int | None:

@@ -80,6 +80,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.lab import procs
 from orchestrator.plan import LoadedPlan
 
 #: Seconds a daemon may take to bind its ports.
@@ -306,17 +307,8 @@ def _pid_file(d: Path, name: str) -> Path:
 
 def daemon_pid(plan: LoadedPlan, name: str) -> int | None:
     """The PID of the site daemon ``name`` we started, if it still runs (checked against its command line)."""
-    from orchestrator.lab.lab import _is_ours, _read_pid
-
     d = site_dir(plan)
-    pid = _read_pid(_pid_file(d, name))
-    return pid if _is_ours(pid, str(d)) and _state(pid) != "Z" else None
-
-
-def _state(pid: int) -> str:
-    from orchestrator.lab.lab import _proc_state
-
-    return _proc_state(pid)
+    return procs.ours(_pid_file(d, name), str(d))
 
 
 def _argv0(pid: int) -> str:
@@ -352,7 +344,8 @@ def _test_config(name: str, argv: list[str]) -> None:
 
 
 def _start(plan: LoadedPlan, name: str, want: dict[str, Any]) -> int:
-    from orchestrator.lab.lab import Lab, _kill
+    from orchestrator.lab.lab import Lab
+    from orchestrator.lab.procs import kill as _kill
 
     d = site_dir(plan)
     out = d / f"{name}.out"
@@ -391,7 +384,7 @@ def _run_record(want: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stop(plan: LoadedPlan, name: str) -> int | None:
-    from orchestrator.lab.lab import _kill
+    from orchestrator.lab.procs import kill as _kill
 
     d = site_dir(plan)
     pid = daemon_pid(plan, name)

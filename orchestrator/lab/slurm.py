@@ -58,6 +58,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from orchestrator.lab.lab import LabError
+from orchestrator.lab.procs import kill as _kill
+from orchestrator.lab.procs import ours as _ours
+from orchestrator.lab.procs import read_pid as _read_pid
 
 #: Failed port-22 probes in a row after which a node counts as down and its slurmd is stopped.
 MISSES = 3
@@ -229,56 +232,6 @@ def render_sudoers(user: str, wrapper: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _ours(path: Path, marker: str) -> int | None:
-    """The PID in ``path`` when that process is alive and its command line contains ``marker``."""
-    pid = _read_pid(path)
-    if pid is None or pid <= 0:
-        return None
-    return pid if any(marker in a for a in _cmdline(pid)) and _state(pid) != "Z" else None
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _kill(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; only for PIDs checked by :func:`_ours`."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                pass
-            if not _cmdline(pid) or _state(pid) == "Z":
-                return
-            time.sleep(0.05)
 
 
 def _in_ns(namespace: str, argv: list[str]) -> list[str]:
