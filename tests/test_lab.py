@@ -408,7 +408,8 @@ c.close()
 
     # ForceOff keeps the VM off (paused, reset); a UDP magic packet powers it on again
     assert _redfish(ns, f"{base}/{n1.name}/Actions/ComputerSystem.Reset", {"ResetType": "ForceOff"})[0] == 204
-    assert _redfish(ns, f"{base}/{n1.name}")[1]["PowerState"] == "Off"
+    # Like real BMCs, the lab BMC answers 204 first and acts a moment later (lab.bmc.ACTION_DELAY).
+    _wait(lambda: _redfish(ns, f"{base}/{n1.name}")[1]["PowerState"] == "Off", 10, f"{n1.name} to report Off")
     cp = _ns_python(ns, f"from orchestrator.power import wol; wol.send_udp([{n1.mac!r}], port=9, "
                         f"broadcast='10.77.0.255', interface='br-boot')")
     assert cp.returncode == 0, cp.stderr
