@@ -117,28 +117,6 @@ def reexec_in_namespace(plan: LoadedPlan, argv: list[str]) -> int:
         return 130
 
 
-def exec_in_namespace(plan: LoadedPlan, argv: list[str]) -> int:
-    """Become ``bootorch ARGV`` inside the plan's namespace (``exec``: same PID, signals reach it directly).
-
-    For long-running commands (``serve``) that a supervisor (systemd, a test) stops by PID. Returns
-    only on failure.
-    """
-    ns = plan.model.network.namespace
-    assert ns
-    if os.geteuid() != 0:
-        print(f"bootorch: the plan's boot network is in network namespace {ns}; entering it (ip netns exec) needs root",
-              file=sys.stderr)
-        return EXIT_FAILED
-    sys.stdout.flush()
-    sys.stderr.flush()
-    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", *argv]
-    try:
-        os.execvpe("ip", cmd, {**os.environ, ENV: ns})
-    except OSError as e:
-        print(f"bootorch: cannot enter network namespace {ns}: {e}", file=sys.stderr)
-    return EXIT_FAILED
-
-
 def lab_down_problem(plan: LoadedPlan) -> str | None:
     """For a managed lab: why an on-call command cannot act (the lab is not up), else None."""
     if not plan.model.lab.manage:

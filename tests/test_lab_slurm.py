@@ -225,7 +225,7 @@ def slurm_lab(tmp_path):
     def serve() -> subprocess.Popen:
         """`bootorch serve PLAN` as docs/oncall.md tells a site to run it, inside the lab's namespace."""
         with open(tmp_path / "serve.out", "wb") as out:
-            p = subprocess.Popen([*EXE, "serve", str(plan)],  # it enters the plan's namespace itself
+            p = subprocess.Popen(["ip", "netns", "exec", ns, *EXE, "serve", str(plan)], env={**os.environ, "BOOTORCH_NETNS": ns},
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(p)
         return p

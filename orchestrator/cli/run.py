@@ -123,10 +123,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     plan = load(args.plan, False)
     if plan is None:
         return EXIT_FAILED
-    from orchestrator import netns_exec
-
-    if netns_exec.needs_reexec(plan):  # the boot network is in network.namespace: serve from inside it
-        return netns_exec.exec_in_namespace(plan, args.argv)
     ports = Ports(host=args.listen, dhcp=args.dhcp_port, pxe=args.pxe_port, tftp=args.tftp_port,
                   http=args.http_port, interface=args.interface)
     metrics_port = None if args.metrics_port is None else (False if args.metrics_port < 0 else args.metrics_port)
