@@ -19,8 +19,9 @@ Figures per policy: makespan (first wake to the last node ready or failed),
 the wire lower bound N x bytes-per-node / link rate, their ratio, TFTP
 retransmits (server, from its metrics), client timeouts and give-ups (the
 simulator's counters), tbf drops, failed nodes, p50/p99 per-node boot time
-(wake to ready). Stage counts over time go to a PNG (matplotlib, the ``bench``
-extra).
+(wake to ready), and the server's TFTP requests that waited for a slot or were
+dropped unanswered (``tftp_waited``/``tftp_refused`` in the JSON). Stage counts
+over time go to a PNG (matplotlib, the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ while time.time() - t0 < limit:
     row = {"t": time.time()}
     for line in text.splitlines():
         for name in ("bootorch_tftp_retransmits_total", "bootorch_tftp_refused_requests_total",
+                     "bootorch_tftp_waited_requests_total",
                      "bootorch_tftp_bytes_sent_total", "bootorch_admission_window"):
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 row[name] = row.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -217,6 +219,7 @@ def analyse(out: dict, stats: dict, metrics: list, sp: SimPlan, args: argparse.N
         "p50_s": statistics.median(per_node) if per_node else None, "p99_s": q(0.99),
         "tftp_retransmits": last.get("bootorch_tftp_retransmits_total"),
         "tftp_refused": last.get("bootorch_tftp_refused_requests_total"),
+        "tftp_waited": last.get("bootorch_tftp_waited_requests_total"),
         "client_tftp_timeouts": totals.get("tftp_timeouts"), "client_dhcp_timeouts": totals.get("dhcp_timeouts"),
         "client_gave_up": totals.get("gave_up"), "boots": totals.get("boots"),
         "gave_up_reasons": sorted({r.split(" on ")[0].split(" after ")[0] for g in stats.get("gave_up", []) for r in g["reasons"]}),
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run_policy(policy, args, i)
         results.append(r)
         print(f"[{policy}] makespan {r['makespan_s']} s, ratio {r['ratio']}, failed {r['failed']}, "
-              f"retransmits {r['tftp_retransmits']}, gave up {r['client_gave_up']}", file=sys.stderr, flush=True)
+              f"retransmits {r['tftp_retransmits']}, waited {r['tftp_waited']}, refused {r['tftp_refused']}, "
+              f"gave up {r['client_gave_up']} {r['gave_up_reasons']}", file=sys.stderr, flush=True)
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uname_r": os.uname().release,
            "cpus": os.cpu_count(), "args": {k: v for k, v in vars(args).items()}, "results": results}
     if args.json:

@@ -317,7 +317,7 @@ async def test_another_request_from_a_transfers_port_supersedes_it(start, root):
 
 async def test_vanished_client_is_reaped_after_retry_budget(start, autojump_clock):
     with trio.fail_after(60):
-        srv = await start(timeout=2.0, retries=3)
+        srv = await start(timeout=2.0, retries=3, rto_min=None)  # a fixed timeout (the adaptive one: test_tftp_rto.py)
         a = await peer()
         t0 = trio.current_time()
         # The client ACKs the OACK (proving its address: the full retry budget
@@ -375,39 +375,51 @@ async def test_negotiated_timeout_is_honoured(start, autojump_clock):
 
 
 async def test_per_client_limit(start, autojump_clock):
+    """Over its address's cap a request gets no answer (a ROM takes an ERROR as final, a silence
+    as a lost datagram): it is counted, holds nothing, and its retry is served once a slot frees."""
     with trio.fail_after(60):
         srv = await start(max_per_client=2, max_transfers=10)
         peers = [await peer() for _ in range(3)]
+        tids = []
         for q in peers[:2]:
             await q.send(p.encode_request("big.bin"), srv.addr)
-            data, _ = await q.recv()
+            data, tid = await q.recv()
             assert p.parse_packet(data).block == 1
-        await peers[2].send(p.encode_request("big.bin"), srv.addr)
+            tids.append(tid)
+        await peers[2].send(p.encode_request("small.txt"), srv.addr)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.5):
+            await peers[2].recv()
+            pytest.fail("a request over the address's cap was answered")
+        assert srv.counters.refused == 1 and srv.counters.active == 2 and srv.counters.waiting == 0
+        await peers[0].send(p.encode_error(0, "stop"), tids[0])  # one of the two ends
+        await trio.testing.wait_all_tasks_blocked()
+        await peers[2].send(p.encode_request("small.txt"), srv.addr)  # the client's retry
         data, _ = await peers[2].recv()
-        err = p.parse_packet(data)
-        assert isinstance(err, p.Error) and err.code == p.ERR_NOT_DEFINED and "busy" in err.message.lower()
-        assert srv.counters.refused == 1 and srv.counters.active == 2
+        assert p.parse_packet(data) == p.Data(1, b"hello\nworld\r\n")
 
 
-async def test_global_limit_and_flood_reaped(start, autojump_clock):
-    """An RRQ flood from 200 ports: never more than max_transfers, every one reaped."""
+async def test_global_limit_waits_then_drops_and_every_one_is_reaped(start, autojump_clock):
+    """An RRQ flood from 200 ports: never more than max_transfers run and max_waiting wait, the
+    rest get no answer at all, and every one admitted is reaped."""
     with trio.fail_after(120):
-        srv = await start(max_transfers=20, max_per_client=1000, timeout=1.0, retries=2)
+        srv = await start(max_transfers=20, max_waiting=20, max_per_client=1000, timeout=1.0, retries=2)
         peers = [await peer() for _ in range(200)]
         for q in peers:
             await q.send(p.encode_request("big.bin"), srv.addr)
         await trio.testing.wait_all_tasks_blocked()
-        assert srv.counters.active == 20
-        assert srv.counters.refused == 180
-        errors = 0
+        assert srv.counters.active == 20 and srv.counters.waiting == 20
+        assert srv.counters.refused == 160
+        await trio.sleep(20)  # virtual: two rounds of 3 timeouts of 1 s reap everything
+        assert srv.counters.active == 0 and srv.counters.waiting == 0
+        assert srv.counters.transfers_failed == 40 and srv.counters.waited == 20
+        answered = 0
         for q in peers:
-            data, _ = await q.recv()
-            pkt = p.parse_packet(data)
-            errors += isinstance(pkt, p.Error)
-        assert errors == 180
-        await trio.sleep(10)  # virtual: 3 timeouts of 1 s reap everything
-        assert srv.counters.active == 0
-        assert srv.counters.transfers_failed == 200
+            with trio.move_on_after(0.01):
+                data, _ = await q.recv()
+                assert p.parse_packet(data).block == 1  # never an ERROR
+                answered += 1
+        assert answered == 40
         c = await tftp_get(*srv.addr, "small.txt")  # and it still serves
         assert bytes(c.data) == b"hello\nworld\r\n"
         for q in peers:
@@ -597,7 +609,7 @@ async def test_failing_dynamic_source_and_read_errors_cost_one_request(start, ro
 async def test_stray_datagram_stream_cannot_keep_a_transfer_alive(start, autojump_clock):
     """Wrong-TID packets arriving faster than the timeout must not postpone reaping."""
     with trio.fail_after(60):
-        srv = await start(timeout=1.0, retries=2)
+        srv = await start(timeout=1.0, retries=2, rto_min=None)
         a, b = await peer(), await peer()
         await a.send(p.encode_request("big.bin", options={"blksize": "512"}), srv.addr)
         _, tid = await a.recv()

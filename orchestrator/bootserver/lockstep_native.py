@@ -196,6 +196,8 @@ class Driver:
         st, core = self.loop_state, self.core
         st.acked = core.acked
         st.high = core.high
+        # The RTO in force (adaptive: it follows the round trip between calls; ``fast_forward`` counts from it).
+        st.timeout_ns = int(core.timeout * 1e9)
         st.deadline_ns = int((core.next_deadline or 0.0) * 1e9)
         sent = core.sent_at
         st.sent_at_ns = -1 if sent is None else int(sent * 1e9)

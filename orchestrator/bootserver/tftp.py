@@ -36,8 +36,13 @@ Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
   client retransmitting its request: before the client's first ACK it is
   answered with that one resend of the first datagram (at once: the client's
   timer says ours was lost), if the transfer has not used it yet; after the
-  first ACK, or when its transfer is still queued by admission, it is ignored.
-  From a *new* source port it is a new transfer;
+  first ACK, or when its request still waits (for a slot or for admission), it
+  is ignored. From a *new* source port it is a new transfer;
+* the retransmit timeout of a client that has ACKed adapts to the measured
+  round trip (RFC 6298, :mod:`orchestrator.protocols.tftp.rto`): ``timeout``
+  is its first value and the unproven timeout; it lies within ``[rto_min,
+  rto_max]`` (defaults :data:`~orchestrator.protocols.tftp.rto.RTO_MIN` and
+  four times ``timeout``) and doubles on each retransmission;
 * a negotiated RFC 2349 timeout above ``timeout_max`` (default 30 s) is not
   honoured (left out of the OACK), and any transfer without progress for
   ``max_stall`` seconds (default 60) ends, whatever its timeout and retries;
@@ -45,8 +50,29 @@ Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
   before any read, and a file's converted size is computed once per version of
   the file (:class:`~orchestrator.protocols.tftp.NetasciiSizes`), so a client
   cannot make the server scan big files on the request path over and over;
-* at most ``max_transfers`` transfers (queued ones included) and
-  ``max_per_client`` per client IP; the excess gets an ERROR and no memory;
+* at most ``max_transfers`` transfers run (those queued by admission included).
+  A request that finds them all taken **waits** -- a PXE ROM takes any ERROR
+  as final, so a busy server never answers one -- in a FIFO of at most
+  ``max_waiting`` requests (default: ``max_transfers``), holding no file, no
+  socket and no slot, only its datagram (so the queue holds at most
+  ``max_waiting`` x 64 KiB); it starts when a slot frees, unless it
+  waited longer than ``max_stall`` (then its client has given up or retried:
+  dropped, ``wait_expired``). Requests from addresses that already completed
+  an ACKed transfer (the last :data:`PROVEN_IPS` such addresses) wait in a
+  queue of their own that goes first, and when the queue is full one of them
+  takes the place of the newest other waiter: a flood of forged RRQs (from
+  addresses that never ACK) cannot keep a booting node from its next file.
+  The per-address cap ``max_per_client`` counts running and waiting requests
+  together. A request over either cap is dropped **without an answer**
+  (``refused``): its client retries on its own timer, as after a lost datagram,
+  and a forged request reflects nothing;
+* a transfer's slot is free the moment the engine reports its end (its last
+  ACK, ERROR or give-up), before its client's next request can be read, and
+  the first waiter starts then;
+* a request retransmitted while it waits is ignored (it keeps its place); a
+  *different* request from a waiting port replaces it in place; one from the
+  port of a transfer waiting for an admission slot ends that wait
+  ("superseded") and starts in its turn;
 * a transfer whose client vanished ends after its retry budget; its socket and
   file are closed in ``finally`` whatever happens.
 """
@@ -56,7 +82,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,8 +92,9 @@ from orchestrator.bootserver.files import AccessViolation, BootFile, BootFiles, 
 from orchestrator.bootserver.tftp_engine import Transfer, TransferEngine
 from orchestrator.events import BootEvent, EventKind
 from orchestrator.protocols import tftp as proto
+from orchestrator.protocols.tftp.rto import RTO_MIN
 
-__all__ = ["MAX_STALL", "TIMEOUT_MAX", "UNPROVEN_RESEND_RATE", "UNPROVEN_RETRIES", "TftpCounters", "TftpDownloadError", "TftpServer", "serve_tftp", "tftp_get"]
+__all__ = ["MAX_STALL", "PROVEN_IPS", "TIMEOUT_MAX", "UNPROVEN_RESEND_RATE", "UNPROVEN_RETRIES", "TftpCounters", "TftpDownloadError", "TftpServer", "serve_tftp", "tftp_get"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +115,8 @@ UNPROVEN_RESEND_RATE = 50.0
 TIMEOUT_MAX = 30
 #: Default bound, in seconds, on a transfer's time without progress.
 MAX_STALL = 60.0
+#: Client addresses remembered as proven (they ACKed a transfer), for the waiting queue's priority.
+PROVEN_IPS = 4096
 
 
 @dataclass(slots=True)
@@ -111,7 +140,11 @@ class TftpCounters:
     superseded: int = 0
     bytes_sent: int = 0  # payload bytes acknowledged by clients
     active: int = 0  # transfers in progress (including those queued by admission)
-    refused: int = 0  # requests refused by limits
+    #: Requests dropped unanswered: the waiting queue or the address's cap was full (the client retries).
+    refused: int = 0
+    waiting: int = 0  # requests waiting for a transfer slot now (no file, no socket)
+    waited: int = 0  # requests that had to wait for a slot (total)
+    wait_expired: int = 0  # waiters dropped after max_stall (their client gave up or asked again)
     wrong_tid: int = 0
     errors: int = 0  # unexpected exceptions contained (I/O errors, bugs): see the log
     duplicate_requests: int = 0
@@ -134,6 +167,30 @@ def _sendto_nowait(sock: socket.socket, data: bytes, addr: Any) -> bool:
         return False
 
 
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One accepted request: its transfer and what the server tracks about it."""
+
+    addr: tuple[str, int]
+    req: proto.ReadRequest
+    xfer: proto.ReadTransfer
+    f: BootFile
+    t0: float
+    x: Transfer | None = None  # set once handed to the engine
+    released: bool = False  # ended: counted, reported, its slot given back (TftpServer._end)
+    scope: trio.CancelScope | None = None  # while waiting for an admission slot
+    superseded: bool = False  # a newer request from its port ended it
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    """A request waiting for a transfer slot: its datagram (at most one, <= 64 KiB; parsed again when it starts) and when it came."""
+
+    sock: socket.socket
+    data: bytes
+    since: float
+
+
 class TftpServer:
     """One TFTP server instance. Use :func:`serve_tftp` unless you need the object."""
 
@@ -148,11 +205,14 @@ class TftpServer:
         client_rcvbuf: int | None = proto.CLIENT_RCVBUF,
         max_transfers: int = 50,
         max_per_client: int = 8,
+        max_waiting: int | None = None,
         timeout: float = 1.0,
         retries: int = 5,
         timeout_max: int = TIMEOUT_MAX,
         max_stall: float = MAX_STALL,
         unproven_resend_rate: float = UNPROVEN_RESEND_RATE,
+        rto_min: float | None = RTO_MIN,
+        rto_max: float | None = None,
         counters: TftpCounters | None = None,
         engine: str = "auto",
     ) -> None:
@@ -160,9 +220,16 @@ class TftpServer:
         proto.negotiate({}, tsize=None, blksize_max=blksize_max, windowsize_max=windowsize_max, timeout_max=timeout_max)
         if max_transfers < 1 or max_per_client < 1:
             raise ValueError("max_transfers and max_per_client must be >= 1")
+        if max_waiting is not None and max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
         if not (0 < timeout <= max_stall and timeout_max <= max_stall):
             # Otherwise a single timeout would outlast the bound on time without progress.
             raise ValueError(f"need 0 < timeout ({timeout}) and timeout_max ({timeout_max}) <= max_stall ({max_stall})")
+        if rto_min is not None:
+            rto_min = min(rto_min, timeout)  # a configured timeout below the floor is the floor
+            rto_max = min(max(4 * timeout, rto_min), max_stall) if rto_max is None else rto_max
+            if not (0 < rto_min <= rto_max <= max_stall):
+                raise ValueError(f"need 0 < rto_min ({rto_min}) <= rto_max ({rto_max}) <= max_stall ({max_stall})")
         if engine not in ("auto", "thread", "trio"):
             raise ValueError(f"engine must be 'auto', 'thread' or 'trio', not {engine!r}")
         self.files = files
@@ -173,23 +240,35 @@ class TftpServer:
         self.client_rcvbuf = client_rcvbuf
         self.max_transfers = max_transfers
         self.max_per_client = max_per_client
+        self.max_waiting = max_transfers if max_waiting is None else max_waiting
         self.timeout = timeout
         self.retries = retries
         self.timeout_max = timeout_max
         self.max_stall = max_stall
+        self.rto_min = rto_min
+        self.rto_max = rto_max
         self.counters = counters if counters is not None else TftpCounters()
-        self._transfers: set[tuple[str, int]] = set()
-        #: Transfers handed to the engine (not those still queued by admission), by client TID.
-        self._running: dict[tuple[str, int], Transfer] = {}
-        #: The request each running transfer serves, and a different one its port sent meanwhile.
-        self._requests: dict[tuple[str, int], proto.ReadRequest] = {}
-        self._next_request: dict[tuple[str, int], tuple[socket.socket, bytes, trio.Nursery]] = {}
+        #: Accepted requests (running, or queued by admission), by client TID.
+        self._jobs: dict[tuple[str, int], _Job] = {}
+        #: A different request a running job's port sent meanwhile: it starts once that job is released.
+        self._next_request: dict[tuple[str, int], tuple[socket.socket, bytes]] = {}
+        #: Requests waiting for a slot, FIFO (dicts keep insertion order): from proven addresses, and the rest.
+        self._waiting_proven: dict[tuple[str, int], _Waiting] = {}
+        self._waiting: dict[tuple[str, int], _Waiting] = {}
+        #: Addresses whose client ACKed a transfer (LRU, at most PROVEN_IPS).
+        self._proven_ips: OrderedDict[str, None] = OrderedDict()
         self._netascii_sizes = proto.NetasciiSizes()
         self._resend_budget = proto.ResendBudget(unproven_resend_rate, 4 * unproven_resend_rate)
-        self._per_client: Counter[str] = Counter()
+        self._per_client: Counter[str] = Counter()  # running and waiting requests per address
         self._bind_host = "0.0.0.0"
         self.engine_mode = engine
         self._engine: TransferEngine | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def running(self) -> int:
+        """Requests holding a transfer slot now (running, or queued by admission)."""
+        return len(self._jobs)
 
     # -- events -------------------------------------------------------------------
     def _emit(self, kind: EventKind, addr: tuple[str, int], filename: str | None, **kw: Any) -> None:
@@ -232,17 +311,22 @@ class TftpServer:
             sock.bind((host, port))
             self._bind_host = host
             bound = sock.getsockname()[:2]
-            engine = TransferEngine(mode=self._pick_engine(), counters=self.counters, admission=self.admission, on_done=_set_done)
+            engine = TransferEngine(mode=self._pick_engine(), counters=self.counters, admission=self.admission, on_done=self._on_done)
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.run)
                 self._engine = engine
+                self._nursery = nursery
                 task_status.started(bound)
-                await self._listen(sock, nursery)
+                await self._listen(sock)
         finally:
             self._engine = None
+            self._nursery = None
+            self.counters.waiting -= len(self._waiting) + len(self._waiting_proven)
+            self._waiting.clear()
+            self._waiting_proven.clear()
             sock.close()
 
-    async def _listen(self, sock: socket.socket, nursery: trio.Nursery) -> None:
+    async def _listen(self, sock: socket.socket) -> None:
         while True:
             await trio.lowlevel.wait_readable(sock)
             for _ in range(_LISTEN_BATCH):
@@ -256,7 +340,7 @@ class TftpServer:
                     continue
                 self.counters.packets_in += 1
                 try:
-                    self._on_request(sock, data, addr[:2], nursery)
+                    self._on_request(sock, data, addr[:2])
                 except proto.RemoteProtocolError:
                     self.counters.malformed += 1
                 except Exception:
@@ -268,7 +352,7 @@ class TftpServer:
         if _sendto_nowait(sock, proto.encode_error(code, message), addr):
             self.counters.packets_out += 1
 
-    def _on_request(self, sock: socket.socket, data: bytes, addr: tuple[str, int], nursery: trio.Nursery) -> None:
+    def _on_request(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
         try:
             req = proto.parse_packet(data)
         except proto.RemoteProtocolError as e:
@@ -285,39 +369,105 @@ class TftpServer:
         if not isinstance(req, proto.ReadRequest):
             self.counters.malformed += 1
             return
-        if addr in self._transfers:
-            running = self._requests.get(addr)
-            if running is not None and (req.filename, req.mode, req.options) != (running.filename, running.mode, running.options):
+        key = (req.filename, req.mode, req.options)
+        job = self._jobs.get(addr)
+        if job is not None:
+            running = job.req
+            if key != (running.filename, running.mode, running.options):
                 # Another request from the same port: the client moved on (UEFI PXE
                 # re-reads its loader from the port it probed the size from, and that
                 # RRQ may overtake the ERROR 8 ending the probe on the transfer's own
                 # socket; or a new client got a port a vanished one used). The old
-                # transfer ends now ("superseded"); the request starts when its task
-                # has retired it (one waits per port).
-                self._next_request[addr] = (sock, data, nursery)
-                x = self._running.get(addr)
-                if x is not None and self._engine is not None:
-                    self._engine.supersede(x)
+                # transfer ends now ("superseded"), also while it waits for an
+                # admission slot; the request starts when the old one is released
+                # (one waits per port).
+                self._next_request[addr] = (sock, data)
+                self._supersede(job)
                 return
             # The same client port asking again: its request retransmission (our
             # OACK/DATA was lost or crossed it, or admission queued it). One
             # transfer per TID; before the client's first ACK the core may answer
             # with its first datagram again (ReadTransfer.repeated_request).
-            self.counters.duplicate_requests += 1
-            x = self._running.get(addr)
-            if x is not None and self._engine is not None:
-                self._engine.repeated_request(x)
-            if self.admission is not None and hasattr(self.admission, "note_client_retries"):
-                self.admission.note_client_retries(1, trio.current_time())  # its timer fired before our answer
+            self._duplicate()
+            if job.x is not None and self._engine is not None:
+                self._engine.repeated_request(job.x)
+            return
+        w = self._waiting_proven.get(addr) or self._waiting.get(addr)
+        if w is not None:
+            if data == w.data:
+                self._duplicate()  # it keeps its place
+            else:
+                w.sock, w.data = sock, data  # the client moved on: the new request takes its place
+                self.counters.superseded += 1
+            return
+        if self._per_client[addr[0]] >= self.max_per_client:
+            self.counters.refused += 1  # unanswered: the client retries (a forged request reflects nothing)
+            return
+        now = trio.current_time()
+        if len(self._jobs) >= self.max_transfers and self._engine is not None:
+            # A transfer whose final ACK came in just before this request is over: retire it
+            # first (its client's next request must find its slot free; it starts waiters too).
+            self._engine.reap()
+        if len(self._jobs) >= self.max_transfers or self._waiting or self._waiting_proven:
+            self._wait(sock, data, req, addr, now)  # FIFO: no barging past requests already waiting
             return
         self._emit(EventKind.FILE_REQUEST, addr, req.filename, detail={"mode": req.mode, "options": dict(req.options)})
-        if len(self._transfers) >= self.max_transfers or self._per_client[addr[0]] >= self.max_per_client:
+        self._start(sock, req, addr, now)
+
+    def _duplicate(self) -> None:
+        self.counters.duplicate_requests += 1
+        if self.admission is not None and hasattr(self.admission, "note_client_retries"):
+            self.admission.note_client_retries(1, trio.current_time())  # its timer fired before our answer
+
+    def _wait(self, sock: socket.socket, data: bytes, req: proto.ReadRequest, addr: tuple[str, int], now: float) -> None:
+        """Queue a request that found every slot taken, or drop it (unanswered) when the queue is full."""
+        proven = addr[0] in self._proven_ips
+        if len(self._waiting) + len(self._waiting_proven) >= self.max_waiting:
+            if not (proven and self._waiting):
+                self.counters.refused += 1
+                return
+            # A client that has ACKed before goes ahead of one that never has: the newest such waiter leaves.
+            victim = next(reversed(self._waiting))
+            del self._waiting[victim]
+            self._uncount(victim[0])
+            self.counters.waiting -= 1
             self.counters.refused += 1
-            self.counters.transfers_failed += 1
-            self._emit(EventKind.FILE_FAILED, addr, req.filename, result="refused")
-            self._refuse(sock, addr, proto.ERR_NOT_DEFINED, "Server busy, too many transfers")
-            return
-        t0 = trio.current_time()
+        (self._waiting_proven if proven else self._waiting)[addr] = _Waiting(sock, bytes(data), now)
+        self._per_client[addr[0]] += 1
+        self.counters.waiting += 1
+        self.counters.waited += 1
+        self._emit(EventKind.FILE_REQUEST, addr, req.filename, detail={"mode": req.mode, "options": dict(req.options), "waiting": True})
+
+    def _admit(self) -> None:
+        """Start waiting requests while slots are free (first the proven queue, then the other; FIFO in each)."""
+        engine = self._engine
+        while (self._waiting_proven or self._waiting) and len(self._jobs) < self.max_transfers:
+            if engine is None or engine.closed:
+                return
+            queue = self._waiting_proven or self._waiting
+            addr = next(iter(queue))
+            w = queue.pop(addr)
+            self._uncount(addr[0])
+            self.counters.waiting -= 1
+            now = trio.current_time()
+            if now - w.since > self.max_stall:
+                self.counters.wait_expired += 1
+                continue
+            try:
+                req = proto.parse_packet(w.data)  # it parsed as an RRQ when it came
+                assert isinstance(req, proto.ReadRequest)
+                self._start(w.sock, req, addr, now)
+            except Exception:  # noqa: BLE001 -- as in _listen: one request, not the server
+                self.counters.errors += 1
+                log.exception("tftp: request from %s:%s failed", *addr)
+
+    def _uncount(self, ip: str) -> None:
+        self._per_client[ip] -= 1
+        if self._per_client[ip] <= 0:
+            del self._per_client[ip]
+
+    def _start(self, sock: socket.socket, req: proto.ReadRequest, addr: tuple[str, int], t0: float) -> None:
+        """Open the file and hand the transfer to its task (the slot is free: the caller checked)."""
         try:
             f = self.files.open(req.filename, addr[0])
         except NotFound:
@@ -337,7 +487,7 @@ class TftpServer:
                 client_rcvbuf=self.client_rcvbuf, timeout=self.timeout, retries=self.retries,
                 timeout_max=self.timeout_max, max_stall=self.max_stall,
                 unproven_retries=UNPROVEN_RETRIES, unproven_timeout=self.timeout, resend_budget=self._resend_budget,
-                netascii_sizes=self._netascii_sizes,
+                netascii_sizes=self._netascii_sizes, rto_min=self.rto_min, rto_max=self.rto_max,
             )
         except proto.RemoteProtocolError as e:  # e.g. an unknown mode
             f.close()
@@ -346,104 +496,154 @@ class TftpServer:
         except BaseException:
             f.close()
             raise
-        self._transfers.add(addr)
-        self._requests[addr] = req
+        assert self._nursery is not None
+        job = _Job(addr, req, xfer, f, t0)
+        self._jobs[addr] = job
         self._per_client[addr[0]] += 1
         self.counters.active += 1
-        nursery.start_soon(self._transfer_task, addr, xfer, f, t0)
+        self._nursery.start_soon(self._transfer_task, job)
 
     def _fail_request(self, sock: socket.socket, addr: tuple[str, int], req: proto.ReadRequest, code: int, result: str, t0: float, message: str | None = None) -> None:
         self.counters.transfers_failed += 1
         self._emit(EventKind.FILE_FAILED, addr, req.filename, result=result, duration=trio.current_time() - t0)
         self._refuse(sock, addr, code, message)
 
+    def _supersede(self, job: _Job) -> None:
+        """End ``job``: its client sent another request from the same port."""
+        job.superseded = True
+        if job.x is not None:
+            if self._engine is not None:
+                self._engine.supersede(job.x)  # the engine reports the end: _on_done releases the job
+        elif job.scope is not None:
+            job.scope.cancel()  # still waiting for an admission slot: stop waiting
+        # else its task has not run yet: it sees ``superseded`` and ends at once
+
+    def _on_done(self, x: Transfer) -> None:
+        """The engine reports ``x`` ended (in the trio thread): account for it and free its slot now, then wake its task."""
+        job = x.cookie
+        if isinstance(job, _Job) and not job.released:
+            if x.outcome == "error":
+                self.counters.errors += 1
+                self._end(job, "error", None)
+            else:
+                failure: proto.TransferFailed | None = x.outcome  # type: ignore[assignment]
+                self._end(job, "ok" if failure is None else failure.reason, failure)
+        x.done.set()
+
+    def _end(self, job: _Job, result: str, failure: proto.TransferFailed | None) -> None:
+        """Once per job: its counters and its last event, then its slot back and the waiters started."""
+        if job.released:
+            return
+        xfer = job.xfer
+        if result == "ok":
+            self.counters.transfers_ok += 1
+        elif result == "unconfirmed":
+            self.counters.transfers_unconfirmed += 1
+        elif result == "options_declined":
+            self.counters.options_declined += 1
+        elif result == "superseded":
+            self.counters.superseded += 1
+        else:
+            self.counters.transfers_failed += 1
+        self.counters.bytes_sent += xfer.bytes_acked
+        detail: dict[str, Any] = {"blksize": xfer.blksize, "windowsize": xfer.windowsize, "mode": xfer.mode}
+        if failure is not None and failure.code is not None:
+            detail["error_code"] = failure.code
+            detail["error_message"] = failure.message
+        if xfer.negotiated.oack:
+            detail["oack"] = dict(xfer.negotiated.oack)
+        # "unconfirmed" is reported as FILE_DONE with that result: the client
+        # has every block unless the final ones were lost on every retry, and
+        # a boot that moves on proves it; a FILE_FAILED would claim a failure.
+        # "options_declined" (a size probe) moved nothing: a FILE_REQUEST, as its RRQ was;
+        # so does a transfer superseded before any ACK (the probe, when the re-read
+        # overtook its ERROR 8). Neither is a failure of the path.
+        moved_nothing = result == "options_declined" or (result == "superseded" and xfer.bytes_acked == 0)
+        kind = (EventKind.FILE_DONE if result in ("ok", "unconfirmed")
+                else EventKind.FILE_REQUEST if moved_nothing else EventKind.FILE_FAILED)
+        self._emit(
+            kind,
+            job.addr, xfer.request.filename, bytes=xfer.bytes_acked, size=xfer.size,
+            duration=trio.current_time() - job.t0, result=result,
+            retransmits=xfer.retransmits, detail=detail,
+        )
+        self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        """Give back ``job``'s slot and per-address count, then start what waits for them."""
+        job.released = True
+        addr = job.addr
+        if self._jobs.get(addr) is job:
+            del self._jobs[addr]
+        self._uncount(addr[0])
+        self.counters.active -= 1
+        if job.xfer.proven:
+            self._proven_ips[addr[0]] = None
+            self._proven_ips.move_to_end(addr[0])
+            if len(self._proven_ips) > PROVEN_IPS:
+                self._proven_ips.popitem(last=False)
+        engine = self._engine
+        nxt = self._next_request.pop(addr, None)
+        if engine is None or engine.closed:
+            return  # shutting down: start nothing
+        if nxt is not None:
+            try:
+                self._on_request(nxt[0], nxt[1], addr)
+            except Exception:  # noqa: BLE001 -- as in _listen: one request, not the server
+                self.counters.errors += 1
+                log.exception("tftp: request from %s:%s failed", *addr)
+        self._admit()
+
     # -- one transfer -----------------------------------------------------------------
-    async def _transfer_task(self, addr: tuple[str, int], xfer: proto.ReadTransfer, f: BootFile, t0: float) -> None:
+    async def _transfer_task(self, job: _Job) -> None:
+        """Hold ``job``'s admission slot (if any) while the engine runs it; close its file at the end.
+
+        The job normally ends in :meth:`_on_done` (the engine's report, before this task
+        wakes); the ``finally`` ends it for every other way out (cancelled, superseded
+        while queued by admission, an exception).
+        """
+        addr, xfer, f = job.addr, job.xfer, job.f
         result: str = "aborted"  # stays so if we are cancelled (server shutdown)
-        failure: proto.TransferFailed | None = None
         x: Transfer | None = None
         engine = self._engine
         assert engine is not None
         try:
+            if engine.closed:
+                return  # shutting down: spawned after the engine stopped ("aborted")
+            if job.superseded:
+                result = "superseded"
+                return
+            slot = None
+            if self.admission is not None:
+                slot = self.admission.slot()
+                with trio.CancelScope() as scope:
+                    job.scope = scope
+                    await slot.__aenter__()
+                job.scope = None
+                if scope.cancelled_caught:
+                    result = "superseded" if job.superseded else "aborted"
+                    return  # no slot was taken (admission is cancellation-safe)
             try:
                 if engine.closed:
-                    return  # shutting down: spawned after the engine stopped ("aborted")
-                if self.admission is not None:
-                    async with self.admission.slot():
-                        if engine.closed:
-                            return
-                        x = engine.add(addr, xfer, self._bind_host, _family(addr[0]), trio.Event())
-                        self._running[addr] = x
-                        await x.done.wait()
-                else:
-                    x = engine.add(addr, xfer, self._bind_host, _family(addr[0]), trio.Event())
-                    self._running[addr] = x
-                    await x.done.wait()
-                if x.outcome == "error":
-                    result = "error"
-                    self.counters.errors += 1
-                else:
-                    failure = x.outcome  # type: ignore[assignment]
-                    result = "ok" if failure is None else failure.reason
-            except Exception:
-                # E.g. no socket left (EMFILE): this transfer fails, the server lives on.
-                result = "error"
-                self.counters.errors += 1
-                log.exception("tftp: transfer of %r to %s:%s failed", xfer.request.filename, *addr)
+                    return
+                if job.superseded:  # in the instant between the slot and now
+                    result = "superseded"
+                    return
+                x = job.x = engine.add(addr, xfer, self._bind_host, _family(addr[0]), trio.Event(), job)
+                await x.done.wait()
+            finally:
+                if slot is not None:
+                    await slot.__aexit__(None, None, None)
+        except Exception:
+            # E.g. no socket left (EMFILE): this transfer fails, the server lives on.
+            result = "error"
+            self.counters.errors += 1
+            log.exception("tftp: transfer of %r to %s:%s failed", xfer.request.filename, *addr)
         finally:
             if x is not None:
                 engine.remove(x)  # the engine is done with the socket and the core: close the file
             f.close()
-            self._running.pop(addr, None)
-            self._transfers.discard(addr)
-            self._requests.pop(addr, None)
-            self._per_client[addr[0]] -= 1
-            if self._per_client[addr[0]] <= 0:
-                del self._per_client[addr[0]]
-            self.counters.active -= 1
-            if result == "ok":
-                self.counters.transfers_ok += 1
-            elif result == "unconfirmed":
-                self.counters.transfers_unconfirmed += 1
-            elif result == "options_declined":
-                self.counters.options_declined += 1
-            elif result == "superseded":
-                self.counters.superseded += 1
-            else:
-                self.counters.transfers_failed += 1
-            self.counters.bytes_sent += xfer.bytes_acked
-            detail: dict[str, Any] = {"blksize": xfer.blksize, "windowsize": xfer.windowsize, "mode": xfer.mode}
-            if failure is not None and failure.code is not None:
-                detail["error_code"] = failure.code
-                detail["error_message"] = failure.message
-            if xfer.negotiated.oack:
-                detail["oack"] = dict(xfer.negotiated.oack)
-            # "unconfirmed" is reported as FILE_DONE with that result: the client
-            # has every block unless the final ones were lost on every retry, and
-            # a boot that moves on proves it; a FILE_FAILED would claim a failure.
-            # "options_declined" (a size probe) moved nothing: a FILE_REQUEST, as its RRQ was;
-            # so does a transfer superseded before any ACK (the probe, when the re-read
-            # overtook its ERROR 8). Neither is a failure of the path.
-            moved_nothing = result == "options_declined" or (result == "superseded" and xfer.bytes_acked == 0)
-            kind = (EventKind.FILE_DONE if result in ("ok", "unconfirmed")
-                    else EventKind.FILE_REQUEST if moved_nothing else EventKind.FILE_FAILED)
-            self._emit(
-                kind,
-                addr, xfer.request.filename, bytes=xfer.bytes_acked, size=xfer.size,
-                duration=trio.current_time() - t0, result=result,
-                retransmits=xfer.retransmits, detail=detail,
-            )
-            nxt = self._next_request.pop(addr, None)
-            if nxt is not None and not engine.closed:
-                try:
-                    self._on_request(nxt[0], nxt[1], addr, nxt[2])
-                except Exception:  # noqa: BLE001 -- as in _listen: one request, not the server
-                    self.counters.errors += 1
-                    log.exception("tftp: request from %s:%s failed", *addr)
-
-
-def _set_done(x: Transfer) -> None:
-    x.done.set()
+            self._end(job, result, None)  # a no-op when _on_done ended it
 
 
 async def serve_tftp(
@@ -458,11 +658,14 @@ async def serve_tftp(
     client_rcvbuf: int | None = proto.CLIENT_RCVBUF,
     max_transfers: int = 50,
     max_per_client: int = 8,
+    max_waiting: int | None = None,
     timeout: float = 1.0,
     retries: int = 5,
     timeout_max: int = TIMEOUT_MAX,
     max_stall: float = MAX_STALL,
     unproven_resend_rate: float = UNPROVEN_RESEND_RATE,
+    rto_min: float | None = RTO_MIN,
+    rto_max: float | None = None,
     counters: TftpCounters | None = None,
     engine: str = "auto",
     task_status: Any = trio.TASK_STATUS_IGNORED,
@@ -471,8 +674,11 @@ async def serve_tftp(
 
     ``task_status.started((host, bound_port))`` fires once the socket is bound, so
     ``await nursery.start(serve_tftp, files, "127.0.0.1", 0)`` returns the real
-    port. ``max_transfers`` defaults to dnsmasq's 50. ``timeout`` is the
-    retransmit timeout (and the longest one used before a client's first ACK),
+    port. ``max_transfers`` defaults to dnsmasq's 50; ``max_waiting`` requests
+    (default ``max_transfers``) may wait for a slot beyond it. ``timeout`` is the
+    first retransmit timeout (and the longest one used before a client's first
+    ACK); after that it adapts within ``[rto_min, rto_max]`` (``rto_min=None``:
+    fixed at ``timeout``),
     ``timeout_max`` the largest RFC 2349 timeout a client may negotiate, and
     ``max_stall`` the most seconds a transfer may go without progress;
     ``unproven_resend_rate`` is the shared budget of resends (per second) to
@@ -484,8 +690,9 @@ async def serve_tftp(
     server = TftpServer(
         files, events=events, admission=admission, blksize_max=blksize_max,
         windowsize_max=windowsize_max, client_rcvbuf=client_rcvbuf, max_transfers=max_transfers,
-        max_per_client=max_per_client, timeout=timeout, retries=retries, timeout_max=timeout_max,
-        max_stall=max_stall, unproven_resend_rate=unproven_resend_rate, counters=counters, engine=engine,
+        max_per_client=max_per_client, max_waiting=max_waiting, timeout=timeout, retries=retries, timeout_max=timeout_max,
+        max_stall=max_stall, unproven_resend_rate=unproven_resend_rate, rto_min=rto_min, rto_max=rto_max,
+        counters=counters, engine=engine,
     )
     await server.serve(host, port, task_status=task_status)
 

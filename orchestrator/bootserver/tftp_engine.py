@@ -79,8 +79,10 @@ unsafe, the number may be reused at once) and joined, and it closes its own
 socket. On cancellation every thread is stopped and joined the same way before
 :func:`~orchestrator.bootserver.tftp.serve_tftp` returns.
 
-The retransmit timeout is the configured (or negotiated) one; there is no
-adaptive, RFC 6298-style estimate.
+The retransmit timeout is the core's (:attr:`~orchestrator.protocols.tftp.ReadTransfer.timeout`,
+adaptive when the server asks for it: RFC 6298's estimator in
+:mod:`orchestrator.protocols.tftp.rto`); every driver reads it from the core
+after each step, and the native loop gets it again on each :meth:`~orchestrator.bootserver.lockstep_native.Driver.load`.
 """
 
 from __future__ import annotations
@@ -304,6 +306,31 @@ class TransferEngine:
             self._finish(x, x.core.abort("superseded"))
             self._flush_locked(self._clock(), force=True)
 
+    def reap(self) -> None:
+        """From the trio thread: handle what the epoll reports ready now, and hand back finished transfers at once.
+
+        The server calls it when a request finds every slot taken: the final
+        ACK of a transfer may sit unread on its socket (a client sends its next
+        request right after it), or be read but not yet handed over; either way
+        its slot is freed (``on_done``) before the request is judged. Wakeups
+        meant for the epoll thread are left for it. The counter deltas of running
+        transfers stay for the regular flush: this costs one ``epoll_wait(0)``
+        plus the ready sockets, not a pass over every transfer.
+        """
+        if self.closed:
+            return
+        with self._lock:
+            now = self._clock()
+            events = [(fd, ev) for fd, ev in self._epoll.poll(0) if fd != self._wake_fd]
+            self._process(events, now, flush=False)
+            tally = self._tally
+            if not tally.finished:
+                return
+            self._last_flush = now
+            rtt_sum, rtt_n, dups = self._harvest()
+            self._tally = _Tally()
+        self._apply((tally, rtt_sum, rtt_n, dups))
+
     def _rewait(self, x: Transfer) -> None:
         """After ``x`` was added or changed from the trio side: make its driver wait for its new due time."""
         if x.thread is not None:
@@ -441,6 +468,8 @@ class TransferEngine:
                     drv.loop_state.gso = x.gso
                     code = drv.run()
                     with lock:
+                        if x.closed:  # ended (superseded, cancelled) while the C loop ran: its core takes nothing more
+                            return
                         x.gso = bool(drv.loop_state.gso)
                         acks_in, blocks_out, bytes_out = drv.store()
                         tally = self._tally
@@ -496,8 +525,8 @@ class TransferEngine:
             wake = min(wake, self._last_flush + FLUSH_INTERVAL)
         return wake
 
-    def _process(self, events: list[tuple[int, int]], now: float) -> None:
-        """Handle what epoll reported ready, then the timers that are due, then flush."""
+    def _process(self, events: list[tuple[int, int]], now: float, flush: bool = True) -> None:
+        """Handle what epoll reported ready, then the timers that are due, then flush (unless ``flush`` is False)."""
         by_fd = self._by_fd
         for fd, ev in events:
             x = by_fd.get(fd)
@@ -512,6 +541,11 @@ class TransferEngine:
                 if ev & _EPOLLOUT and x.held is not None and x.hold_until is None:
                     held, x.held = x.held, None
                     self._write(x, held, now)
+                if x.epollout and x.held is None and not x.closed:
+                    # Room again and nothing waits: stop asking for EPOLLOUT (level-triggered,
+                    # it would report every poll and spin the thread while the socket is writable).
+                    x.epollout = False
+                    self._epoll.modify(x.fd, _EPOLLIN)
                 if ev & (_EPOLLIN | _EPOLLERR) and not x.closed:
                     self._readable(x, now)
             except Exception as e:  # noqa: BLE001 - e.g. EIO reading the file: this transfer fails, the server lives on
@@ -528,7 +562,8 @@ class TransferEngine:
                 self._crash(x, e)
             if not x.closed:
                 self._schedule(x)
-        self._flush_locked(now, force=self._apply_at_once)
+        if flush:
+            self._flush_locked(now, force=self._apply_at_once)
 
     def _readable(self, x: Transfer, now: float) -> None:
         """Read ``x``'s socket (epoll path) until one datagram reached the core, or nothing is left."""

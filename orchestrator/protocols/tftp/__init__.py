@@ -24,6 +24,8 @@ from this package: ``from orchestrator.protocols import tftp``):
   request's options and says what goes into the OACK.
 * :mod:`.netascii` -- the netascii conversion and a file seen through it block
   by block (:class:`NetasciiSource`), with its size cache and size limit.
+* :mod:`.rto` -- :class:`RtoEstimator`, RFC 6298's retransmit timeout (smoothed
+  round trip and variance, backoff), which a transfer uses when asked to adapt.
 * :mod:`.transfer` -- :class:`ReadTransfer`, the server side of one RRQ, and
   its state machine (the table is in that module's docstring); the hooks a
   native driver uses (``forwardable``, ``fast_forward``) are there too.
@@ -50,6 +52,7 @@ from orchestrator.protocols.tftp.packets import (
     Ack, Data, Error, OptionAck, Packet, ReadRequest, WriteRequest, encode_ack, encode_data, encode_error, encode_oack,
     encode_request, parse_packet,
 )
+from orchestrator.protocols.tftp.rto import RTO_MIN, RtoEstimator
 from orchestrator.protocols.tftp.transfer import (
     READ_AHEAD, Event, ReadTransfer, ResendBudget, State, TransferComplete, TransferFailed,
 )
@@ -71,6 +74,8 @@ __all__ = [
     "Negotiated", "negotiate", "parse_uint", "CLIENT_RCVBUF", "datagram_cost",
     # netascii
     "NETASCII_MAX", "Source", "NetasciiSource", "NetasciiSizes", "netascii_encode", "netascii_decode", "netascii_size",
+    # rto
+    "RTO_MIN", "RtoEstimator",
     # transfer
     "READ_AHEAD", "State", "TransferComplete", "TransferFailed", "Event", "ResendBudget", "ReadTransfer",
     # client

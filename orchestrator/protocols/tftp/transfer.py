@@ -72,6 +72,19 @@ while a flood of spoofed requests (which drains the budget at once) reflects
 at most the budget's rate beyond two datagrams per request. Any ACK from the
 peer's TID proves it; from then on ``retries`` is the budget.
 
+The retransmit timeout
+----------------------
+
+With ``rto_min`` set (the trio server sets it), the timeout of a proven peer
+adapts: an :class:`~orchestrator.protocols.tftp.rto.RtoEstimator` (RFC 6298:
+smoothed round trip and variance) is fed each window's round trip -- never
+one over a retransmitted window (Karn's rule: the send time is cleared on every
+resend) -- and doubles at each retransmission by the timer, up to ``rto_max``.
+``timeout`` is then the RTO before the first sample, and :attr:`ReadTransfer.timeout`
+always holds the one in force. A timeout the peer negotiated (RFC 2349) is
+honoured as a fixed value, as is ``timeout`` when ``rto_min`` is None. The
+unproven timeout (above) does not adapt: there is no sample before the first ACK.
+
 Two more bounds hold for every transfer: a negotiated RFC 2349 timeout above
 ``timeout_max`` is not honoured (left out of the OACK, which RFC 2347 allows
 for any option), and a transfer that has made no progress for ``max_stall``
@@ -89,6 +102,7 @@ from orchestrator.protocols.tftp.errors import LocalProtocolError, RemoteProtoco
 from orchestrator.protocols.tftp.negotiate import CLIENT_RCVBUF, negotiate
 from orchestrator.protocols.tftp.netascii import NETASCII_MAX, NetasciiSizes, NetasciiSource, Source
 from orchestrator.protocols.tftp.packets import HEADER, Ack, Error, ReadRequest, encode_ack, encode_oack, parse_packet
+from orchestrator.protocols.tftp.rto import RtoEstimator
 
 __all__ = ["READ_AHEAD", "State", "TransferComplete", "TransferFailed", "Event", "ResendBudget", "ReadTransfer"]
 
@@ -180,7 +194,9 @@ class ReadTransfer:
     is the one effect this class performs; it never blocks on the network.
 
     ``timeout`` (seconds) is used unless the client negotiated RFC 2349's (up to
-    ``timeout_max``); after ``retries`` consecutive timeouts without progress the
+    ``timeout_max``); with ``rto_min`` (and ``rto_max``, default four times
+    ``timeout``) it is only the first value of an adaptive timeout ("The
+    retransmit timeout" in the module docstring); after ``retries`` consecutive timeouts without progress the
     transfer fails, and after ``max_stall`` seconds without progress (None: no
     bound) whatever the retries. ``unproven_retries`` and ``unproven_timeout``
     (None: no special case) govern a peer that has not ACKed yet: see "Peers
@@ -208,6 +224,8 @@ class ReadTransfer:
         netascii_max: int | None = NETASCII_MAX,
         netascii_sizes: NetasciiSizes | None = None,
         resend_budget: ResendBudget | None = None,
+        rto_min: float | None = None,
+        rto_max: float | None = None,
     ) -> None:
         if request.mode not in MODES:
             # RFC 1350 section 5 defines netascii, octet and mail; mail is for
@@ -232,6 +250,11 @@ class ReadTransfer:
         self.negotiated = negotiate(request.options, tsize=self.size, **limits)
         self.windowsize = self.negotiated.windowsize
         self.timeout = float(self.negotiated.timeout) if self.negotiated.timeout is not None else float(timeout)
+        #: The adaptive timeout's estimator; None when the timeout is fixed (no ``rto_min``, or negotiated).
+        self.rto_estimator: RtoEstimator | None = None
+        if rto_min is not None and self.negotiated.timeout is None:
+            self.rto_estimator = RtoEstimator(self.timeout, rto_min, rto_max if rto_max is not None else max(4 * self.timeout, rto_min))
+            self.timeout = self.rto_estimator.rto
         self.retries = retries
         self.max_stall = max_stall
         self._resend_budget = resend_budget
@@ -393,10 +416,12 @@ class ReadTransfer:
         self.acked = acked
         self.high = min(acked + self.windowsize, self.last_block)
         self._sent_at = sent_at
-        self._progress_at = deadline - self.timeout  # the native loop sets deadline = last ACK + timeout
-        self.next_deadline = deadline
+        self._progress_at = deadline - self.timeout  # the native loop sets deadline = last ACK + timeout (as loaded)
         self.rtt_sum += rtt_sum
         self.rtt_n += rtt_n
+        if self.rto_estimator is not None and rtt_n:
+            self.timeout = self.rto_estimator.sample(rtt_sum / rtt_n, rtt_n)
+        self.next_deadline = self._progress_at + self.timeout
 
     def _extra_resend(self, tries: int, now: float) -> bool:
         """May an unproven peer have resend number ``tries`` beyond its guaranteed ones (the shared budget)?"""
@@ -416,6 +441,9 @@ class ReadTransfer:
             # acknowledged): only the final ACK is missing. Not a failure we can prove.
             unconfirmed = self.state is State.SENDING and self.high >= self.last_block
             return [], (self._fail("unconfirmed" if unconfirmed else "timeout"),)
+        est = self.rto_estimator
+        if est is not None and self.proven:
+            self.timeout = est.backoff()  # RFC 6298 (5.5)
         self.next_deadline = self._clamp(now + self.rto)
         self._sent_at = None  # Karn: an ACK after a retransmission is no round-trip sample
         if self.state is State.OACK_SENT:
@@ -489,6 +517,8 @@ class ReadTransfer:
         if sent is not None:
             self.rtt_sum += now - sent
             self.rtt_n += 1
+            if self.rto_estimator is not None:
+                self.timeout = self.rto_estimator.sample(now - sent)
         self._sent_at = now
 
     def _ack_index(self, wire: int) -> int | None:
