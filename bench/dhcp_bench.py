@@ -42,7 +42,13 @@ Scenarios:
   "ramp"). Then perfdhcp's ``--scenario avalanche`` (N clients at once,
   perfdhcp retransmits until all are served): seconds until all N hold a lease.
 
-Also recorded per run: server CPU seconds (``/proc/PID/stat``), machine busy
+* **overload** (``--overload``: rates 4 000 to 32 000, no burst) -- the sweep
+  past 4x ours' clean capacity. ``plateau``: the worst achieved DORA/s at any
+  rate above the one of the best clean run, as % of that best clean rate
+  (target >= 90 %); and ours / Kea at 16 000/s offered.
+
+Also recorded per run: what ours shed under overload, by reason (from its
+log's last ``shed unanswered so far`` line), server CPU seconds (``/proc/PID/stat``), machine busy
 cores (``/proc/stat``), and UDP receive-buffer overflows in each namespace
 (``/proc/net/snmp`` ``RcvbufErrors``: in the client namespace they are
 perfdhcp's own losses -- a limit of the load generator, not of the server).
@@ -83,6 +89,9 @@ PXE_OPTION = "60,505845436c69656e74"  # vendor class "PXEClient"
 KNEE_PCT = 2.5
 FULL_RATES = (125, 250, 500, 1000, 2000, 4000)
 QUICK_RATES = (500, 2000)
+#: --overload: from below ours' clean capacity to past 4x it (issue 19's plateau check).
+OVERLOAD_RATES = (4000, 8000, 12000, 16000, 24000, 32000)
+PLATEAU_PCT = 90.0
 EXIT_WAIT_US = 1_000_000
 DROP_TIME_S = 1
 
@@ -213,8 +222,12 @@ def sweep_run(lab: NetLab, pair: DhcpPair, perfdhcp: str, kind: str, rate: int, 
         alive = srv.alive()
     finally:
         stop_server(pair, srv)
-    (raw_dir / f"{tag}-{kind}.txt").write_text(text + "\n--- server log ---\n" + srv.log_text(20_000))
+    server_log = srv.log_text(20_000)
+    (raw_dir / f"{tag}-{kind}.txt").write_text(text + "\n--- server log ---\n" + server_log)
     rep = parse_perfdhcp(text)
+    # ours logs what it shed under overload (1, 2, 4, ... datagrams); the last line has the totals.
+    shed = re.findall(r"shed unanswered so far \(([^)]*)\)", server_log)
+    shed_counts = {k: int(v) for k, v in (item.rsplit(" ", 1) for item in shed[-1].split(", "))} if shed else {}
     do, ra = rep["DO"], rep["RA"]
     sent, acks = do.get("sent", 0), ra.get("received", 0)
     return {
@@ -228,6 +241,7 @@ def sweep_run(lab: NetLab, pair: DhcpPair, perfdhcp: str, kind: str, rate: int, 
         "offer_avg_ms": do.get("avg_ms"), "offer_max_ms": do.get("max_ms"),
         "ack_avg_ms": ra.get("avg_ms"), "ack_max_ms": ra.get("max_ms"),
         "perfdhcp_rate": rep["rate"],
+        "shed": shed_counts,
         **m.fields(),
     }
 
@@ -291,6 +305,11 @@ def summarize(results: list[dict], servers: list[str], rates: list[int]) -> dict
             "unanswered_below_knee": sum(r["unanswered"] for r in below),
             "tested_up_to": rates[-1] if rates else None,
         }
+        # Plateau (issue 19): at every rate past the best clean one, completed DORA/s as a share of it.
+        peak = summary[kind]["peak_achieved"]
+        peak_rate = max((r["rate"] for r in ok_runs if r["achieved"] == peak), default=None)
+        past = [r["achieved"] for r in runs if peak_rate is not None and r["rate"] > peak_rate]
+        summary[kind]["plateau_pct"] = round(100.0 * min(past) / peak, 1) if past and peak else None
     return summary
 
 
@@ -367,6 +386,17 @@ def render_table(doc: dict) -> str:
             row += f"{'-':>19}" if r is None else \
                 f"{r['server_cpu_s']:>8.2f}s {r['rcvbuf_errors_server']:>4},{r['rcvbuf_errors_client']:<4}"
         lines.append(row)
+    lines += ["", "Datagrams shed by ours (reason: count) / plateau: worst completed DORA/s past the best clean rate, "
+              f"as % of it (target >= {PLATEAU_PCT:.0f} %)"]
+    for kind in servers:
+        s = doc["summary"][kind]
+        shed = [f"r={x['rate']}: " + ", ".join(f"{k} {v}" for k, v in sorted(x.get("shed", {}).items()))
+                for x in doc["sweep"] if x["server"] == kind and x.get("shed")]
+        lines.append(f"{kind:<9} plateau {_fmt(s.get('plateau_pct'))} %" + ("; " + "; ".join(shed) if shed else ""))
+    kea16 = next((x for x in doc["sweep"] if x["server"] == "kea" and x["rate"] == 16000), None)
+    ours16 = next((x for x in doc["sweep"] if x["server"] == "ours" and x["rate"] == 16000), None)
+    if kea16 and ours16 and kea16["achieved"]:
+        lines.append(f"ours / kea at 16000/s offered: {100.0 * ours16['achieved'] / kea16['achieved']:.1f} % (target >= 90 %)")
     lines += ["", f"{'server':<9}{'knee':>7}{'max ok':>8}{'peak':>7}{'best':>7}{'unans<knee':>11}"
               f"{'burst':>11}{'ramp 1s':>11}{'avalanche':>10}{'peak/dnsm':>10}{'best/dnsm':>10}"]
     base = doc["summary"].get("dnsmasq", {})
@@ -407,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=int, help="seconds per sweep run (default 5; --quick 2)")
     ap.add_argument("--burst", type=int, default=1000, help="clients in the burst (0 = skip)")
     ap.add_argument("--quick", action="store_true", help="smoke run: rates 500,2000, 2 s each")
+    ap.add_argument("--overload", action="store_true",
+                    help="rates 4000..32000 (past 4x ours' clean capacity), no burst: the plateau check")
     ap.add_argument("--json", action="store_true", help="JSON document on stdout (table on stderr)")
     ap.add_argument("--token", help="namespace token (bench/dhcp.sh passes one for its trap)")
     ap.add_argument("--run-dir", help="where configs, leases, logs and raw perfdhcp reports go")
@@ -426,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     if not perfdhcp:
         print("dhcp bench: perfdhcp not installed (Debian package kea-admin)", file=sys.stderr)
         return 2
-    rates = [int(x) for x in args.rates.split(",")] if args.rates else list(QUICK_RATES if args.quick else FULL_RATES)
+    default_rates = OVERLOAD_RATES if args.overload else QUICK_RATES if args.quick else FULL_RATES
+    rates = [int(x) for x in args.rates.split(",")] if args.rates else list(default_rates)
+    if args.overload:
+        args.burst = 0
     rates.sort()
     period = args.period or (2 if args.quick else 5)
     if not 1 <= period <= 60 or any(not 1 <= r <= 50_000 for r in rates) or not 0 <= args.burst <= 10_000:

@@ -6,6 +6,7 @@ Requests are built and replies decoded with scapy, not with our codec.
 from __future__ import annotations
 
 import random
+from collections import Counter
 import subprocess
 import sys
 import time
@@ -434,6 +435,32 @@ async def test_serve_on_loopback_dora_and_events(tmp_path):
     assert core.counters["malformed"] == 1
 
 
+async def test_the_server_sheds_stale_discovers_unanswered_and_still_answers_requests(tmp_path, monkeypatch):
+    import orchestrator.bootserver.dhcp as shell
+
+    monkeypatch.setattr(shell, "DISCOVER_MAX_AGE", -1.0)  # every DISCOVER is stale when its slice is taken
+    leases = LeaseStore(tmp_path / "leases")
+    core, _ = make_core(leases=leases)
+    stats = DhcpStats()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port, _ = await nursery.start(lambda task_status: serve_dhcp(
+                core, host="127.0.0.1", port=0, pxe_port=None, interface=None, stats=stats, task_status=task_status))
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+            await sock.bind(("127.0.0.1", 0))
+            await sock.sendto(req("discover", NODE_MAC, *pxe()), ("127.0.0.1", port))
+            await sock.sendto(req("request", NODE_MAC, *pxe(), ("server_id", SERVER), ("requested_addr", NODE_IP)),
+                              ("127.0.0.1", port))
+            data, _ = await sock.recvfrom(2048)
+            assert decode(data)[1]["message-type"] == 5  # the ACK: the only reply
+            sock.close()
+            nursery.cancel_scope.cancel()
+    leases.close()
+    assert stats.shed == Counter(discover_stale=1)
+    assert core.counters["in_discover"] == 0 and core.counters["out_offer"] == 0  # shed before the core saw it
+    assert core.emit_events is False  # no events channel: none built
+
+
 def test_plan_policy_and_config_from_full_plan():
     plan = load_plan(REPO / "plans" / "full.yaml")
     config, policy = plan_config(plan), plan_policy(plan)
@@ -477,13 +504,78 @@ def test_netboot_gate_follows_stages():
     assert BOOTP(one_reply(core, req("discover", NODE_MAC, *pxe()))[0].data).file.rstrip(b"\0") == b"pxelinux.0"
 
 
-def test_backlog_order_puts_discovers_last():
-    from orchestrator.bootserver.dhcp import _discover_last
+def test_core_without_events_sends_the_same_bytes_and_builds_no_events():
+    quiet, _ = make_core()
+    loud, _ = make_core()
+    quiet.emit_events = False
+    xid = 0x1234
+    for data in (req("discover", NODE_MAC, *pxe(), xid=xid),
+                 req("request", NODE_MAC, *pxe(), ("server_id", SERVER), ("requested_addr", NODE_IP), xid=xid),
+                 req("discover", "02:00:00:00:00:77", ("hostname", b"x\x1bbad"), xid=xid),
+                 req("inform", "02:00:00:00:00:78", ciaddr="10.5.0.7", xid=xid)):
+        a = quiet.receive(data, ("0.0.0.0", 68), now=100.0, wall=1e9)
+        b = loud.receive(data, ("0.0.0.0", 68), now=100.0, wall=1e9)
+        assert [r.data for r in a.replies] == [r.data for r in b.replies] and a.replies
+        assert a.events == [] and len(b.events) == 1 + len(b.replies)
+    assert quiet.counters == loud.counters
 
-    batch = [(req("discover", "02:00:00:00:00:01"), ("a", 1)), (req("request", "02:00:00:00:00:02"), ("b", 1)),
-             (req("discover", "02:00:00:00:00:03"), ("c", 1)), (req("release", "02:00:00:00:00:04"), ("d", 1))]
-    batch.sort(key=_discover_last)  # stable: arrival order kept within each class
-    assert [src[0] for _, src in batch] == ["b", "d", "a", "c"]
+
+def test_backlog_serves_exchanges_under_way_first_and_newest_discovers_next():
+    from orchestrator.bootserver.dhcp import Backlog
+
+    shed: Counter[str] = Counter()
+    backlog = Backlog(shed)
+    for i, (mtype, src) in enumerate([("discover", "a"), ("request", "b"), ("discover", "c"), ("release", "d"),
+                                      ("discover", "e"), ("inform", "f")]):
+        backlog.add(req(mtype, f"02:00:00:00:00:0{i}"), (src, 1), now=10.0)
+    backlog.add(b"garbage", ("g", 1), now=10.0)  # no option 53 first: waits with the DISCOVERs
+    assert [src[0] for _, src in backlog.take(10.0, 3)] == ["b", "d", "f"]
+    assert [src[0] for _, src in backlog.take(10.0, 10)] == ["g", "e", "c", "a"]
+    assert not backlog and not shed
+
+
+def test_a_request_flood_cannot_lock_discovers_out():
+    from orchestrator.bootserver.dhcp import Backlog
+
+    backlog = Backlog(Counter())
+    for i in range(40):
+        backlog.add(req("request", f"02:00:00:00:06:{i:02x}"), (f"r{i}", 1), now=1.0)
+    for i in range(5):
+        backlog.add(req("discover", f"02:00:00:00:07:{i:02x}"), (f"d{i}", 1), now=1.0)
+    # An eighth of each slice goes to the waiting DISCOVERs, the rest to the REQUESTs.
+    assert [src[0] for _, src in backlog.take(1.0, 16)] == [f"r{i}" for i in range(14)] + ["d4", "d3"]
+    assert [src[0] for _, src in backlog.take(1.0, 16)] == [f"r{i}" for i in range(14, 28)] + ["d2", "d1"]
+    # Fewer REQUESTs than a slice: they all go, then the DISCOVERs.
+    assert [src[0] for _, src in backlog.take(1.0, 16)] == [f"r{i}" for i in range(28, 40)] + ["d0"]
+
+
+def test_backlog_sheds_discovers_that_waited_too_long_and_counts_them():
+    from orchestrator.bootserver.dhcp import Backlog
+
+    shed: Counter[str] = Counter()
+    backlog = Backlog(shed, max_age=1.0)
+    for i in range(5):
+        backlog.add(req("discover", f"02:00:00:00:01:0{i}"), (f"old{i}", 1), now=10.0)
+    backlog.add(req("request", "02:00:00:00:02:00"), ("req", 1), now=10.0)
+    backlog.add(req("discover", "02:00:00:00:03:00"), ("new", 1), now=10.8)
+    # At 11.5 the five DISCOVERs read at 10.0 are past their client's retry: shed unanswered.
+    # A REQUEST is never shed for its age (its exchange is under way).
+    assert [src[0] for _, src in backlog.take(11.5, 10)] == ["req", "new"]
+    assert shed == Counter(discover_stale=5)
+
+
+def test_backlog_is_bounded_per_queue_and_counts_what_it_refuses():
+    from orchestrator.bootserver.dhcp import Backlog
+
+    shed: Counter[str] = Counter()
+    backlog = Backlog(shed, queue_max=4)
+    for i in range(10):
+        backlog.add(req("discover", f"02:00:00:00:04:0{i}"), (f"d{i}", 1), now=1.0)
+        backlog.add(req("request", f"02:00:00:00:05:0{i}"), (f"r{i}", 1), now=1.0)
+    assert len(backlog) == 8
+    assert shed == Counter(discover_overflow=6, request_overflow=6)
+    # The oldest DISCOVERs went (their clients retry first), the earliest REQUESTs stay (first come).
+    assert [src[0] for _, src in backlog.take(1.0, 8)] == ["r0", "r1", "r2", "r3", "d9", "d8", "d7", "d6"]
 
 
 # --------------------------------------------------------------------------- boot paths of the lab matrix

@@ -1,13 +1,38 @@
 """The DHCP / ProxyDHCP server: a thin trio shell around :mod:`orchestrator.protocols.dhcp_server`.
 
 One task per listening socket (port 67, and 4011 for PXE boot-server requests).
-Each wakes when its socket is readable, drains up to ``BATCH`` datagrams with
-non-blocking ``recvfrom`` (one checkpoint per batch, not per packet), feeds them
-to the core, commits the lease store once for the whole batch if anything
-changed (group commit: an ACK is never sent before its lease is on disk), then
-sends the replies. The core's lease table is the journal,
-:class:`~orchestrator.bootserver.leases.LeaseStore` (:func:`make_core`); the
-shell reaches it as ``core.leases`` to commit it.
+Each runs one loop: drain the socket (non-blocking ``recvfrom`` until it is
+empty, at most ``DRAIN_MAX`` datagrams, no checkpoint per datagram) into a
+:class:`Backlog`, feed the core a slice of at most ``SLICE`` datagrams taken
+from the backlog, send the replies that need no commit, checkpoint, repeat. A
+dirty slice's replies (ACKs) go to the committer task, which commits the lease
+store (group commit, in a worker thread) and only then sends them: an ACK is
+never on the wire before its lease is on disk. The core's lease table is the
+journal, :class:`~orchestrator.bootserver.leases.LeaseStore`
+(:func:`make_core`); the shell reaches it as ``core.leases`` to commit it.
+
+Overload (more datagrams than the core can answer): the socket is drained far
+more often than the kernel buffer can fill, so the kernel never drops at
+random; what cannot be answered is shed in user space, by :class:`Backlog`,
+before the core spends any work on it:
+
+* exchanges under way first: a datagram whose first option says REQUEST,
+  DECLINE, RELEASE or INFORM (option 53, which clients put first) is served
+  before the DISCOVERs. A REQUEST answered late costs its client the whole
+  DORA; a DISCOVER dropped costs one retry. An eighth of each slice stays for
+  DISCOVERs while any wait, so a REQUEST flood cannot lock new clients out;
+* DISCOVERs (and anything whose first option is not 53) newest first: under a
+  backlog the newest one's client is still waiting, the oldest one's is about
+  to retry (RFC 2131 §4.1: 4 s, randomised; perfdhcp gives up after 1 s);
+* a DISCOVER that waited longer than ``DISCOVER_MAX_AGE`` is shed unread
+  (``discover_stale``): its client has retried or given up, the answer would
+  be worth nothing;
+* each queue holds at most ``QUEUE_MAX`` datagrams: past that the oldest
+  DISCOVER is shed (``discover_overflow``) or the newest other datagram is
+  refused (``request_overflow``), so memory stays bounded whatever arrives.
+
+What was shed is counted per reason in :attr:`DhcpStats.shed` (the metric
+``bootorch_dhcp_shed_total{reason}``).
 
 Sockets: bound to ``0.0.0.0`` (Linux delivers broadcasts only to sockets bound
 to the wildcard or the broadcast address) and pinned to the plan's interface
@@ -32,7 +57,8 @@ import logging
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Iterable
 
@@ -54,7 +80,16 @@ from orchestrator.safetext import safe_text
 
 log = logging.getLogger(__name__)
 
-BATCH = 256
+#: Most datagrams read from the socket in one pass (then a slice is answered and the loop reads again).
+DRAIN_MAX = 1024
+#: Most datagrams the core answers between two passes over the socket (about 5 ms of work).
+SLICE = 64
+#: Most datagrams each backlog queue holds (priority, DISCOVER): bounds memory at 2 x QUEUE_MAX x MAX_DATAGRAM.
+QUEUE_MAX = 2048
+#: A DISCOVER read longer ago than this (seconds) is shed unanswered: its client has retried.
+DISCOVER_MAX_AGE = 1.0
+#: Least time between two lease commits (seconds): bounds the commit rate, and its CPU, under load.
+COMMIT_GAP = 0.002
 MAX_DATAGRAM = 4096
 RCVBUF = 4 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -216,7 +251,73 @@ def open_socket(host: str, port: int, interface: str | None) -> socket.socket:
 class DhcpStats:
     events_dropped: int = 0
     send_errors: int = 0
+    #: Slices of the backlog answered.
     batches: int = 0
+    #: Datagrams shed unanswered, by reason: discover_stale, discover_overflow, request_overflow.
+    shed: Counter[str] = field(default_factory=Counter)
+
+
+# The first option of a DHCP message (RFC 2131 §3: option 53 comes first in practice) for the
+# message types that continue an exchange under way: REQUEST 3, DECLINE 4, RELEASE 7, INFORM 8.
+_PRIORITY_HEADS = frozenset(b"\x35\x01" + bytes((t,)) for t in (3, 4, 7, 8))
+
+
+class Backlog:
+    """Datagrams read but not answered yet, in the order the core should take them (module docstring).
+
+    ``add`` files a datagram with the time it was read; ``take`` returns the
+    next ones to answer, after shedding the DISCOVERs that waited too long.
+    Sans-IO: the caller reads the socket and gives the time, so tests drive it
+    directly.
+    """
+
+    __slots__ = ("priority", "discovers", "shed", "max_age", "queue_max")
+
+    def __init__(self, shed: Counter[str], *, max_age: float = DISCOVER_MAX_AGE, queue_max: int = QUEUE_MAX) -> None:
+        self.priority: deque[tuple[bytes, tuple[str, int]]] = deque()
+        self.discovers: deque[tuple[float, bytes, tuple[str, int]]] = deque()
+        self.shed = shed
+        self.max_age = max_age
+        self.queue_max = queue_max
+
+    def __len__(self) -> int:
+        return len(self.priority) + len(self.discovers)
+
+    def add(self, data: bytes, src: tuple[str, int], now: float) -> None:
+        if data[240:243] in _PRIORITY_HEADS:
+            if len(self.priority) >= self.queue_max:
+                self.shed["request_overflow"] += 1
+                return
+            self.priority.append((data, src))
+        else:
+            if len(self.discovers) >= self.queue_max:
+                self.discovers.popleft()
+                self.shed["discover_overflow"] += 1
+            self.discovers.append((now, data, src))
+
+    def take(self, now: float, n: int) -> list[tuple[bytes, tuple[str, int]]]:
+        """Up to ``n`` datagrams: priority ones in arrival order, then DISCOVERs newest first.
+
+        An eighth of ``n`` is kept for waiting DISCOVERs, so a flood of REQUESTs
+        (or of datagrams made to look like them) slows new clients down but
+        cannot lock them out.
+        """
+        discovers = self.discovers
+        horizon = now - self.max_age
+        while discovers and discovers[0][0] < horizon:
+            discovers.popleft()
+            self.shed["discover_stale"] += 1
+        out: list[tuple[bytes, tuple[str, int]]] = []
+        priority = self.priority
+        first = n - min(len(discovers), n >> 3)
+        while priority and len(out) < first:
+            out.append(priority.popleft())
+        while discovers and len(out) < n:
+            _, data, src = discovers.pop()
+            out.append((data, src))
+        while priority and len(out) < n:
+            out.append(priority.popleft())
+        return out
 
 
 async def serve_dhcp(
@@ -232,6 +333,7 @@ async def serve_dhcp(
 ) -> None:
     """Serve until cancelled. ``task_status.started((port, pxe_port))`` gives the bound ports."""
     stats = stats if stats is not None else DhcpStats()
+    core.emit_events = events is not None  # no one to hand events to: do not build them
     main = open_socket(host, port, interface)
     socks: list[tuple[socket.socket, int]] = [(main, port)]
     try:
@@ -274,57 +376,76 @@ async def _serve_socket(
     once. The commit runs in a worker thread while this task keeps draining
     the socket, so an fsync never stalls reception (a stalled receiver
     overflows the socket buffer under a burst and the ROMs retry 4 s later).
+    Commits are at least ``COMMIT_GAP`` apart, so under load one covers many ACKs.
     """
     held: list[tuple[Reply, tuple[str, int]]] = []
     more = trio.Event()
 
     async def committer() -> None:
         nonlocal more
+        last = -COMMIT_GAP
         while True:
             await more.wait()
+            # At most one commit per COMMIT_GAP: under load each commit (a worker-thread round
+            # trip, ~50 us of CPU, plus the fdatasync) covers more ACKs; when idle, none waits.
+            await trio.sleep_until(last + COMMIT_GAP)
             more = trio.Event()
             batch = held[:]
             del held[:]
             # Group commit: one fsync covers every change staged so far.
             await trio.to_thread.run_sync(core.leases.commit)
+            last = trio.current_time()
             _send_all(sock, batch, may_broadcast, stats)
 
+    backlog = Backlog(stats.shed, max_age=DISCOVER_MAX_AGE, queue_max=QUEUE_MAX)
+    shed_logged = max(1, 2 * stats.shed.total())
+    recvfrom = sock.recvfrom
+    add = backlog.add
+    receive = core.receive
     async with trio.open_nursery() as nursery:
         nursery.start_soon(committer)
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            if not backlog:
+                await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
-            wall = time.time()
-            now_replies: list[tuple[Reply, tuple[str, int]]] = []
-            batch: list[tuple[bytes, tuple[str, int]]] = []
-            for _ in range(BATCH):
+            # Drain without a checkpoint per datagram: the kernel buffer is emptied far more
+            # often than it can fill, so shedding happens here, by priority, not there, at random.
+            for _ in range(DRAIN_MAX):
                 try:
-                    batch.append(sock.recvfrom(MAX_DATAGRAM))
+                    data, src = recvfrom(MAX_DATAGRAM)
                 except BlockingIOError:
                     break
                 except OSError:
                     continue  # e.g. ICMP errors surfacing on the socket
-            if len(batch) > 1:
-                # Under a backlog, finish exchanges already under way first: a REQUEST
-                # answered late costs the client its whole DORA, a DISCOVER only a retry.
-                batch.sort(key=_discover_last)
-            for data, src in batch:
+                add(data, src, now)
+            wall = time.time()
+            now_replies: list[tuple[Reply, tuple[str, int]]] = []
+            dirty = False
+            for data, src in backlog.take(now, SLICE):
                 try:
-                    out = core.receive(data, src, now, wall, logical_port)
+                    out = receive(data, src, now, wall, logical_port)
                 except Exception as exc:  # noqa: BLE001 -- one datagram must not stop the server
                     _internal_error(core, src, exc)
                     continue
                 if out.dirty:
                     held.extend((r, src) for r in out.replies)
-                    more.set()
-                else:
+                    dirty = True
+                elif out.replies:
                     now_replies.extend((r, src) for r in out.replies)
-                if events is not None:
+                if events is not None and out.events:
                     for ev in out.events:
                         try:
                             events.send_nowait(ev)
                         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                             stats.events_dropped += 1
+            if dirty:
+                more.set()
+            shed_total = stats.shed.total()
+            if shed_total >= shed_logged:
+                # One line at 1, 2, 4, 8, ... shed datagrams: an operator sees the overload, the log does not flood.
+                log.warning("dhcp: overloaded, %d datagram(s) shed unanswered so far (%s)", shed_total,
+                            ", ".join(f"{k} {v}" for k, v in sorted(stats.shed.items())))
+                shed_logged = 2 * shed_total
             stats.batches += 1
             _send_all(sock, now_replies, may_broadcast, stats)
             await trio.lowlevel.checkpoint()
@@ -338,11 +459,6 @@ def _internal_error(core: DhcpServerCore, src: tuple[str, int], exc: Exception) 
         where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
         log.error("dhcp: a datagram from %s:%s raised %s at %s; dropped (%d so far)",
                   src[0], src[1], safe_text(repr(exc), 200), where, n)
-
-
-def _discover_last(item: tuple[bytes, tuple[str, int]]) -> bool:
-    """Sort key: DISCOVERs (option 53 = 1, almost always the first option) after the rest."""
-    return item[0][240:243] == b"\x35\x01\x01"
 
 
 def _send_all(sock: socket.socket, replies: Iterable[tuple[Reply, tuple[str, int]]], may_broadcast: bool, stats: DhcpStats) -> None:

@@ -167,8 +167,12 @@ class LeaseStoreLocked(LeaseStoreError):
 # -- record codec -------------------------------------------------------------
 
 
+# One encoder for every record: ``json.dumps`` with non-default arguments builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
 def _frame(obj: dict[str, object]) -> bytes:
-    payload = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+    payload = _ENCODER.encode(obj).encode("ascii")
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
 
 

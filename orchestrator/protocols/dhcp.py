@@ -311,27 +311,48 @@ def _put_option(out: bytearray, code: int, value: bytes) -> None:
         out += chunk
 
 
+_MESSAGE_TYPE = int(Opt.MESSAGE_TYPE)
+
+
+def _put_part(parts: list[bytes], code: int, value: bytes) -> None:
+    out = bytearray()
+    _put_option(out, code, value)
+    parts.append(bytes(out))
+
+
 def encode(p: Packet) -> bytes:
     """Serialize; option 53 first (some ROMs insist), END, padded to 300 bytes."""
-    sname = p.sname[:64]
-    file = p.file[:128]
-    out = bytearray(
+    parts = [
         HEADER.pack(
             p.op, p.htype, p.hlen, p.hops, p.xid, p.secs, p.flags,
             p.ciaddr, p.yiaddr, p.siaddr, p.giaddr,
-            p.chaddr.ljust(16, b"\x00")[:16], sname.ljust(64, b"\x00"), file.ljust(128, b"\x00"),
-        )
-    )
-    out += MAGIC_COOKIE
-    if Opt.MESSAGE_TYPE in p.options:
-        _put_option(out, Opt.MESSAGE_TYPE, p.options[Opt.MESSAGE_TYPE])
-    for code, value in p.options.items():
-        if code != Opt.MESSAGE_TYPE:
-            _put_option(out, code, value)
-    out.append(Opt.END)
-    if len(out) < BOOTP_MIN_LEN:
-        out += b"\x00" * (BOOTP_MIN_LEN - len(out))
-    return bytes(out)
+            p.chaddr.ljust(16, b"\x00")[:16], p.sname[:64].ljust(64, b"\x00"), p.file[:128].ljust(128, b"\x00"),
+        ),
+        MAGIC_COOKIE,
+    ]
+    opts = p.options
+    append = parts.append
+    first = opts.get(_MESSAGE_TYPE)
+    if first is not None:
+        if len(first) == 1:
+            append(b"\x35\x01")
+            append(first)
+        else:
+            _put_part(parts, _MESSAGE_TYPE, first)
+    for code, value in opts.items():
+        if code == _MESSAGE_TYPE:
+            continue
+        n = len(value)
+        if 0 < n <= 255:
+            append(bytes((code, n)))
+            append(value)
+        else:
+            _put_part(parts, code, value)  # empty, or over 255 bytes: RFC 3396 instances
+    parts.append(b"\xff")  # END
+    data = b"".join(parts)
+    if len(data) < BOOTP_MIN_LEN:
+        data += b"\x00" * (BOOTP_MIN_LEN - len(data))
+    return data
 
 
 def encode_suboptions(sub: dict[int, bytes]) -> bytes:

@@ -42,6 +42,12 @@ DECLINE counts only from the client the address was offered or leased to.
 
 Where a reply goes is :func:`reply_destination` (RFC 2131 §4.1), one pure
 function, as in pixiecore's ``txType``.
+
+Cost per datagram: what the replies and events of one datagram share (MAC,
+client kind, the event detail) is worked out once (:meth:`DhcpServerCore._context`),
+the options that depend only on the subnet are encoded once per subnet, and a
+shell with no one to take events sets :attr:`DhcpServerCore.emit_events` to
+False so none are built (the replies are the same bytes either way).
 """
 
 from __future__ import annotations
@@ -245,6 +251,38 @@ def reply_destination(req: Packet, reply: MessageType, port: int, src_ip: str, s
     return "255.255.255.255", CLIENT_PORT, True
 
 
+#: Counter keys and event results per message type, built once (f-strings and enum names cost per packet).
+_IN_KEY = {t: f"in_{t.name.lower()}" for t in MessageType}
+_OUT_KEY = {t: f"out_{t.name.lower()}" for t in MessageType}
+_RESULT = {t: t.name.lower() for t in MessageType}
+_NAME = {t: t.name for t in MessageType}
+_TYPE_BYTE = {t: bytes((t,)) for t in MessageType}
+#: PXE vendor options (option 43): discovery control (6) = 8, "use the boot file in this offer".
+_PXE_USE_BOOT_FILE = encode_suboptions({6: b"\x08"})
+
+#: Per datagram: (MAC, client kind, UEFI firmware, event detail shared by its events, event source).
+_Context = tuple[str, ClientKind, bool, dict[str, object], str]
+
+
+def _subnet_options(subnet: Subnet) -> dict[int, bytes]:
+    """The reply options that depend only on the subnet, in the order replies carry them."""
+    lt = subnet.lease_time
+    opts: dict[int, bytes] = {
+        Opt.LEASE_TIME: lt.to_bytes(4, "big"),
+        Opt.RENEWAL_TIME: (lt // 2).to_bytes(4, "big"),  # T1, RFC 2131 §4.4.5
+        Opt.REBINDING_TIME: (lt * 7 // 8).to_bytes(4, "big"),  # T2
+        Opt.SUBNET_MASK: subnet.network.netmask.packed,
+        Opt.BROADCAST: subnet.network.broadcast_address.packed,
+    }
+    if subnet.router is not None:
+        opts[Opt.ROUTER] = subnet.router.packed
+    if subnet.dns:
+        opts[Opt.DNS] = b"".join(a.packed for a in subnet.dns)
+    if subnet.domain:
+        opts[Opt.DOMAIN] = subnet.domain.encode()
+    return opts
+
+
 # The clock a hold ends on (for _FreeHints): never, trio's monotonic clock, the wall clock.
 _FOREVER, _MONO, _WALL = 0, 1, 2
 _Hold = tuple[int, float]  # (clock, the moment the hold ends on that clock)
@@ -348,6 +386,15 @@ class DhcpServerCore(Generic[LeasesT]):
         self._cursor: dict[IPv4Network, int] = {}
         self._hints: dict[IPv4Network, _FreeHints] = {}
         self.counters: Counter[str] = Counter()
+        #: Build :class:`BootEvent` values (``Output.events``). A shell with no one to hand them to turns
+        #: this off: an event costs about as much as parsing the datagram.
+        self.emit_events = True
+        # What every reply and event for the datagram being answered shares (:meth:`_context`),
+        # computed once per datagram in :meth:`receive`; ``_ctx_req`` is the datagram it belongs to.
+        self._ctx_req: Packet | None = None
+        self._ctx: _Context | None = None
+        # Per subnet: the reply options that depend only on the subnet, encoded once (:meth:`_subnet_options`).
+        self._subnet_opts: dict[int, tuple[Subnet, dict[int, bytes]]] = {}
 
     # ------------------------------------------------------------------ entry
 
@@ -366,8 +413,10 @@ class DhcpServerCore(Generic[LeasesT]):
         if mtype is None:
             self.counters["dropped_no_type"] += 1
             return out
-        self.counters[f"in_{mtype.name.lower()}"] += 1
-        out.events.append(self._event(req, mtype, "in", now, wall, port))
+        self.counters[_IN_KEY[mtype]] += 1
+        self._ctx_req, self._ctx = req, self._context(req, port)
+        if self.emit_events:
+            out.events.append(self._event(req, mtype, "in", now, wall, port))
         subnet = self._subnet_for(req)
         if subnet is None:
             self.counters["dropped_no_subnet"] += 1
@@ -671,7 +720,10 @@ class DhcpServerCore(Generic[LeasesT]):
         self, req: Packet, mtype: MessageType, subnet: Subnet, yiaddr: int, src: tuple[str, int], port: int,
         now: float, wall: float, out: Output, *, inform: bool = False, proxy: bool = False,
     ) -> None:
-        opts: dict[int, bytes] = {Opt.MESSAGE_TYPE: bytes((mtype,)), Opt.SERVER_ID: self._server_id}
+        ctx = self._ctx if self._ctx_req is req else self._context(req, port)
+        assert ctx is not None
+        mac, kind, uefi, _, _ = ctx
+        opts: dict[int, bytes] = {Opt.MESSAGE_TYPE: _TYPE_BYTE[mtype], Opt.SERVER_ID: self._server_id}
         rep = Packet(
             op=BOOTREPLY, htype=req.htype, hlen=req.hlen, hops=0, xid=req.xid, secs=0,
             flags=req.flags & FLAG_BROADCAST, ciaddr=req.ciaddr if mtype != MessageType.NAK else 0,
@@ -680,25 +732,21 @@ class DhcpServerCore(Generic[LeasesT]):
         boot_file = None
         if mtype != MessageType.NAK:
             if not proxy:
-                if not inform:
-                    lt = subnet.lease_time
-                    opts[Opt.LEASE_TIME] = lt.to_bytes(4, "big")
-                    opts[Opt.RENEWAL_TIME] = (lt // 2).to_bytes(4, "big")  # T1, RFC 2131 §4.4.5
-                    opts[Opt.REBINDING_TIME] = (lt * 7 // 8).to_bytes(4, "big")  # T2
-                opts[Opt.SUBNET_MASK] = subnet.network.netmask.packed
-                opts[Opt.BROADCAST] = subnet.network.broadcast_address.packed
-                if subnet.router is not None:
-                    opts[Opt.ROUTER] = subnet.router.packed
-                if subnet.dns:
-                    opts[Opt.DNS] = b"".join(a.packed for a in subnet.dns)
-                if subnet.domain:
-                    opts[Opt.DOMAIN] = subnet.domain.encode()
-                res = self.policy.reservation(req.mac)
+                cached = self._subnet_opts.get(id(subnet))
+                if cached is None or cached[0] is not subnet:
+                    cached = self._subnet_opts[id(subnet)] = (subnet, _subnet_options(subnet))
+                so = cached[1]
+                if inform:
+                    opts.update(so)
+                    for code in (Opt.LEASE_TIME, Opt.RENEWAL_TIME, Opt.REBINDING_TIME):
+                        del opts[code]
+                else:
+                    opts.update(so)
+                res = self.policy.reservation(mac)
                 if res is not None and res.hostname:
                     opts[Opt.HOSTNAME] = res.hostname.encode()
-            kind = client_kind(req)
             if kind != ClientKind.OTHER:
-                answer = self.policy.boot(req.mac, kind, is_uefi(req))
+                answer = self.policy.boot(mac, kind, uefi)
                 if answer is not None:
                     boot_file = answer.filename
                     rep.siaddr = answer.next_server
@@ -716,7 +764,7 @@ class DhcpServerCore(Generic[LeasesT]):
                         # must be present for a ROM to accept the offer as PXE. 6=8:
                         # "use the boot file in this offer, no boot server discovery".
                         opts[Opt.VENDOR_CLASS] = b"PXEClient"
-                        opts[Opt.VENDOR_SPECIFIC] = encode_suboptions({6: b"\x08"})
+                        opts[Opt.VENDOR_SPECIFIC] = _PXE_USE_BOOT_FILE
                     if Opt.CLIENT_UUID in req.options:
                         opts[Opt.CLIENT_UUID] = req.options[Opt.CLIENT_UUID]  # PXE spec: echo 97
                 elif proxy:
@@ -734,43 +782,52 @@ class DhcpServerCore(Generic[LeasesT]):
             data = encode(rep)
         ip, dport, bcast = reply_destination(req, mtype, port, *src)
         out.replies.append(Reply(data, ip, dport, bcast, mtype))
-        self.counters[f"out_{mtype.name.lower()}"] += 1
-        out.events.append(self._event(req, mtype, "out", now, wall, port, yiaddr=yiaddr, boot_file=boot_file, inform=inform))
+        self.counters[_OUT_KEY[mtype]] += 1
+        if self.emit_events:
+            out.events.append(self._event(req, mtype, "out", now, wall, port, yiaddr=yiaddr, boot_file=boot_file, inform=inform))
 
     # ------------------------------------------------------------------ events
 
+    def _context(self, req: Packet, port: int) -> _Context:
+        """What the replies and events for ``req`` share: its MAC, client kind, UEFI-ness and the
+        event detail that does not depend on the message (in :data:`_Context` order)."""
+        kind = client_kind(req)
+        arch = req.client_arch
+        uefi = bool(arch) and arch[0] in UEFI_ARCHES
+        if not self.emit_events:
+            return req.mac, kind, uefi, {}, ""
+        opts = req.options
+        base: dict[str, object] = {"xid": req.xid, "pxe": req.is_pxe, "ipxe": kind is ClientKind.IPXE,
+                                   "kind": kind.value, "port": port}
+        vc = opts.get(Opt.VENDOR_CLASS)
+        if vc is not None:
+            base["vendor_class"] = vc.decode("ascii", "replace")
+        if arch:
+            base["arch"] = arch[0]
+        uc = opts.get(Opt.USER_CLASS)
+        if uc is not None:
+            base["user_class"] = uc.decode("ascii", "replace")
+        hn = sanitize_hostname(opts.get(Opt.HOSTNAME))
+        if hn:
+            base["hostname"] = hn
+        if req.giaddr:
+            base["relay"] = ip_str(req.giaddr)
+        source = "proxydhcp" if (port == PXE_PORT or self.config.mode == "proxy") else self.config.source
+        return req.mac, kind, uefi, base, source
+
     def _event(self, req: Packet, mtype: MessageType, direction: str, now: float, wall: float, port: int, *, yiaddr: int = 0,
                boot_file: str | None = None, inform: bool = False) -> BootEvent:
+        ctx = self._ctx if self._ctx_req is req else self._context(req, port)
+        assert ctx is not None
+        mac, _, _, base, source = ctx
         ip = yiaddr or req.ciaddr or (req.requested_ip or 0)
-        detail: dict[str, object] = {
-            "msg": mtype.name,
-            "direction": direction,
-            "xid": req.xid,
-            "pxe": req.is_pxe,
-            "ipxe": req.is_ipxe,
-            "kind": client_kind(req).value,
-            "port": port,
-        }
-        if req.vendor_class is not None:
-            detail["vendor_class"] = req.vendor_class
-        arch = req.client_arch
-        if arch:
-            detail["arch"] = arch[0]
-        uc = req.user_class
-        if uc is not None:
-            detail["user_class"] = uc.decode("ascii", "replace")
-        hn = sanitize_hostname(req.options.get(Opt.HOSTNAME))
-        if hn:
-            detail["hostname"] = hn
-        if req.giaddr:
-            detail["relay"] = ip_str(req.giaddr)
+        detail: dict[str, object] = {"msg": _NAME[mtype], "direction": direction, **base}
         if boot_file:
             detail["boot_file"] = boot_file
         if inform:
             # The ACK to an INFORM assigns nothing: its address is the client's claim (ciaddr).
             detail["inform"] = True
-        source = "proxydhcp" if (port == PXE_PORT or self.config.mode == "proxy") else self.config.source
         return BootEvent(
             time=now, source=source, kind=EventKind.DHCP, client_ip=ip_str(ip) if ip else None,
-            mac=req.mac, wall=wall, result=mtype.name.lower(), detail=detail,
+            mac=mac, wall=wall, result=_RESULT[mtype], detail=detail,
         )
