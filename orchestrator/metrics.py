@@ -48,6 +48,7 @@ metric                                                  type     labels
 ``bootorch_dhcp_packets_total``                         counter  ``direction, type``
 ``bootorch_dhcp_events_total``                          counter  ``event`` (malformed, dropped_*, ...)
 ``bootorch_dhcp_send_errors_total``                     counter
+``bootorch_dhcp_shed_total``                            counter  ``reason`` (discover_stale, discover_overflow, request_overflow)
 ``bootorch_file_sent_bytes_total``                      counter  ``protocol`` (tftp, http)
 ``bootorch_file_transfers_active``                      gauge    ``protocol``
 ``bootorch_file_transfers_total``                       counter  ``protocol, result`` (ok, failed)
@@ -59,12 +60,16 @@ metric                                                  type     labels
 ``bootorch_tftp_refused_requests_total``                counter
 ``bootorch_tftp_wrong_tid_packets_total``               counter
 ``bootorch_tftp_duplicate_requests_total``              counter
+``bootorch_tftp_waited_requests_total``                 counter
+``bootorch_tftp_wait_expired_total``                    counter
+``bootorch_tftp_requests_waiting``                      gauge
 ``bootorch_http_responses_total``                       counter  ``code``
 ``bootorch_http_connections_open``                      gauge
 ``bootorch_http_connections_total``                     counter
 ``bootorch_http_protocol_errors_total``                 counter
 ``bootorch_http_timeouts_total``                        counter
 ``bootorch_http_evictions_total``                       counter
+``bootorch_http_cap_waits_total``                       counter
 ``bootorch_http_internal_errors_total``                 counter
 ``bootorch_events_dropped_total``                       counter  ``source`` (tftp, http, dhcp)
 ``bootorch_metrics_collect_errors_total``               counter
@@ -397,7 +402,10 @@ class _Collector:
         events = CounterMetricFamily("bootorch_dhcp_events", "DHCP server conditions other than messages: malformed, dropped_*, "
                                      "unknown_client, lease_conflict, pool_exhausted, netboot_gated, ...", labels=["event"])
         send_errors = CounterMetricFamily("bootorch_dhcp_send_errors", "DHCP replies the socket refused to send.")
-        fams: list[Metric] = [packets, events, send_errors]
+        shed = CounterMetricFamily("bootorch_dhcp_shed", "DHCP datagrams dropped unanswered under overload, by reason: "
+                                   "discover_stale (waited past its client's retry), discover_overflow, request_overflow "
+                                   "(backlog queue full).", labels=["reason"])
+        fams: list[Metric] = [packets, events, send_errors, shed]
         if describe:
             return fams
         run = self.m.running
@@ -420,8 +428,15 @@ class _Collector:
         stats = getattr(run, "dhcp_stats", None)
         if stats is not None:
             send_errors.add_metric([], stats.send_errors)
+            shed_counts = getattr(stats, "shed", None)
+            if shed_counts is not None:
+                for reason in ("discover_stale", "discover_overflow", "request_overflow"):  # at zero before the first
+                    shed.add_metric([reason], shed_counts.get(reason, 0))
+            else:
+                fams.remove(shed)
         else:
             fams.remove(send_errors)
+            fams.remove(shed)
         return fams
 
     def _files(self, describe: bool) -> list[Metric]:
@@ -477,9 +492,12 @@ class _Collector:
             CounterMetricFamily("bootorch_tftp_packets", "TFTP packets received (in) and sent (out), retransmits included.", labels=["direction"]),
             CounterMetricFamily("bootorch_tftp_retransmits", "TFTP packets sent again after the client's ACK did not come in time."),
             CounterMetricFamily("bootorch_tftp_malformed_packets", "TFTP packets that did not parse."),
-            CounterMetricFamily("bootorch_tftp_refused_requests", "TFTP requests refused by the server's limits."),
+            CounterMetricFamily("bootorch_tftp_refused_requests", "TFTP requests dropped unanswered: the waiting queue or the address's cap was full (the client retries)."),
             CounterMetricFamily("bootorch_tftp_wrong_tid_packets", "TFTP packets from an unexpected port (RFC 1350 TID), answered with ERROR 5."),
-            CounterMetricFamily("bootorch_tftp_duplicate_requests", "Repeated TFTP requests for a transfer already running (ignored)."),
+            CounterMetricFamily("bootorch_tftp_duplicate_requests", "Repeated TFTP requests for a transfer already running or waiting (ignored)."),
+            CounterMetricFamily("bootorch_tftp_waited_requests", "TFTP requests that waited for a transfer slot (all were taken)."),
+            CounterMetricFamily("bootorch_tftp_wait_expired", "TFTP requests dropped after waiting longer than max_stall for a slot."),
+            GaugeMetricFamily("bootorch_tftp_requests_waiting", "TFTP requests waiting for a transfer slot now."),
         ]
         if describe:
             return fams
@@ -489,7 +507,9 @@ class _Collector:
         t = run.tftp_counters
         fams[0].add_metric(["in"], t.packets_in)
         fams[0].add_metric(["out"], t.packets_out)
-        for fam, value in zip(fams[1:], (t.retransmits, t.malformed, t.refused, t.wrong_tid, t.duplicate_requests), strict=True):
+        values = (t.retransmits, t.malformed, t.refused, t.wrong_tid, t.duplicate_requests,
+                  getattr(t, "waited", 0), getattr(t, "wait_expired", 0), getattr(t, "waiting", 0))
+        for fam, value in zip(fams[1:], values, strict=True):
             fam.add_metric([], value)
         return fams
 
@@ -505,6 +525,7 @@ class _Collector:
             ("bootorch_http_too_slow", "HTTP transfers ended for running below min_rate while others waited for a slot.", "too_slow"),
             ("bootorch_http_client_waits", "HTTP requests that waited because their address ran max_per_client transfers.", "client_waits"),
             ("bootorch_http_refused_connections", "HTTP connections closed at once: their address held its connection cap.", "refused"),
+            ("bootorch_http_cap_waits", "HTTP connections accepted at the connection cap that waited for a slot.", "cap_waits"),
         ]
         counters = [CounterMetricFamily(name, doc) for name, doc, _ in simple]
         fams: list[Metric] = [responses, open_, *counters]

@@ -40,11 +40,16 @@ Choices
   ``If-Range`` (we issue no validators, so the condition cannot hold) are
   ignored the same way. ``HEAD`` ignores ``Range`` (range handling is defined
   for GET only, §14.2).
-* Bodies stream in ``chunk_size`` pieces (256 KiB) read with ``pread``, so a
-  200 MB initrd is never held in memory: a transfer holds one chunk, waiting or
-  not, plus a few dozen bytes of rate samples. ``pread`` runs on the event
-  loop: boot files are hot in the page cache during a storm, and a thread hop
-  per chunk would cost more than it saves.
+* Bodies stream in ``chunk_size`` pieces (256 KiB). A file on disk goes out
+  with ``os.sendfile`` from the page cache straight into the socket (no copy
+  through Python, no buffer held: a transfer, waiting or not, holds a few dozen
+  bytes of rate samples); h11 still frames the body (it is handed a
+  placeholder of the chunk's length). Dynamic content, and files on a
+  filesystem that refuses ``sendfile`` (``EINVAL``/``ENOSYS``/``EOPNOTSUPP``
+  on the first call), are read with ``pread`` and sent with ``send_all``: one
+  chunk held per transfer. Both run on the event loop: boot files are hot in
+  the page cache during a storm, and a thread hop per chunk would cost more
+  than it saves. ``sendfile=False`` forces the ``pread`` path (benchmarks).
 * Admission: each GET body transfer holds, in this order, one of its client
   address's ``max_per_client`` transfers (default 4) and an :class:`Admission`
   slot, and every chunk asks the byte budget first. Both waits are FIFO queues
@@ -59,6 +64,24 @@ Choices
   forged off-path. An IPv6 host can hold many addresses; they are counted
   apart (a /64 would lump a whole boot LAN together). Error responses and HEAD
   take neither.
+* Overload, and what iPXE makes of it (``src/net/tcp/httpcore.c``,
+  ``tcp.c``): a fresh connection that is refused or reset, or a 5xx without
+  ``Retry-After``, fails the download for good (``imgfetch`` does not retry);
+  a *reused* keep-alive connection that the server closed is reopened and the
+  request sent again (``pool_reopen``); a SYN nobody answers is retried with
+  back-off for about 15 s (retry timers give up past a 10 s timeout); an
+  established connection waiting for its response has no deadline on iPXE's
+  side. So every overload path here ends in a wait on an established
+  connection or in the closing of an *idle* one -- never in a refusal, a reset
+  of a fresh connection or a 503: excess transfers wait in the FIFO queues
+  above (the response head not yet sent), excess connections wait in the
+  kernel's listen backlog (``somaxconn``, 4096 by default: the handshake is
+  completed and the request acknowledged by the kernel, so the client just
+  sees a slow first byte), and at the connection cap the oldest *idle*
+  connection makes room (see Connections). A connection held in the listen
+  backlog costs this process nothing; one accepted and queued for a slot holds
+  its h11 state, one open descriptor of the file and a few small objects (the
+  tests pin both).
 * Slow readers: while a transfer waits for an :class:`Admission` slot, a
   transfer that delivers less than ``min_rate`` (default 64 KiB/s) per second
   *the client makes us wait* loses its slot: the connection is reset and the
@@ -82,15 +105,22 @@ Choices
   the price of ``min_rate`` per slot in real bandwidth.
 * Connections: a cap (``max_connections``). When it is reached the accept loop
   first closes the *oldest idle connection* -- one that has sent no byte of its
-  next request (allowed at any time, RFC 9112 §9.6; clients retry on a fresh
-  connection; a half-sent request is left to its deadline) -- and otherwise
-  waits for a connection to end while further clients queue in the kernel's
-  listen backlog: queue, don't refuse, as for transfers. One address may hold
-  at most ``max_connections_per_client`` (default 16) connections: a new one
-  beyond that first closes that address's own oldest idle connection, and is
-  closed at once when it has none (a node needs one or two; the cap keeps one
-  address from filling ``max_connections`` with requests queued at its own
-  per-address transfer gate, where no other client would ever wait).
+  next request, not even one still unread in the socket (allowed at any time,
+  RFC 9112 §9.6; iPXE reopens a reused connection; a half-sent request is left
+  to its deadline). A connection that has not completed a request yet counts
+  as idle only after ``FRESH_GRACE`` (2 s) of silence: iPXE takes the close of
+  a *fresh* connection as a failed download. Otherwise it waits while further
+  clients queue in the kernel's listen backlog: queue, don't refuse, as for
+  transfers. While it waits it looks again whenever a connection ends or goes
+  idle, so a keep-alive that goes idle (a node that fetched its kernel and
+  booted leaves one behind, silently) makes room at once instead of after its
+  ``idle_timeout``; one idle connection is closed at a time. Clients in the
+  backlog are accepted in the order the kernel queued them (FIFO). One address
+  may hold at most ``max_connections_per_client`` (default 16) connections: a
+  new one beyond that first closes that address's own oldest idle connection,
+  and is closed at once when it has none (a node needs one or two; the cap
+  keeps one address from filling ``max_connections`` with requests queued at
+  its own per-address transfer gate, where no other client would ever wait).
 * Timeouts: a request must arrive complete within ``idle_timeout`` of the
   connection becoming idle (kills idle keep-alives *and* slowloris
   half-requests); each ``send_all`` -- one chunk -- must finish within
@@ -117,9 +147,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
+import math
+import os
 import socket
 import struct
+import termios
 import time
 import urllib.parse
 from collections import Counter, OrderedDict, deque
@@ -165,6 +199,10 @@ MIN_RATE = 64 * 1024
 #: Seconds of recent history the rate is judged on (``rate_window``); a transfer
 #: is judged once the client has made us wait for at least half of it.
 RATE_WINDOW = 10.0
+#: Seconds a connection that has not sent a whole request yet is safe from being closed
+#: for room at the connection cap: iPXE sends its request right after the handshake, and
+#: takes the close of a fresh connection as a failed download (a reused one it reopens).
+FRESH_GRACE = 2.0
 #: ``struct tcp_info`` (linux/tcp.h): ``tcpi_bytes_acked`` is a u64 at this offset (Linux >= 4.2).
 _TCPI_BYTES_ACKED = 120
 
@@ -265,6 +303,11 @@ class HttpStats:
     #: Connections open now, and accepted in total.
     connections: int = 0
     connections_total: int = 0
+    #: Most connections open at once (never above ``max_connections``).
+    connections_peak: int = 0
+    #: Accepted connections that found every connection slot taken and waited for one
+    #: (while they wait, later clients queue in the kernel's listen backlog).
+    cap_waits: int = 0
     #: Responses by status code.
     by_status: Counter[int] = field(default_factory=Counter)
     #: Garbage from clients (h11 RemoteProtocolError).
@@ -437,8 +480,11 @@ class _Server:
         min_rate: float | None,
         rate_window: float,
         max_connections_per_client: int | None = None,
+        sendfile: bool = True,
     ) -> None:
         self.files = files
+        #: Send disk files with os.sendfile (else pread + send_all).
+        self.sendfile = sendfile and hasattr(os, "sendfile")
         self.events = events
         self.admission = admission
         self.stats = stats
@@ -461,6 +507,10 @@ class _Server:
         #: Transfers the watchdog has cancelled that have not given their slot back yet.
         self.evicting = 0
         self._transfers_started = trio.Event()
+        #: Set when a connection ends or goes idle: an accept loop waiting at the cap looks again.
+        self._room = trio.Event()
+        #: Idle connections closed to make room that have not ended yet.
+        self.closing_idle = 0
 
     def client_slot(self, ip: str | None) -> _ClientSlot:
         return _ClientSlot(self, ip)
@@ -536,19 +586,65 @@ class _Server:
 
     def evict_idle_of(self, ip: str) -> bool:
         """Close the oldest idle connection of ``ip``; False when it has none."""
+        return self._evict_first(ip)
+
+    def evict_one_idle(self) -> bool:
+        """Close the oldest idle connection; False when there is none."""
+        return self._evict_first(None)
+
+    def _evict_first(self, ip: str | None) -> bool:
+        """Close the oldest evictable idle connection (of ``ip`` when given).
+
+        Idle means waiting for the next request with none of it received: not
+        even pending in the socket (``FIONREAD``), so a request that has arrived
+        is answered rather than cut off. A connection that has not completed a
+        request yet is left alone for ``FRESH_GRACE`` seconds of silence: iPXE
+        reopens a *reused* connection the server closed, but takes the close
+        of a fresh one as a failed download.
+        """
+        now = trio.current_time()
         for conn, scope in self.idle.items():
-            if conn.client_ip == ip:
-                del self.idle[conn]
-                conn.evicted = True
-                scope.cancel()
-                return True
+            if ip is not None and conn.client_ip != ip:
+                continue
+            if conn.cycles == 0 and now - conn.idle_since < FRESH_GRACE:
+                continue
+            if _pending(conn.stream.socket):
+                continue
+            del self.idle[conn]
+            conn.evicted = True
+            self.closing_idle += 1
+            scope.cancel()
+            return True
         return False
 
-    def evict_one_idle(self) -> None:
-        if self.idle:
-            conn, scope = self.idle.popitem(last=False)
-            conn.evicted = True
-            scope.cancel()
+    def room(self) -> None:
+        """A connection ended or went idle: wake an accept loop waiting at the cap."""
+        self._room.set()
+
+    async def connection_slot(self) -> None:
+        """One of ``max_connections``; at the cap, close the oldest idle connection to make room.
+
+        Waits while every connection is busy, and looks again whenever one ends
+        or goes idle, so a connection that goes idle while others wait in the
+        listen backlog is closed at once rather than after its ``idle_timeout``.
+        One idle connection is closed at a time (its end frees the slot).
+        """
+        waited = False
+        while True:  # ends when a slot is free; each pass waits for a connection to end or go idle
+            try:
+                self.conn_slots.acquire_nowait()
+                return
+            except trio.WouldBlock:
+                pass
+            if not waited:
+                waited = True
+                self.stats.cap_waits += 1
+            if self.closing_idle == 0:
+                self.evict_one_idle()
+            self._room = trio.Event()
+            # A fresh idle connection becomes evictable only after FRESH_GRACE: look again then.
+            with trio.move_on_after(FRESH_GRACE if self.idle and self.closing_idle == 0 else math.inf):
+                await self._room.wait()
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:  # runs until cancelled; one iteration per accepted connection
@@ -568,9 +664,7 @@ class _Server:
                     await trio.aclose_forcefully(stream)
                     continue
             try:
-                if self.conn_slots.value == 0:
-                    self.evict_one_idle()
-                await self.conn_slots.acquire()
+                await self.connection_slot()
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -579,9 +673,11 @@ class _Server:
     async def connection(self, stream: trio.SocketStream) -> None:
         self.stats.connections += 1
         self.stats.connections_total += 1
+        self.stats.connections_peak = max(self.stats.connections_peak, self.stats.connections)
         ip = _peer_ip(stream)
         if ip is not None:
             self.conns_per_ip[ip] += 1
+        conn: _Connection | None = None
         try:
             conn = _Connection(self, stream)
             await conn.run()
@@ -594,8 +690,19 @@ class _Server:
                 if self.conns_per_ip[ip] <= 0:
                     del self.conns_per_ip[ip]
             self.stats.connections -= 1
+            if conn is not None and conn.evicted:
+                self.closing_idle = max(0, self.closing_idle - 1)
             self.conn_slots.release()
+            self.room()
             await trio.aclose_forcefully(stream)
+
+
+def _pending(sock: trio.socket.SocketType) -> bool:
+    """Whether received bytes wait unread in ``sock`` (``FIONREAD``); True when it cannot be told."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+    except (OSError, ValueError):
+        return True
 
 
 def _peer_ip(stream: trio.SocketStream) -> str | None:
@@ -613,6 +720,10 @@ class _Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.evicted = False
+        #: Requests answered on this connection; a connection with none is "fresh".
+        self.cycles = 0
+        #: When the connection last started waiting for a request (trio clock).
+        self.idle_since = 0.0
         #: The current request is HEAD: responses carry no body.
         self.head = False
         #: The body transfer in progress (holding a slot), whose blocked time ``_send`` measures.
@@ -661,6 +772,54 @@ class _Connection:
             tr.blocked += trio.current_time() - tr.blocked_since
             tr.blocked_since = None
 
+    async def _sendfile(self, fd: int, offset: int, count: int, *, first: bool = False) -> bool:
+        """Send ``count`` bytes of ``fd`` from ``offset`` with ``os.sendfile``, framed by h11, within ``send_timeout``.
+
+        Returns False, having sent nothing, when ``first`` and the kernel
+        refuses sendfile for this file (the caller falls back to ``pread``).
+        Raises ``trio.BrokenResourceError`` when the client has gone,
+        :class:`_FileShrank` when the file ends early, ``trio.TooSlowError``
+        past the deadline. Checkpoints at least once.
+        """
+        sock = self.stream.socket
+        out = sock.fileno()
+        tr = self.transfer
+        framed = False
+        yielded = False
+        if tr is not None:
+            # Time in here is time the client (its window, its reading) makes us wait.
+            tr.blocked_since = trio.current_time()
+        try:
+            with trio.fail_after(self.server.send_timeout):
+                while count > 0:  # bounded: each pass sends >= 1 byte, waits for room, or raises
+                    try:
+                        n = os.sendfile(out, fd, offset, count)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(out)
+                        yielded = True
+                        continue
+                    except OSError as e:
+                        if first and not framed and e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                            return False
+                        raise trio.BrokenResourceError(f"sendfile: {e}") from e
+                    if n == 0:
+                        raise _FileShrank
+                    if not framed:
+                        # h11 frames the body (Content-Length bookkeeping) from a placeholder.
+                        self.h11.send_with_data_passthrough(h11.Data(data=_Span(count)))
+                        framed = True
+                    offset += n
+                    count -= n
+                    if tr is not None:
+                        tr.written += n
+                if not yielded:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            if tr is not None and tr.blocked_since is not None:
+                tr.blocked += trio.current_time() - tr.blocked_since
+                tr.blocked_since = None
+        return True
+
     # -- the loop --
 
     async def run(self) -> None:
@@ -673,6 +832,7 @@ class _Connection:
                 await self._respond(request)
                 if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
                     return  # MUST_CLOSE (Connection: close, HTTP/1.0) or peer closed
+                self.cycles += 1
                 self.h11.start_next_cycle()
         except h11.RemoteProtocolError as e:
             s.stats.protocol_errors += 1
@@ -695,7 +855,9 @@ class _Connection:
         s = self.server
         self.head = False
         with trio.move_on_after(s.idle_timeout) as scope:
+            self.idle_since = trio.current_time()
             s.idle[self] = scope
+            s.room()
             try:
                 event = await self._next_event()
             finally:
@@ -703,6 +865,11 @@ class _Connection:
             if isinstance(event, h11.ConnectionClosed):
                 return None
             assert isinstance(event, h11.Request), event
+            if self.evicted:
+                # Closed for room just as the request arrived (the cancellation never
+                # reached a checkpoint): answer it and keep the connection.
+                self.evicted = False
+                s.closing_idle = max(0, s.closing_idle - 1)
             self.head = event.method == b"HEAD"
             body = 0
             while True:  # bounded by MAX_REQUEST_BODY and the deadline
@@ -864,20 +1031,32 @@ class _Connection:
                         s.stats.by_status[status] += 1
                         await self._send(response)
                         offset, end = start, start + length
+                        fd: int | None = getattr(f, "fd", None) if s.sendfile else None
                         while offset < end:  # bounded: each pass sends >= 1 byte or aborts
-                            data = f.pread(offset, min(s.chunk_size, end - offset))
-                            if not data:
-                                # The file shrank under us; Content-Length cannot be honoured.
-                                raise _FileShrank
+                            n = min(s.chunk_size, end - offset)
+                            data = b""
+                            if fd is None:
+                                data = f.pread(offset, n)
+                                if not data:
+                                    # The file shrank under us; Content-Length cannot be honoured.
+                                    raise _FileShrank
+                                n = len(data)
                             if adm is not None:
                                 # The byte budget. Not adm.consume(): that checkpoints even
-                                # when tokens are there, and send_all checkpoints anyway.
-                                wait = adm.try_consume(len(data), trio.current_time())
+                                # when tokens are there, and sending checkpoints anyway.
+                                wait = adm.try_consume(n, trio.current_time())
                                 while wait > 0.0:  # ends: each wait refills what was lacking
                                     await trio.sleep(wait)
-                                    wait = adm.try_consume(len(data), trio.current_time())
-                            await self._send(h11.Data(data=data))
-                            n = len(data)
+                                    wait = adm.try_consume(n, trio.current_time())
+                            if fd is not None and not await self._sendfile(fd, offset, n, first=sent == 0):
+                                fd = None  # this filesystem does not do sendfile: pread from here on
+                            if fd is None:
+                                if not data:
+                                    data = f.pread(offset, n)
+                                    if not data:
+                                        raise _FileShrank
+                                    n = len(data)
+                                await self._send(h11.Data(data=data))
                             offset += n
                             sent += n
                             s.stats.bytes_sent += n
@@ -926,6 +1105,18 @@ class _FileShrank(Exception):
     pass
 
 
+class _Span:
+    """A stand-in for body bytes that go out by sendfile: h11 only takes its ``len()``."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
 #: Watchdog samples per rate window.
 _SAMPLES = 10
 
@@ -968,6 +1159,7 @@ async def serve_http(
     max_per_client: int | None = MAX_PER_CLIENT,
     min_rate: float | None = MIN_RATE,
     rate_window: float = RATE_WINDOW,
+    sendfile: bool = True,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``files`` over HTTP on ``host:port`` until cancelled.
@@ -981,7 +1173,9 @@ async def serve_http(
     (None: no cap). ``min_rate`` (bytes/s, None: off): while transfers wait for
     an ``admission`` slot, a transfer that made us wait at least
     ``rate_window / 2`` of the last ``rate_window`` seconds and delivered less
-    than this per second of that wait loses its slot. See the module docstring.
+    than this per second of that wait loses its slot. ``sendfile=False`` sends
+    disk files with ``pread`` + ``send_all`` instead of ``os.sendfile``. See the
+    module docstring.
     """
     if max_connections < 1:
         raise ValueError("max_connections must be >= 1")
@@ -1008,6 +1202,7 @@ async def serve_http(
         min_rate=min_rate,
         rate_window=rate_window,
         max_connections_per_client=max_connections_per_client,
+        sendfile=sendfile,
     )
     listeners = await trio.open_tcp_listeners(port, host=host)
     try:
