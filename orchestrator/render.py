@@ -176,7 +176,8 @@ def dynamic_source(plan: LoadedPlan) -> Callable[[str, "str | None"], "bytes | N
 # --------------------------------------------------------------------------- dhcpd
 
 
-def _q(s: str) -> str:
+def dhcpd_quote(s: str) -> str:
+    """``s`` as an ISC dhcpd string literal (backslashes and quotes escaped)."""
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -229,7 +230,7 @@ def render_dhcpd(plan: LoadedPlan) -> str:
         'class "httpclients" {',
         '  match if substring (option vendor-class-identifier, 0, 10) = "HTTPClient";',
         '  option vendor-class-identifier "HTTPClient";',
-        f"  filename {_q(uefi_http_url(plan))};",
+        f"  filename {dhcpd_quote(uefi_http_url(plan))};",
         "}",
         "",
         f"subnet {net.subnet.network_address} netmask {net.subnet.netmask} {{",
@@ -239,7 +240,7 @@ def render_dhcpd(plan: LoadedPlan) -> str:
     if net.dns:
         out.append(f"  option domain-name-servers {', '.join(map(str, net.dns))};")
     if net.domain:
-        out.append(f"  option domain-name {_q(net.domain)};")
+        out.append(f"  option domain-name {dhcpd_quote(net.domain)};")
     if model.dhcp.pool is not None:
         out += [
             "",
@@ -258,7 +259,7 @@ def render_dhcpd(plan: LoadedPlan) -> str:
             f"host {node.name} {{",
             f"  hardware ethernet {node.mac};",
             f"  fixed-address {node.ip};",
-            f"  option host-name {_q(node.name)};",
+            f"  option host-name {dhcpd_quote(node.name)};",
         ]
         mode = ipxe_mode(plan, node)
         if mode != model.boot.ipxe:
@@ -283,7 +284,7 @@ def _dhcpd_relayed(plan: LoadedPlan) -> list[str]:
         if net.dns:
             out.append(f"  option domain-name-servers {', '.join(map(str, net.dns))};")
         if net.domain:
-            out.append(f"  option domain-name {_q(net.domain)};")
+            out.append(f"  option domain-name {dhcpd_quote(net.domain)};")
         if r.pool is not None:
             out += ["  pool {", f"    range {r.pool.start} {r.pool.end};", "    allow unknown clients;", "  }"]
         out += ["}", ""]
@@ -296,15 +297,15 @@ def _dhcpd_pxe_choice(plan: LoadedPlan, ipxe: str, ind: str) -> list[str]:
     uefi = "option arch = 00:06 or option arch = 00:07 or option arch = 00:09"
     out = [f'{ind}if exists user-class and option user-class = "iPXE" {{']
     if ipxe == "script":
-        out.append(f"{ind}  filename {_q(http_base(plan) + '/boot.ipxe')};")
+        out.append(f"{ind}  filename {dhcpd_quote(http_base(plan) + '/boot.ipxe')};")
     else:
         out += [f"{ind}  # iPXE runs the loader its firmware's PXE ROM would",
-                f"{ind}  if {uefi} {{ filename {_q(loaders.uefi)}; }} else {{ filename {_q(loaders.bios)}; }}"]
+                f"{ind}  if {uefi} {{ filename {dhcpd_quote(loaders.uefi)}; }} else {{ filename {dhcpd_quote(loaders.bios)}; }}"]
     out += [
         f"{ind}}} elsif {uefi} {{",
-        f"{ind}  filename {_q(loaders.uefi)};",
+        f"{ind}  filename {dhcpd_quote(loaders.uefi)};",
         f"{ind}}} else {{",
-        f"{ind}  filename {_q(loaders.bios)};",
+        f"{ind}  filename {dhcpd_quote(loaders.bios)};",
         f"{ind}}}",
     ]
     return out

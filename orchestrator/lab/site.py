@@ -82,6 +82,7 @@ from typing import Any
 
 from orchestrator.lab import procs
 from orchestrator.plan import LoadedPlan
+from orchestrator.render import dhcpd_quote
 
 #: Seconds a daemon may take to bind its ports.
 START_TIMEOUT = 15.0
@@ -161,10 +162,6 @@ def address_only_dnsmasq(plan: LoadedPlan) -> str:
     return "\n".join(out) + "\n"
 
 
-def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def address_only_dhcpd(plan: LoadedPlan) -> str:
     """A site ISC dhcpd that hands out addresses only (the counterpart of :func:`address_only_dnsmasq`)."""
     m = plan.model
@@ -186,13 +183,13 @@ def address_only_dhcpd(plan: LoadedPlan) -> str:
     if net.dns:
         out.append(f"  option domain-name-servers {', '.join(map(str, net.dns))};")
     if net.domain:
-        out.append(f"  option domain-name {_q(net.domain)};")
+        out.append(f"  option domain-name {dhcpd_quote(net.domain)};")
     if m.dhcp.pool is not None:
         out += ["  pool {", f"    range {m.dhcp.pool.start} {m.dhcp.pool.end};", "    allow unknown clients;", "  }"]
     out += ["}", ""]
     for n in plan.nodes:
         out += [f"host {n.name} {{", f"  hardware ethernet {n.mac};", f"  fixed-address {n.ip};",
-                f"  option host-name {_q(n.name)};", "}"]
+                f"  option host-name {dhcpd_quote(n.name)};", "}"]
     return "\n".join(out) + "\n"
 
 
