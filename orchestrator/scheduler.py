@@ -9,7 +9,9 @@ One trio nursery runs the whole rollout:
   and per rack: inrush current trips breakers) allows;
 * **evidence**: BootEvents from the boot server (or log watchers) go through the
   tracker; every transition is journaled before anything acts on it;
-* **timeouts**: a node that overstays its stage climbs the escalation ladder;
+* **timeouts**: a node that overstays its stage climbs the escalation ladder,
+  each escalation in a task of its own (one node's slow BMC delays no other
+  node's);
 * **readiness**: once a node is past ``initrd`` its SSH port is probed; when it
   answers, the plan's checks run (``ssh`` -> ``ready``, or ``failed`` with the
   failing check);
@@ -524,7 +526,9 @@ class Scheduler:
                 if not self.tracker.nodes[stuck.mac].requested:
                     self._nursery.start_soon(self._look_at_unrequested, job, stuck.stage, stuck.attempt)  # type: ignore[union-attr]
                 elif job.result is None:
-                    await self._escalate(job, stuck.stage, stuck.timeout)
+                    # A task per escalation: a BMC that takes its time (a cycle's settle, a slow
+                    # Redfish) must not hold back the timeouts of every other node.
+                    self._nursery.start_soon(self._escalate, job, stuck.stage, stuck.timeout)  # type: ignore[union-attr]
 
     async def _escalate(self, job: NodeJob, stage: Stage, timeout: float) -> None:
         async with self._lock(job.node.mac):  # never while an on-call action works on the node

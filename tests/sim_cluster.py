@@ -55,6 +55,7 @@ class SimCluster:
     client_retry_rate: float = 0.0
     rtt: float | None = None
     active: int = 0
+    cycle_delay: float = 0.0  # seconds a power cycle takes to return (a slow BMC)
 
     def add(self, mac: str, ip: str, **kw) -> SimNode:
         n = self.nodes[mac] = SimNode(mac, ip, **kw)
@@ -98,6 +99,8 @@ class SimCluster:
 
     async def cycle(self, t: Target) -> PowerResult:
         self.cycles.append((trio.current_time(), t.name))
+        if self.cycle_delay:
+            await trio.sleep(self.cycle_delay)
         node = self.nodes[t.mac]
         node.deaf = False  # a power cycle always starts it
         if not node.stubborn:

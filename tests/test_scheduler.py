@@ -302,3 +302,21 @@ def test_the_default_initial_window_is_eight_capped_by_the_plan(tmp_path):
     plan = make_plan(tmp_path, n=4, max_downloading=3, adaptive=True)
     assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None).window == 3
     store.close()
+
+
+async def test_a_slow_power_cycle_does_not_hold_back_other_nodes_escalations(tmp_path, autojump_clock):
+    plan = make_plan(tmp_path, n=3, budget=3, cycles=1)
+    hung = [n.mac for n in plan.nodes]
+
+    def configure(cluster):
+        cluster.cycle_delay = 60.0  # each BMC takes a minute to answer a cycle
+        for mac in hung:
+            cluster.nodes[mac].hang_in = "rootfs.gz"
+
+    with trio.fail_after(10_000):
+        summary, cluster, sched, peak, store = await rollout(plan, tmp_path, configure)
+    assert summary.ok and sorted(summary.ready) == sorted(n.name for n in plan.nodes)
+    starts = sorted(t for t, _ in cluster.cycles)
+    assert len(starts) == 3
+    # Admitted 0.1 s apart, stuck 0.1 s apart: their cycles start together, not a minute apart each.
+    assert starts[-1] - starts[0] < 1.0
