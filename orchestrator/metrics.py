@@ -43,6 +43,8 @@ metric                                                  type     labels
 ``bootorch_admission_window``                           gauge
 ``bootorch_admission_window_max``                       gauge
 ``bootorch_nodes_in_flight``                            gauge
+``bootorch_server_admission_window``                    gauge    ``server``: each boot server's window (``servers:``; ``main``)
+``bootorch_server_nodes_in_flight``                     gauge    ``server``
 ``bootorch_power_actions_total``                        counter  ``driver, action, result``
 ``bootorch_wol_packets_sent_total``                     counter
 ``bootorch_dhcp_packets_total``                         counter  ``direction, type``
@@ -337,7 +339,12 @@ class _Collector:
         window = GaugeMetricFamily("bootorch_admission_window", "Admission window: nodes allowed in flight (woken, not yet past initrd) at once.")
         window_max = GaugeMetricFamily("bootorch_admission_window_max", "The admission window's ceiling (the plan's admission.max_downloading).")
         in_flight = GaugeMetricFamily("bootorch_nodes_in_flight", "Nodes in flight: woken and not yet past initrd.")
-        fams = [result, budget, aborted, window, window_max, in_flight]
+        server_window = GaugeMetricFamily("bootorch_server_admission_window",
+                                          "Admission window of each boot server (the plan's servers:, and main: its own).",
+                                          labels=["server"])
+        server_flight = GaugeMetricFamily("bootorch_server_nodes_in_flight",
+                                          "Nodes in flight whose downloads each boot server carries.", labels=["server"])
+        fams = [result, budget, aborted, window, window_max, in_flight, server_window, server_flight]
         sched, tracker = self.m.scheduler, self.m.tracker
         if describe:
             return fams
@@ -352,6 +359,9 @@ class _Collector:
             window.add_metric([], sched.window)
             window_max.add_metric([], sched.max_window)
             in_flight.add_metric([], sched.in_flight())
+            for name, w in list(sched.windows.items()):
+                server_window.add_metric([name], w.size)
+                server_flight.add_metric([name], sched.in_flight_on(name))
             return fams
         if tracker is not None:  # `serve`: no scheduler, the tracker's view
             tally = {"ready": 0, "failed": 0, "unfinished": 0}

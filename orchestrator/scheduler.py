@@ -73,6 +73,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -83,7 +84,8 @@ from orchestrator.plan import LoadedPlan, Node
 from orchestrator.power import PowerDriver, PowerResult, Target
 from orchestrator.power.drivers import target as node_target
 from orchestrator.store import Store
-from orchestrator.tracker import Stage, Tracker, Transition
+from orchestrator.plan.resolve import MAIN_SERVER
+from orchestrator.tracker import DOWNLOADING, Stage, Tracker, Transition
 from orchestrator.window import AdmissionWindow, ServerLoad, WindowTuning
 
 if TYPE_CHECKING:
@@ -205,6 +207,7 @@ class Scheduler:
         ssh_power: PowerDriver | None = None,
         window_tuning: WindowTuning = WindowTuning(),
         probe_every: float = 1.0,
+        server_loads: dict[str, Callable[[], ServerLoad]] | None = None,
     ) -> None:
         self.plan, self.tracker, self.store = plan, tracker, store
         self.wake_driver, self.bmc, self.readiness = wake, bmc, readiness
@@ -214,9 +217,26 @@ class Scheduler:
         self.retries = settings.retries
         self.timeouts = settings.timeouts
         self.probe_every = probe_every
-        self.admission_window = AdmissionWindow(self.adm.max_downloading, adaptive=self.adm.adaptive, tuning=window_tuning)
-        #: (time, size) at the start of :meth:`run` and at every change of the admission window.
+        #: Load readers per server: ``main`` reads ``load``; others what ``server_loads`` gives.
+        self.server_loads: dict[str, Callable[[], ServerLoad]] = dict(server_loads or {})
+        if load is not None:
+            self.server_loads.setdefault(MAIN_SERVER, load)
+        # A window adapts only to a load it can read; without one it is the server's max_downloading.
+        self.admission_window = AdmissionWindow(self.adm.max_downloading, tuning=window_tuning,
+                                                adaptive=self.adm.adaptive and MAIN_SERVER in self.server_loads)
+        #: One admission window per boot server (``servers:``), ``main`` first: the plan's own server's.
+        self.windows: dict[str, AdmissionWindow] = {MAIN_SERVER: self.admission_window}
+        for srv in plan.model.servers:
+            self.windows[srv.name] = AdmissionWindow(srv.admission.max_downloading, tuning=window_tuning,
+                                                     adaptive=srv.admission.adaptive and srv.name in self.server_loads)
+        #: mac -> the server carrying the node's downloads
+        self.server_of: dict[str, str] = {n.mac: plan.server_of(n) for n in plan.nodes}
+        #: server -> MACs of its nodes in flight (kept only with more than one server; see in_flight_on).
+        self._flying: dict[str, set[str]] = {name: set() for name in self.windows}
+        #: (time, size) at the start of :meth:`run` and at every change of an admission window (sizes summed over servers).
         self.window_history: list[tuple[float, int]] = []
+        #: server -> (time, size) at every change of that server's window (kept with more than one server).
+        self.server_window_history: dict[str, list[tuple[float, int]]] = {}
         self.jobs: dict[str, NodeJob] = {}
         #: False: no plan waves, only on-call operations (``bootorch reboot`` without a running rollout, ``serve``).
         self.rollout = rollout
@@ -272,10 +292,13 @@ class Scheduler:
             return
         self.on_change(ts)
         wake = False
+        many = len(self.windows) > 1
         for t in ts:
             job = self.jobs.get(t.mac)
             if job is None:
                 continue
+            if many:
+                self._sync_flying(t.mac)
             # The waiters on `changed` care about a node entering or leaving the
             # admission window, an end (ready, failed, off) and a comeback; a step
             # inside the window (loader -> kernel) wakes nobody but the deadline check below.
@@ -321,13 +344,34 @@ class Scheduler:
 
     @property
     def window(self) -> int:
-        """Nodes allowed in flight now (the admission window's size)."""
-        return self.admission_window.size
+        """Nodes allowed in flight now: the admission windows' sizes, summed over the servers."""
+        return sum(w.size for w in self.windows.values())
 
     @property
     def max_window(self) -> int:
-        """The admission window's ceiling (the plan's ``admission.max_downloading``)."""
-        return self.admission_window.max_window
+        """The admission windows' ceilings summed (each server's ``max_downloading``)."""
+        return sum(w.max_window for w in self.windows.values())
+
+    def _sync_flying(self, mac: str) -> None:
+        st = self.tracker.nodes.get(mac)
+        flying = self._flying[self.server_of.get(mac, MAIN_SERVER)]
+        if st is not None and st.stage in IN_FLIGHT and mac in self.jobs:
+            flying.add(mac)
+        else:
+            flying.discard(mac)
+
+    def in_flight_on(self, server: str) -> int:
+        """Nodes of ours in flight whose downloads ``server`` carries."""
+        if len(self.windows) == 1:
+            return self.in_flight()
+        return len(self._flying[server])
+
+    def downloading_on(self, server: str) -> int:
+        """Nodes of ours downloading (loader .. initrd) from ``server``."""
+        if len(self.windows) == 1:
+            return self.tracker.downloading()
+        nodes = self.tracker.nodes
+        return sum(1 for mac in self._flying[server] if nodes[mac].stage in DOWNLOADING)
 
     # Both run after every transition (the admission loop wakes on each): at 10 000
     # nodes a pass over every node each time would cost more than the event itself.
@@ -378,14 +422,19 @@ class Scheduler:
 
     async def run(self, events: trio.MemoryReceiveChannel[BootEvent] | None = None) -> Summary:
         self.restore()
+        if len(self.windows) > 1:
+            for mac in self.jobs:
+                self._sync_flying(mac)
         self.window_history.append((self.clock(), self.window))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if events is not None:
                 nursery.start_soon(self._consume, events)
             nursery.start_soon(self._watch_timeouts)
-            if self.adm.adaptive and self.load is not None:
-                nursery.start_soon(self._adapt, self.load)
+            for name, window in self.windows.items():
+                reader = self.server_loads.get(name)
+                if window.adaptive and reader is not None:
+                    nursery.start_soon(self._adapt, name, reader)
             for job in self.jobs.values():
                 st = self.tracker.nodes[job.node.mac]
                 if job.op is not None:
@@ -412,7 +461,7 @@ class Scheduler:
         return Summary(ok, self.aborted, ready, failed, self.jobs, self.window_history)
 
     async def _run_wave(self, jobs: list[NodeJob]) -> None:
-        queue = [r for r in jobs if self.tracker.nodes[r.node.mac].stage == Stage.PENDING]
+        lanes = self._lanes([r for r in jobs if self.tracker.nodes[r.node.mac].stage == Stage.PENDING])
         first_open = 0  # jobs before it had a result when last looked at: all() needs a full pass only at the end
         while True:
             if self.failed_count() > self.budget:
@@ -426,22 +475,67 @@ class Scheduler:
                 if all(r.result is not None for r in jobs):
                     return
                 first_open = 0
-            if queue:
-                if await self._may_power_on(queue[0]):
-                    job = queue.pop(0)
+            if lanes:
+                lane = await self._admissible(lanes)
+                if lane is not None:
+                    _, job = lanes[lane].popleft()
+                    if not lanes[lane]:
+                        del lanes[lane]
                     if job.op is None and self.tracker.nodes[job.node.mac].stage == Stage.PENDING:  # else on-call took it over
                         async with self._lock(job.node.mac):
                             await self._wake(job, "admitted")
                 continue
             await self.changed.wait()
 
+    def _lanes(self, queue: list[NodeJob]) -> dict[tuple[str, str | None], deque[tuple[int, NodeJob]]]:
+        """The wave's queue split by (server, rack): a full server or a rack at its power-on rate holds back only its lane.
+
+        Racks get lanes of their own only under ``rack_power_on_rate``; each lane keeps plan order.
+        """
+        lanes: dict[tuple[str, str | None], deque[tuple[int, NodeJob]]] = {}
+        by_rack = bool(self.adm.rack_power_on_rate)
+        for i, job in enumerate(queue):
+            key = (self.server_of.get(job.node.mac, MAIN_SERVER), job.node.rack if by_rack else None)
+            lanes.setdefault(key, deque()).append((i, job))
+        return lanes
+
+    async def _admissible(self, lanes: dict[tuple[str, str | None], deque[tuple[int, NodeJob]]]) -> tuple[str, str | None] | None:
+        """The lane whose first node may be powered on now (the earliest in plan order among those that may).
+
+        None after waiting: for a change when every lane's server is full, else for
+        the nearest power-on delay (global or per rack) or a change, whichever comes first.
+        """
+        best: tuple[str, str | None] | None = None
+        best_at = -1
+        wait = math.inf
+        for key, lane in lanes.items():
+            i, job = lane[0]
+            if best is not None and i > best_at:
+                continue
+            if self.in_flight_on(key[0]) >= self.windows[key[0]].size:
+                continue
+            delay = self._power_on_delay(job)
+            if delay > 0:
+                wait = min(wait, delay)
+                continue
+            best, best_at = key, i
+        if best is not None:
+            return best
+        if wait < math.inf:
+            with trio.move_on_after(wait):
+                await self.changed.wait()
+        else:
+            await self.changed.wait()
+        return None
+
     async def _may_power_on(self, job: NodeJob) -> bool:
-        """True when ``job`` may be powered on now (room in the window, power-on rates allow).
+        """True when ``job`` may be powered on now (room in its server's window, power-on rates allow).
 
         Otherwise False: after waiting for a change when the window is full (or
         for the power-on rate's delay, or a change, whichever comes first).
         """
-        if self.in_flight() >= self.window:
+        server = self.server_of.get(job.node.mac, MAIN_SERVER)
+        if self.in_flight_on(server) >= self.windows[server].size:
             await self.changed.wait()
             return False
         delay = self._power_on_delay(job)
@@ -635,18 +729,23 @@ class Scheduler:
 
     # ------------------------------------------------------------------ adaptation
 
-    async def _adapt(self, read_load: Callable[[], ServerLoad]) -> None:
-        """Feed the admission window the boot server's load every ``adapt_every`` seconds; log and wake on a change."""
-        window = self.admission_window
+    async def _adapt(self, server: str, read_load: Callable[[], ServerLoad]) -> None:
+        """Feed ``server``'s admission window its load every ``adapt_every`` seconds; log and wake on a change."""
+        window = self.windows[server]
+        named = len(self.windows) > 1
         while True:
             await trio.sleep(window.tuning.adapt_every)
             load = read_load()
-            queued = any(j.result is None and self.tracker.nodes[j.node.mac].stage == Stage.PENDING for j in self.jobs.values())
+            queued = any(j.result is None and self.tracker.nodes[j.node.mac].stage == Stage.PENDING
+                         and self.server_of.get(mac, MAIN_SERVER) == server for mac, j in self.jobs.items())
             now = self.clock()
-            decision = window.update(load, now, in_flight=self.in_flight(), downloading=self.tracker.downloading(), queued=queued)
+            decision = window.update(load, now, in_flight=self.in_flight_on(server), downloading=self.downloading_on(server),
+                                     queued=queued)
             if decision.changed:
-                self.window_history.append((now, decision.size))
-                self.log(decision.log_line())
+                self.window_history.append((now, self.window))
+                if named:
+                    self.server_window_history.setdefault(server, []).append((now, decision.size))
+                self.log(f"{server}: {decision.log_line()}" if named else decision.log_line())
                 self._kick()
 
     # ------------------------------------------------------------------ on-call operations
@@ -679,6 +778,8 @@ class Scheduler:
                 job = self.jobs.get(node.mac)
                 if job is None:
                     job = self.jobs[node.mac] = NodeJob(node, node_target(node), ONCALL_WAVE)
+                    if len(self.windows) > 1:
+                        self._sync_flying(node.mac)
                 acting.append(job)
         for name, why in busy.items():
             self.store.record_action(name, f"{op} requested", reason, why, actor=actor, when=self.clock())

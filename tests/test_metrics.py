@@ -95,8 +95,9 @@ def populated(tmp_path: Path) -> tuple[Metrics, Tracker, Scheduler, BootServers]
     tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     wake, bmc = plan_drivers(plan)
     wake.sent = 6
-    sched = Scheduler(plan, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None, window_tuning=WindowTuning(initial_window=2))
     running = BootServers(host="127.0.0.1", admission=Admission(max_active=8))
+    sched = Scheduler(plan, tracker, Store(tmp_path / "state.db"), wake=wake, bmc=bmc, readiness=None,
+                      load=lambda: running.admission.load(0.0), window_tuning=WindowTuning(initial_window=2))
     running.tftp_counters.packets_out, running.tftp_counters.retransmits, running.tftp_counters.bytes_sent = 100, 3, 51200
     running.tftp_counters.transfers_ok, running.tftp_counters.transfers_failed = 5, 1
     running.http_stats.by_status.update({200: 4, 404: 1})
@@ -244,6 +245,8 @@ def test_exposition_parses_and_follows_conventions(tmp_path):
     assert value("bootorch_rollout_nodes", result="ready") == 1 and value("bootorch_rollout_nodes", result="unfinished") == 2
     assert value("bootorch_rollout_failure_budget_nodes") == 1 and value("bootorch_rollout_aborted") == 0
     assert value("bootorch_admission_window") == 2 and value("bootorch_admission_window_max") == 4
+    assert value("bootorch_server_admission_window", server="main") == 2
+    assert value("bootorch_server_nodes_in_flight", server="main") == value("bootorch_nodes_in_flight")
     assert value("bootorch_nodes_in_flight") == 1  # n3 (pxe_dhcp); n1 is ready, n2 failed, n4 still pending
     assert value("bootorch_power_actions_total", driver="wol", action="wake", result="ok") == 3
     assert value("bootorch_power_actions_total", driver="command", action="power_cycle", result="failed") == 1

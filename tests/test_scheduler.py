@@ -38,7 +38,7 @@ def make_plan(tmp_path, n=8, *, max_downloading=3, rate=10, adaptive=False, budg
     return load_plan(p)
 
 
-async def rollout(plan, tmp_path, configure=lambda cluster: None, *, store=None, cancel_after=None):
+async def rollout(plan, tmp_path, configure=lambda cluster: None, *, store=None, cancel_after=None, server_loads=None):
     send, recv = trio.open_memory_channel(10_000)
     cluster = SimCluster(send)
     for node in plan.nodes:
@@ -57,7 +57,7 @@ async def rollout(plan, tmp_path, configure=lambda cluster: None, *, store=None,
             peak["window_violations"] += 1  # admitted past the window (a shrink may leave more in flight: allowed)
 
     sched = Scheduler(plan, tracker, store, wake=cluster, bmc=cluster, readiness=SimReadiness(cluster), load=cluster.load,
-                      clock=trio.current_time, on_change=on_change, probe_every=1.0,
+                      clock=trio.current_time, on_change=on_change, probe_every=1.0, server_loads=server_loads,
                       window_tuning=WindowTuning(adapt_every=2.0, retransmit_threshold=5.0, initial_window=2))
     summary = None
     async with trio.open_nursery() as nursery:
@@ -298,9 +298,12 @@ def test_the_default_initial_window_is_eight_capped_by_the_plan(tmp_path):
     plan = make_plan(tmp_path, n=4, max_downloading=32, adaptive=True)
     tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
     store = Store(tmp_path / "s.db")
-    assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None).window == 8
+    load = SimCluster(None).load
+    assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None, load=load).window == 8
+    # No load to adapt to (the site's servers, followed through their logs): the plan's cap from the start.
+    assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None).window == 32
     plan = make_plan(tmp_path, n=4, max_downloading=3, adaptive=True)
-    assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None).window == 3
+    assert Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None, load=load).window == 3
     store.close()
 
 
@@ -320,3 +323,93 @@ async def test_a_slow_power_cycle_does_not_hold_back_other_nodes_escalations(tmp
     assert len(starts) == 3
     # Admitted 0.1 s apart, stuck 0.1 s apart: their cycles start together, not a minute apart each.
     assert starts[-1] - starts[0] < 1.0
+
+
+def two_server_plan(tmp_path, *, main_max=2, b_max=1, adaptive=False, extra_admission=""):
+    """Rack rb (listed first in the plan) downloads from server b, rack ra from the plan's own server."""
+    text = textwrap.dedent(f"""\
+    version: 1
+    network: {{subnet: 10.9.0.0/24, server: 10.9.0.1}}
+    profiles: {{p: {{kernel: vmlinuz, initrd: rootfs.gz, ip: dhcp}}}}
+    nodes:
+      - {{name: "b[1-3]", mac: "52:54:00:00:01:01", ip: 10.9.0.21, rack: rb}}
+      - {{name: "a[1-4]", mac: "52:54:00:00:00:01", ip: 10.9.0.11, rack: ra}}
+    servers:
+      - name: b
+        racks: [rb]
+        admission: {{max_downloading: {b_max}, adaptive: {str(adaptive).lower()}}}
+    rollout:
+      admission: {{max_downloading: {main_max}, power_on_rate: 10, adaptive: {str(adaptive).lower()}{extra_admission}}}
+      timeouts: {{waking: 20, pxe_dhcp: 20, loader: 20, config: 20, kernel: 20, initrd: 20, os_dhcp: 20, ssh: 30}}
+      retries: {{wake: 1, power_cycle: 1}}
+      failure_budget: 1
+    power:
+      bmc: {{driver: command, command: "true"}}
+    """)
+    p = tmp_path / "plan.yaml"
+    p.write_text(text)
+    return load_plan(p)
+
+
+async def test_a_saturated_server_holds_back_only_its_own_racks(tmp_path, autojump_clock):
+    plan = two_server_plan(tmp_path)
+    hung = plan.by_name["b1"].mac
+    b_macs = {plan.by_name[f"b{i}"].mac for i in (1, 2, 3)}
+    peak_b = []
+
+    def configure(cluster):
+        cluster.nodes[hung].hang_in = "rootfs.gz"  # holds server b's only slot until it fails
+        cluster.nodes[hung].stubborn = True
+
+    sched_box = {}
+    orig = Scheduler.journaled
+
+    def watching(self, ts):
+        orig(self, ts)
+        sched_box["s"] = self
+        peak_b.append(sum(1 for m in b_macs if self.tracker.nodes[m].stage in IN_FLIGHT))
+
+    Scheduler.journaled = watching
+    try:
+        with trio.fail_after(10_000):
+            summary, cluster, sched, peak, store = await rollout(plan, tmp_path, configure)
+    finally:
+        Scheduler.journaled = orig
+    assert summary.failed == ["b1"] and sorted(summary.ready) == ["a1", "a2", "a3", "a4", "b2", "b3"]
+    assert max(peak_b) == 1  # server b's window (1) held
+    woken = {name: t for t, name in reversed(cluster.wakes)}  # first wake of each
+    failed_at = next(t.time for t in store.transitions(hung) if t.to_stage == Stage.FAILED)
+    # Rack ra's nodes went while b1 held b's only slot, although rb comes first in the plan.
+    assert all(woken[f"a{i}"] < woken["b2"] for i in (1, 2, 3, 4))
+    assert woken["b2"] >= failed_at
+
+
+async def test_each_server_window_adapts_to_its_own_load(tmp_path, autojump_clock):
+    from orchestrator.bootserver.admission import Load
+
+    plan = two_server_plan(tmp_path, main_max=4, b_max=4, adaptive=True)
+    quiet = Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=0.0)
+    lossy = Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=50.0)
+    with trio.fail_after(10_000):
+        summary, cluster, sched, peak, store = await rollout(plan, tmp_path, server_loads={"main": lambda: quiet, "b": lambda: lossy})
+    assert summary.ok
+    b_sizes = [w for _, w in sched.server_window_history["b"]]
+    main_sizes = [w for _, w in sched.server_window_history.get("main", [])]
+    assert b_sizes and b_sizes[-1] < 2  # loss on b: halved from its start of 2
+    assert all(w >= 2 for w in main_sizes)  # main never shrank for b's loss
+    assert sched.windows["b"].size < sched.windows["main"].size
+
+
+def test_servers_in_the_plan_are_checked_with_their_line(tmp_path):
+    from orchestrator.plan import PlanError
+
+    plan = two_server_plan(tmp_path)
+    assert plan.server_of(plan.by_name["b1"]) == "b" and plan.server_of(plan.by_name["a1"]) == "main"
+    text = (tmp_path / "plan.yaml").read_text()
+    bad = text.replace("  - name: b\n    racks: [rb]", "  - name: main\n    racks: [ra]\n  - name: c\n    racks: [rb, ra]")
+    (tmp_path / "plan.yaml").write_text(bad)
+    with pytest.raises(PlanError) as e:
+        load_plan(tmp_path / "plan.yaml")
+    msgs = [(p.line, p.message) for p in e.value.problems]
+    assert any(line == 8 and "'main' is the plan's own boot server" in m for line, m in msgs), msgs
+    assert any(line == 11 and "rack ra is listed on two servers (main and c)" in m for line, m in msgs), msgs

@@ -401,6 +401,31 @@ class Admission(Strict):
     adaptive: bool = True
 
 
+class ServerAdmission(Strict):
+    """Admission for one more boot server: its own window, fed by its own load."""
+
+    #: Cap on this server's nodes in the download stages at once.
+    max_downloading: int = Field(16, ge=1)
+    #: Widen/shrink this server's window from its load (needs a load signal from that server;
+    #: without one the window stays at max_downloading).
+    adaptive: bool = True
+
+
+class FileServer(Strict):
+    """One more boot server (or HTTP cache) carrying the downloads of some racks' nodes.
+
+    Nodes whose ``rack:`` is listed here are admitted against this server's own
+    window; every other node against the plan's own server (``rollout.admission``,
+    named ``main``). The power-on rates (global, per rack) hold across all servers.
+    """
+
+    #: A short name for status, metrics and logs (``main`` is the plan's own server).
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    #: Racks (node ``rack:`` values) whose nodes download from this server.
+    racks: list[str] = Field(min_length=1)
+    admission: ServerAdmission = ServerAdmission()
+
+
 class Timeouts(Strict):
     """Seconds a node may spend in each stage before it is stuck."""
 
@@ -638,6 +663,8 @@ class Plan(Strict):
     control: Control = Control()
     #: Logs of a site's own DHCP/TFTP servers to follow (dhcp.mode external, or beside ours).
     logs: list[LogSource] = []
+    #: More boot servers or caches, each carrying some racks' downloads under its own admission window.
+    servers: list[FileServer] = []
 
     @field_validator("version")
     @classmethod

@@ -24,6 +24,8 @@ from orchestrator.nodeset import NodeSetError, expand
 from orchestrator.plan.model import Plan, RelayedSubnet, parse_mac
 from orchestrator.plan.source import PlanError, Problem, Source, load_yaml
 
+#: The plan's own boot server (embedded, or the site's servers whose logs it follows) in ``servers:`` terms.
+MAIN_SERVER = "main"
 INVENTORY_COLUMNS = ("name", "mac", "ip", "profile", "group", "rack", "bmc")
 
 
@@ -87,6 +89,14 @@ class LoadedPlan:
     def groups(self) -> dict[str, list[str]]:
         """``@group`` and ``@rack`` names usable in node sets (waves, CLI)."""
         return node_groups(self.nodes)
+
+    def server_of(self, node: Node) -> str:
+        """The name of the boot server carrying ``node``'s downloads (``servers:`` by rack; else ``main``)."""
+        if node.rack is not None:
+            for srv in self.model.servers:
+                if node.rack in srv.racks:
+                    return srv.name
+        return MAIN_SERVER
 
     def relayed_subnet_of(self, node: Node | IPv4Address) -> RelayedSubnet | None:
         """The relayed subnet (``network.relayed``) a node's address lies in; None: the boot subnet."""
@@ -574,6 +584,34 @@ def _check_relayed(plan: LoadedPlan, src: Source) -> list[Problem]:
     return out
 
 
+def _check_servers(plan: LoadedPlan, src: Source) -> list[Problem]:
+    """``servers:``: unique names (not ``main``), each rack on one server, racks that have nodes."""
+    out: list[Problem] = []
+    home: dict[str, str] = {}
+    names: set[str] = set()
+    for i, srv in enumerate(plan.model.servers):
+        def at(*loc: Any, key: bool = False) -> tuple[str, int | None]:
+            return (src.path, src.line_of(("servers", i, *loc), key=key))
+
+        if srv.name == MAIN_SERVER:
+            out.append(Problem(*at("name"), f"server name {MAIN_SERVER!r} is the plan's own boot server; "
+                               "name this one after where it stands, e.g. row-b"))
+        elif srv.name in names:
+            out.append(Problem(*at("name"), f"server name {srv.name!r} is used twice in servers:; give each its own"))
+        names.add(srv.name)
+        for k, rack in enumerate(srv.racks):
+            if home.get(rack) == srv.name:
+                out.append(Problem(*at("racks", k), f"rack {rack} is listed twice on server {srv.name}; remove one"))
+            elif rack in home:
+                out.append(Problem(*at("racks", k), f"rack {rack} is listed on two servers ({home[rack]} and {srv.name}); "
+                                   "a rack's nodes download from one server"))
+            home.setdefault(rack, srv.name)
+            if not any(n.rack == rack for n in plan.nodes):
+                out.append(Problem(*at("racks", k), f"rack {rack} of server {srv.name} has no node (no node says rack: {rack})",
+                                   "warning"))
+    return out
+
+
 def _free_range_hint(net: IPv4Network, nodes: list[Node], plan: Plan) -> str:
     used = {int(n.ip) for n in nodes if n.ip in net}
     for addr in (plan.network.server, plan.network.gateway):
@@ -600,6 +638,7 @@ def load_plan(path: str | Path) -> LoadedPlan:
     nodes, problems = _expand_nodes(path, src, model)
     plan = LoadedPlan(path=path.resolve(), model=model, nodes=nodes)
     problems += _check_cluster(plan, src)
+    problems += _check_servers(plan, src)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise PlanError(problems)
