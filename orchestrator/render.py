@@ -9,7 +9,11 @@ For sites that keep their own daemons, ``bootorch render`` writes:
   ``deny unknown clients``);
 * ``dnsmasq.conf`` -- the same in dnsmasq's words (full or proxy mode);
 * ``pxelinux.cfg/<name>`` -- one per node and name kind (``01-<mac>``, hex IP);
-* ``ipxe/<mac>.ipxe`` and ``boot.ipxe`` -- iPXE scripts for HTTP booting.
+* ``ipxe/<mac>.ipxe`` and ``boot.ipxe`` -- iPXE scripts for HTTP booting;
+* ``nginx/<server>.conf`` -- for each of the plan's ``servers:`` with ``http``,
+  an nginx HTTP cache in front of bootorch's HTTP server
+  (:func:`render_nginx_cache`); the nodes of its racks fetch their kernels and
+  initrds there (:func:`files_base`).
 
 * ``hostkeys/<ip>.cpio`` -- a node's own SSH host key (profile
   ``host_key: per-node``, once ``bootorch image build`` has made it), a tiny
@@ -35,7 +39,9 @@ restart.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -120,6 +126,15 @@ def http_base(plan: LoadedPlan) -> str:
     return f"http://{host}:{bs.http_port}" if bs.http_port != 80 else f"http://{host}"
 
 
+def files_base(plan: LoadedPlan, node: Node) -> str:
+    """Where ``node`` fetches its kernel and initrds over HTTP: its server's ``http`` (``servers:``), else ours."""
+    if node.rack is not None:
+        for srv in plan.model.servers:
+            if srv.http and node.rack in srv.racks:
+                return srv.http
+    return http_base(plan)
+
+
 def ipxe_mode(plan: LoadedPlan, node: Node) -> str:
     """What ``node`` gets when it runs iPXE: its profile's ``ipxe``, else ``boot.ipxe``."""
     return plan.model.profiles[node.profile].ipxe or plan.model.boot.ipxe
@@ -139,14 +154,22 @@ def boot_tree(plan: LoadedPlan) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     names = plan.model.boot.config_names
     base = http_base(plan)
+    http_loader = plan.model.boot.loaders.bios.rsplit("/", 1)[-1] == "lpxelinux.0"
     for node in plan.nodes:
         entry = boot_entry(plan, node)
-        cfg = render_config(entry)
+        near = files_base(plan, node)
+        # The host-key archive only ever from here: it is served to the node's own address, never through a cache.
+        direct = tuple(f for f in entry.initrd if f.startswith(HOST_KEY_DIR + "/"))
+        cfg_entry = entry
+        if near != base and http_loader:  # lpxelinux fetches absolute http:// names itself
+            cfg_entry = replace(entry, kernel=f"{near}/{entry.kernel.lstrip('/')}",
+                                initrd=tuple(f"{base if f in direct else near}/{f.lstrip('/')}" for f in entry.initrd))
+        cfg = render_config(cfg_entry)
         if "mac" in names:
             files[f"{CFG_DIR}/{mac_config_name(node.mac)}"] = cfg
         if "ip" in names:
             files[f"{CFG_DIR}/{ip_hex(node.ip)}"] = cfg
-        files[ipxe_script_name(node.mac)] = render_ipxe(entry, base)
+        files[ipxe_script_name(node.mac)] = render_ipxe(entry, near, direct=direct, direct_url=base)
     if plan.model.boot.default_profile:
         files[f"{CFG_DIR}/default"] = render_config(boot_entry(plan, None, plan.model.boot.default_profile))
     # iPXE clients are sent here by DHCP; it chains to the per-node script by MAC.
@@ -399,6 +422,64 @@ def render_dnsmasq(plan: LoadedPlan) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+# --------------------------------------------------------------------------- nginx caches
+
+
+def render_nginx_cache(plan: LoadedPlan, name: str, *, cache_dir: str | None = None, access_log: str | None = None) -> str:
+    """An nginx ``server`` (plus its ``proxy_cache_path``) caching this plan's HTTP files for server ``name``.
+
+    For nginx's ``http {}`` context (``/etc/nginx/conf.d/``). It listens on the
+    server's ``http`` address, fetches misses from bootorch's HTTP server,
+    fetches each file upstream once however many nodes ask at once
+    (``proxy_cache_lock``), and logs in the ``combined`` format that
+    ``logs: [{source: nginx}]`` reads. Host-key archives are refused: they go to
+    their node's own address only, never through a cache. Cached answers are
+    reused for a minute, then fetched again (bootorch's server sends no
+    validators), so a rebuilt image reaches the racks within a minute.
+    """
+    srv = next(s for s in plan.model.servers if s.name == name)
+    if not srv.http:
+        raise ValueError(f"server {name} has no http: address to cache at")
+    m = re.fullmatch(r"http://(.+?)(?::(\d+))?", srv.http)
+    assert m is not None  # the plan model checked the form
+    listen = f"{m.group(1)}:{m.group(2) or 80}"
+    zone = "bootorch_" + re.sub(r"[^a-z0-9_]", "_", name)
+    cache_dir = cache_dir or f"/var/cache/nginx/bootorch-{name}"
+    access_log = access_log or f"/var/log/nginx/bootorch-{name}.access.log"
+    upstream = http_base(plan)
+    racks = ", ".join(srv.racks)
+    return f"""# bootorch: HTTP cache for server {name} (racks {racks}), in front of {upstream}.
+# Written by `bootorch render`; include it in nginx's http {{}} block. bootorch follows
+# {access_log} (plan logs: source nginx) for these nodes' kernel and initrd stages.
+proxy_cache_path {cache_dir} levels=1:2 keys_zone={zone}:10m max_size=20g inactive=7d use_temp_path=off;
+
+server {{
+    listen {listen};
+    access_log {access_log} combined;
+
+    location / {{
+        proxy_pass {upstream};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_cache {zone};
+        proxy_cache_key $uri;
+        proxy_cache_valid 200 1m;
+        # A storm asks for the same kernel hundreds of times at once: one request goes upstream.
+        proxy_cache_lock on;
+        proxy_cache_lock_timeout 10m;
+        proxy_cache_lock_age 10m;
+        proxy_cache_use_stale error timeout updating;
+        add_header X-Cache-Status $upstream_cache_status;
+    }}
+
+    # A node's host keys go to its own address only: never from (or into) a cache.
+    location /hostkeys/ {{
+        return 403;
+    }}
+}}
+"""
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (mode ``mode``) atomically: a temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,6 +502,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 def render_all(plan: LoadedPlan) -> dict[str, bytes]:
     """Every file ``bootorch render`` writes, by relative path."""
     files = {"dhcpd.conf": render_dhcpd(plan).encode(), "dnsmasq.conf": render_dnsmasq(plan).encode()}
+    files.update({f"nginx/{srv.name}.conf": render_nginx_cache(plan, srv.name).encode() for srv in plan.model.servers if srv.http})
     files.update(boot_tree(plan))
     files.update({name: archive for name, (_ip, archive) in host_key_tree(plan).items()})
     return files

@@ -424,6 +424,21 @@ class FileServer(Strict):
     #: Racks (node ``rack:`` values) whose nodes download from this server.
     racks: list[str] = Field(min_length=1)
     admission: ServerAdmission = ServerAdmission()
+    #: ``http://host[:port]``: where these racks' nodes fetch kernels and initrds over HTTP
+    #: (an HTTP cache near the racks; ``bootorch render`` writes an nginx config for it).
+    #: Their iPXE scripts (and lpxelinux configs) name files there; host-key archives still
+    #: come from the plan's own server (they go to the node's own address only).
+    http: str | None = None
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        m = re.fullmatch(r"http://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?/?", v)
+        if not m or (m.group(2) and not 0 < int(m.group(2)) < 65536):
+            raise ValueError(f"{v!r}: write http://host or http://host:port (no path), e.g. http://10.20.0.1:8080")
+        return v.rstrip("/")
 
 
 class Timeouts(Strict):

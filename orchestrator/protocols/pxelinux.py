@@ -17,6 +17,7 @@ checks this module against the example in that very file):
 from __future__ import annotations
 
 import shlex
+from collections.abc import Collection
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -138,9 +139,14 @@ def serial_console(append: str) -> tuple[int, int] | None:
     return None
 
 
-def render_ipxe(entry: BootEntry, base_url: str) -> bytes:
-    """The iPXE script for the same entry, fetching files over HTTP from ``base_url``."""
+def render_ipxe(entry: BootEntry, base_url: str, *, direct: Collection[str] = (), direct_url: str | None = None) -> bytes:
+    """The iPXE script for the same entry, fetching files over HTTP from ``base_url``.
+
+    Files named in ``direct`` come from ``direct_url`` instead (a node's host-key
+    archive from the boot server itself while its kernel comes through a cache).
+    """
     base = base_url.rstrip("/")
+    near = (direct_url or base_url).rstrip("/")
     lines = ["#!ipxe"]
     if entry.comment:
         lines += [f"# {line}" for line in entry.comment.splitlines()]
@@ -149,8 +155,8 @@ def render_ipxe(entry: BootEntry, base_url: str) -> bytes:
         args = " ".join(f"initrd={shlex.quote(f.rsplit('/', 1)[-1])}" for f in entry.initrd) + (" " + args if args else "")
     # kernel first, then its initrds: the order the files are fetched is the order
     # the stages are seen (kernel, then initrd).
-    lines.append(f"kernel {base}/{entry.kernel.lstrip('/')} {args}".rstrip())
+    lines.append(f"kernel {near if entry.kernel in direct else base}/{entry.kernel.lstrip('/')} {args}".rstrip())
     for f in entry.initrd:
-        lines.append(f"initrd {base}/{f.lstrip('/')}")
+        lines.append(f"initrd {near if f in direct else base}/{f.lstrip('/')}")
     lines.append("boot")
     return ("\n".join(lines) + "\n").encode()
