@@ -20,8 +20,15 @@ the wire lower bound N x bytes-per-node / link rate, their ratio, TFTP
 retransmits (server, from its metrics), client timeouts and give-ups (the
 simulator's counters), tbf drops, failed nodes, p50/p99 per-node boot time
 (wake to ready), and the server's TFTP requests that waited for a slot or were
-dropped unanswered (``tftp_waited``/``tftp_refused`` in the JSON). Stage counts
-over time go to a PNG (matplotlib, the ``bench`` extra).
+dropped unanswered (``tftp_waited``/``tftp_refused`` in the JSON), its finished
+transfers by result (``tftp_results``, from ``bootorch_file_transfers_total``),
+and from its TFTP log (the rollout runs with that logger at DEBUG; the log is
+``rollout.err`` in the work directory): failed transfers by reason, split by
+whether the client had ACKed (``server_tftp_failures``), and how long the
+transfers that needed resends went without progress (``longest_stall_s``,
+``stalls_over_10s``/``_30s``: how close a client came to the server's 60 s
+``max_stall``). Stage counts over time go to a PNG (matplotlib, the ``bench``
+extra).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,10 +113,41 @@ while time.time() - t0 < limit:
                      "bootorch_tftp_bytes_sent_total", "bootorch_admission_window"):
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 row[name] = row.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        if line.startswith('bootorch_file_transfers_total{') and 'protocol="tftp"' in line:
+            result = line.split('result="', 1)[1].split('"', 1)[0] if 'result="' in line else "?"
+            row["tftp_" + result] = float(line.rsplit(" ", 1)[1])
     rows.append(row)
     with open(out, "w") as f: json.dump(rows, f)
     time.sleep(1.0)
 """
+
+
+#: ``bootorch rollout`` with the boot server's TFTP log at DEBUG on stderr: each failed transfer (also one
+#: before any ACK) and each finished one that needed resends, with its longest stall (parsed below). Run
+#: inside the server's namespace with BOOTORCH_NETNS set, so the rollout does not re-execute itself there.
+ROLLOUT = r"""
+import logging, sys
+h = logging.StreamHandler(sys.stderr)
+h.setFormatter(logging.Formatter("%(message)s"))
+lg = logging.getLogger("orchestrator.bootserver.tftp")
+lg.setLevel(logging.DEBUG); lg.addHandler(h); lg.propagate = False
+from orchestrator.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+SERVER_LOG = re.compile(r"^tftp: .* to [^ ]+ (?:failed \((\w+)(, before any ACK)?\)|(\w+)) after [0-9.]+s: .*longest stall ([0-9.]+)s$", re.M)
+
+
+def server_log(text: str) -> dict:
+    """The TFTP lines of the rollout's stderr: failures by result, and stalls of the transfers that needed resends."""
+    failed: Counter[str] = Counter()
+    stalls = []
+    for m in SERVER_LOG.finditer(text):
+        if m.group(1):
+            failed[m.group(1) + (" (before any ACK)" if m.group(2) else "")] += 1
+        stalls.append(float(m.group(4)))
+    return {"server_tftp_failures": dict(sorted(failed.items())), "resent_transfers": len(stalls),
+            "longest_stall_s": max(stalls, default=0.0), "stalls_over_10s": sum(s > 10 for s in stalls),
+            "stalls_over_30s": sum(s > 30 for s in stalls)}
 
 
 def run_policy(policy: str, args: argparse.Namespace, index: int) -> dict:
@@ -143,7 +182,8 @@ def run_policy(policy: str, args: argparse.Namespace, index: int) -> dict:
                                     f"http://127.0.0.1:{port}/metrics", str(work / "metrics.json"), str(args.time_limit)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         t0 = time.time()
-        rollout = subprocess.Popen([sys.executable, "-m", "orchestrator", "rollout", str(plan), "--json"], cwd=REPO,
+        rollout = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", ROLLOUT, "rollout", str(plan), "--json"],
+                                   cwd=REPO, env={**os.environ, "BOOTORCH_NETNS": server_ns},
                                    stdout=open(work / "rollout.json", "wb"), stderr=open(work / "rollout.err", "wb"),
                                    start_new_session=True)
         try:
@@ -165,6 +205,7 @@ def run_policy(policy: str, args: argparse.Namespace, index: int) -> dict:
     stats = json.loads((work / "sim-stats.json").read_text()) if (work / "sim-stats.json").exists() else {}
     metrics = json.loads((work / "metrics.json").read_text()) if (work / "metrics.json").exists() else []
     result.update(analyse(out, stats, metrics, sp, args))
+    result.update(server_log((work / "rollout.err").read_text(errors="replace") if (work / "rollout.err").exists() else ""))
     if args.keep:
         result["workdir"] = str(work)
     else:  # the logs stay only with --keep (or when the rollout gave no JSON, above)
@@ -220,6 +261,7 @@ def analyse(out: dict, stats: dict, metrics: list, sp: SimPlan, args: argparse.N
         "tftp_retransmits": last.get("bootorch_tftp_retransmits_total"),
         "tftp_refused": last.get("bootorch_tftp_refused_requests_total"),
         "tftp_waited": last.get("bootorch_tftp_waited_requests_total"),
+        "tftp_results": {k[len("tftp_"):]: v for k, v in last.items() if k.startswith("tftp_")},
         "client_tftp_timeouts": totals.get("tftp_timeouts"), "client_dhcp_timeouts": totals.get("dhcp_timeouts"),
         "client_gave_up": totals.get("gave_up"), "boots": totals.get("boots"),
         "gave_up_reasons": sorted({r.split(" on ")[0].split(" after ")[0] for g in stats.get("gave_up", []) for r in g["reasons"]}),
@@ -318,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(f"[{policy}] makespan {r['makespan_s']} s, ratio {r['ratio']}, failed {r['failed']}, "
               f"retransmits {r['tftp_retransmits']}, waited {r['tftp_waited']}, refused {r['tftp_refused']}, "
-              f"gave up {r['client_gave_up']} {r['gave_up_reasons']}", file=sys.stderr, flush=True)
+              f"gave up {r['client_gave_up']} {r['gave_up_reasons']}, power cycles {r['power_cycles']}, "
+              f"TFTP results {r['tftp_results']}, server-side failures {r['server_tftp_failures']}, "
+              f"{r['resent_transfers']} transfers resent (longest stall {r['longest_stall_s']} s, "
+              f"{r['stalls_over_10s']} over 10 s, {r['stalls_over_30s']} over 30 s)", file=sys.stderr, flush=True)
     doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uname_r": os.uname().release,
            "cpus": os.cpu_count(), "args": {k: v for k, v in vars(args).items()}, "results": results}
     if args.json:

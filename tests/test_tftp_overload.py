@@ -19,6 +19,7 @@ import trio.testing
 from orchestrator.bootserver.admission import Admission
 from orchestrator.bootserver.files import BootFiles
 from orchestrator.bootserver.tftp import TftpCounters, serve_tftp, tftp_get
+from orchestrator.events import BootEvent, EventKind
 from orchestrator.protocols import tftp as p
 
 HOST = "127.0.0.1"
@@ -221,3 +222,44 @@ async def test_a_different_request_from_a_waiting_port_takes_its_place(nursery, 
         assert p.parse_packet(data) == p.Data(1, b"hello\nworld\r\n")
         for q in (a, b, c):
             q.close()
+
+
+async def test_a_client_that_only_re_acks_is_served_until_max_stall_not_given_up_by_the_retries(nursery, root, autojump_clock):
+    """A proven client that keeps re-ACKing block 1 while every later DATA is lost to it (here: it
+    ignores them) is alive: the server resends on its timer past its 5 retries, never in answer to a
+    duplicate ACK, and ends the transfer only at max_stall (60 s) -- the cap for a peer that only re-ACKs."""
+    send, recv = trio.open_memory_channel[BootEvent](100)
+    addr, counters = await _start(nursery, root, events=send, retries=5)
+    c = Udp()
+    with trio.fail_after(300):
+        c.send(p.encode_request("big.bin"), addr)
+        data, tid = await c.recv()
+        assert p.parse_packet(data).block == 1
+        c.send(p.encode_ack(1), tid)
+        t_ack = trio.current_time()
+        data2 = 0
+
+        async def reack() -> None:
+            while True:
+                await trio.sleep(0.5)
+                c.send(p.encode_ack(1), tid)
+
+        async def count_data() -> None:
+            nonlocal data2
+            while True:
+                pkt = p.parse_packet((await c.recv())[0])
+                assert pkt.block == 2, pkt  # never anything but DATA 2 again
+                data2 += 1
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reack)
+            n.start_soon(count_data)
+            while (ev := await recv.receive()).kind is not EventKind.FILE_FAILED:
+                assert ev.kind is EventKind.FILE_REQUEST, ev
+            n.cancel_scope.cancel()
+        assert ev.result == "timeout" and ev.bytes == 512
+        assert trio.current_time() - t_ack == pytest.approx(60.0)  # max_stall, not 5 backed-off timeouts (~10 s)
+        assert ev.retransmits > 5
+        assert data2 == 1 + ev.retransmits  # the first send and the timer's resends: no answer to ~120 duplicate ACKs
+        assert counters.transfers_failed == 1 and counters.active == 0
+        c.close()

@@ -7,6 +7,7 @@ timers fire only when the test advances ``now``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -14,6 +15,7 @@ import pytest
 
 from orchestrator.bootserver.files import MemoryFile
 from orchestrator.protocols import tftp as p
+from orchestrator.sim.machine import PXELINUX_TIMEOUTS
 from tests.tftp_link import Link, data_blocks
 
 
@@ -383,3 +385,78 @@ def test_round_trip_samples_follow_karn_and_duplicate_acks_are_counted():
     assert t.rtt_n == 3 and round(t.rtt_sum, 6) == 0.035
     t.datagram(p.encode_ack(9), 1.06)  # never sent: not a duplicate
     assert t.dup_acks == 1
+
+
+# -- a peer that re-ACKs while our DATA is lost -----------------------------------------
+
+
+def _lossy_run(t: p.ReadTransfer, reacks, *, lost_until: float, limit: float = 300.0) -> tuple[float, list]:
+    """Drive ``t`` against a client that re-ACKs its last block at the times in ``reacks`` while
+    every DATA sent before ``lost_until`` is lost; a DATA sent later is ACKed 10 ms after it left
+    (lock-step). Asserts that no duplicate ACK is ever answered. Returns (when it ended, the event)."""
+    reacks = iter(reacks)
+    next_reack = next(reacks, float("inf"))
+    pending: float | None = None  # when the ACK of a delivered DATA arrives
+    now, ev = 0.0, ()
+    while not t.finished and now < limit:
+        due = min(t.next_deadline, next_reack, pending if pending is not None else float("inf"))
+        now = due
+        if pending is not None and due == pending:
+            pending = None
+            out, ev = t.datagram(p.encode_ack(t.high & 0xFFFF), now)
+        elif due == next_reack:
+            next_reack = next(reacks, float("inf"))
+            out, ev = t.datagram(p.encode_ack(t.acked & 0xFFFF), now)
+            assert out == [], "a duplicate ACK was answered (Sorcerer's Apprentice)"
+        else:
+            out, ev = t.timer(now)
+        if out and now >= lost_until:
+            pending = now + 0.01
+    return now, list(ev)
+
+
+def _pxelinux_reacks(since: float) -> list[float]:
+    """When pxelinux re-ACKs after the last new DATA at ``since``: its TimeoutTable (~131 s in all)."""
+    return list(itertools.accumulate(PXELINUX_TIMEOUTS, initial=since))[1:]
+
+
+def _proven_lockstep(size: int = 512 * 20) -> p.ReadTransfer:
+    """The trio server's settings (retries 5, max_stall 60 s, adaptive RTO); DATA 1 ACKed at 10 ms, DATA 2 out."""
+    t = p.ReadTransfer(p.ReadRequest("f", "octet", {}), MemoryFile("f", bytes(size)), timeout=1.0, retries=5,
+                       max_stall=60.0, rto_min=0.2, rto_max=4.0)
+    t.start(0.0)
+    out, _ = t.datagram(p.encode_ack(1), 0.01)
+    assert [o[2:4] for o in out] == [b"\x00\x02"]
+    return t
+
+
+def test_a_client_that_keeps_re_acking_while_its_data_is_lost_is_served_until_max_stall():
+    """pxelinux re-ACKs for ~131 s; its DATA is lost all the while (a full switch queue). The retry
+    budget (5 backed-off timeouts, ~10 s) is not what ends the transfer: the duplicate ACKs show the
+    client is alive, so the server keeps resending on its timer until max_stall."""
+    t = _proven_lockstep()
+    ended, ev = _lossy_run(t, _pxelinux_reacks(0.01), lost_until=float("inf"))
+    assert ev and ev[0].reason == "timeout"
+    assert ended == pytest.approx(0.01 + 60.0)  # max_stall after the last progress, not ~10 s
+    assert t.retransmits > t.retries and t.dup_acks > t.retries
+    assert t.longest_stall == pytest.approx(60.0)
+
+
+def test_a_client_whose_data_is_lost_for_40_s_completes():
+    t = _proven_lockstep()
+    ended, ev = _lossy_run(t, _pxelinux_reacks(0.01), lost_until=40.0)
+    assert t.state is p.State.DONE and isinstance(ev[0], p.TransferComplete)
+    assert ended < 40.0 + 4.0 + 1.0  # the next timer resend after the loss (at most rto_max later) got through
+    assert 40.0 - 0.01 <= t.longest_stall < 44.0  # the timer's view of the stall: from the ACK of block 1 to the resend that got through
+
+
+def test_a_peer_that_only_re_acks_is_ended_at_max_stall_and_gets_only_the_timers_resends():
+    """A hostile (proven) peer re-ACKing every 50 ms cannot hold its slot past max_stall, nor draw
+    a single extra datagram: the server sends only what its backed-off timer sends."""
+    t = _proven_lockstep()
+    ended, ev = _lossy_run(t, [0.01 + 0.05 * i for i in range(1, 2000)], lost_until=float("inf"))
+    assert ev and ev[0].reason == "timeout"
+    assert ended == pytest.approx(0.01 + 60.0)
+    assert t.dup_acks >= 1000
+    # The timer's resends only: 0.2 s doubling to rto_max (0.4 + 0.8 + 1.6 + 3.2 s), then every 4 s.
+    assert t.retransmits <= 4 + (60.0 - 6.0) / 4.0 + 1

@@ -73,8 +73,15 @@ Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
   *different* request from a waiting port replaces it in place; one from the
   port of a transfer waiting for an admission slot ends that wait
   ("superseded") and starts in its turn;
-* a transfer whose client vanished ends after its retry budget; its socket and
-  file are closed in ``finally`` whatever happens.
+* a transfer whose client vanished (no ACK, not even a duplicate) ends after its
+  retry budget; one whose client keeps re-ACKing while our DATA is lost (a full
+  queue on the way) is alive: its resends go on, on the backed-off timer and
+  never in answer to a duplicate ACK, until it progresses or ``max_stall``
+  ends it ("Peers that answer but receive nothing" in
+  :mod:`orchestrator.protocols.tftp.transfer`). A failed transfer of a client
+  that had ACKed is logged (WARNING: file, client, reason, bytes, retransmits,
+  duplicate ACKs, longest stall); before any ACK, and for transfers that needed
+  resends, at DEBUG. Its socket and file are closed in ``finally`` whatever happens.
 """
 
 from __future__ import annotations
@@ -561,12 +568,25 @@ class TftpServer:
         moved_nothing = result == "options_declined" or (result == "superseded" and xfer.bytes_acked == 0)
         kind = (EventKind.FILE_DONE if result in ("ok", "unconfirmed")
                 else EventKind.FILE_REQUEST if moved_nothing else EventKind.FILE_FAILED)
+        now = trio.current_time()
         self._emit(
             kind,
             job.addr, xfer.request.filename, bytes=xfer.bytes_acked, size=xfer.size,
-            duration=trio.current_time() - job.t0, result=result,
+            duration=now - job.t0, result=result,
             retransmits=xfer.retransmits, detail=detail,
         )
+        if kind is EventKind.FILE_FAILED:
+            # A client that ACKed (it receives at its address) lost its download: worth an operator's
+            # eye. Before the first ACK it may be a forged request: debug only (a flood must not flood the log).
+            log.log(logging.WARNING if xfer.proven else logging.DEBUG,
+                    "tftp: %r to %s:%s failed (%s%s) after %.1fs: %d of %d bytes, %d retransmits, %d duplicate ACKs, "
+                    "rto %.2fs, longest stall %.1fs",
+                    xfer.request.filename[:128], job.addr[0], job.addr[1], result, "" if xfer.proven else ", before any ACK",
+                    now - job.t0, xfer.bytes_acked, xfer.size, xfer.retransmits, xfer.dup_acks, xfer.timeout, xfer.longest_stall)
+        elif xfer.retransmits and log.isEnabledFor(logging.DEBUG):
+            log.debug("tftp: %r to %s:%s %s after %.1fs: %d retransmits, %d duplicate ACKs, longest stall %.1fs",
+                      xfer.request.filename[:128], job.addr[0], job.addr[1], result, now - job.t0,
+                      xfer.retransmits, xfer.dup_acks, xfer.longest_stall)
         self._release(job)
 
     def _release(self, job: _Job) -> None:

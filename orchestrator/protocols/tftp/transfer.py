@@ -21,7 +21,8 @@ OACK starts at ``acked = -1, high = 0``; one that does not starts at
 
 Why it is shaped so: the only input that moves data is an ACK that *advances*
 ``acked`` to a block we have sent. Anything else -- a duplicate ACK, an ACK for a
-block not yet sent, a stray DATA -- changes nothing. That single rule is the
+block not yet sent, a stray DATA -- sends nothing (a duplicate ACK only tells the
+timer that the peer is alive, below). That single rule is the
 Sorcerer's Apprentice fix (RFC 1123 section 4.2.3.1: "The sender (i.e., the side
 originating the DATA packets) must never resend the current DATA packet on
 receipt of a duplicate ACK"), and with windows it also makes RFC 7440's partial
@@ -36,7 +37,9 @@ START                 start(), no options          send window 1..ws            
 OACK_SENT / SENDING   ACK k, acked < k <= high,    send window k+1..k+ws           SENDING
                       k < last block
 OACK_SENT / SENDING   ACK of the last block        (nothing)                       DONE
-OACK_SENT / SENDING   ACK k, k <= acked or k>high  ignore (no Sorcerer's Appr.)    same
+OACK_SENT / SENDING   ACK k, k == acked            send nothing (no Sorcerer's     same
+                      (a duplicate)                Apprentice); tries = 0: alive
+OACK_SENT / SENDING   ACK k, k < acked or k > high ignore                          same
 OACK_SENT             ERROR 8 (options declined)   (nothing; "options_declined")   FAILED
 OACK_SENT / SENDING   ERROR (any length)           (nothing)                       FAILED
 OACK_SENT / SENDING   timer, tries <= budget and   resend OACK / window from       same
@@ -50,7 +53,9 @@ DONE / FAILED         anything                     ignore                       
 ====================  ===========================  ==============================  ==========
 
 ``budget`` is ``retries`` once the peer has proven its address, and
-``unproven_retries`` before (next section).
+``unproven_retries`` before (next section). ``tries`` counts the timer's
+resends since the peer last showed it is alive: an ACK that advances, or a
+duplicate ACK (next sections but one).
 
 Peers that do not answer
 ------------------------
@@ -71,6 +76,24 @@ tokens, so a real client on a lossy link is not dropped after one lost answer,
 while a flood of spoofed requests (which drains the budget at once) reflects
 at most the budget's rate beyond two datagrams per request. Any ACK from the
 peer's TID proves it; from then on ``retries`` is the budget.
+
+Peers that answer but receive nothing
+-------------------------------------
+
+A duplicate ACK (of block ``acked`` again) means the peer's timer fired before
+our next DATA (or OACK) reached it: the datagram was lost or is late. It is
+never answered with a resend -- that would be the Sorcerer's Apprentice -- but
+it proves the peer is alive and still waiting, so it resets ``tries``: the
+timer keeps resending (at the backed-off timeout) for as long as the peer keeps
+re-ACKing, and a transfer that goes on without progress ends only at
+``max_stall``. Otherwise a queue that stays full for longer than ``retries``
+backed-off timeouts (a boot storm through a drop-tail switch buffer, where a
+flow that lost its ACK clock competes with every other flow's ACK-clocked
+sends) would make the server give up on a client that is still asking, and a
+PXE ROM or pxelinux would wait out its own, longer schedule (pxelinux's ~131 s)
+against a closed port and stop for good. ``max_stall`` is also the cap for a
+peer that only re-ACKs: it holds its slot no longer than a silent one, and
+draws only the timer's resends.
 
 The retransmit timeout
 ----------------------
@@ -196,9 +219,11 @@ class ReadTransfer:
     ``timeout`` (seconds) is used unless the client negotiated RFC 2349's (up to
     ``timeout_max``); with ``rto_min`` (and ``rto_max``, default four times
     ``timeout``) it is only the first value of an adaptive timeout ("The
-    retransmit timeout" in the module docstring); after ``retries`` consecutive timeouts without progress the
-    transfer fails, and after ``max_stall`` seconds without progress (None: no
-    bound) whatever the retries. ``unproven_retries`` and ``unproven_timeout``
+    retransmit timeout" in the module docstring); after ``retries`` consecutive
+    timeouts without any sign of the peer (no ACK, not even a duplicate) the
+    transfer fails, and after ``max_stall`` seconds without progress whatever the
+    retries (None: no bound -- then a peer that keeps re-ACKing holds the
+    transfer forever: a server sets it). ``unproven_retries`` and ``unproven_timeout``
     (None: no special case) govern a peer that has not ACKed yet: see "Peers
     that do not answer" in the module docstring.
 
@@ -275,6 +300,9 @@ class ReadTransfer:
         self.rtt_sum = 0.0
         self.rtt_n = 0
         self.dup_acks = 0
+        #: The longest time without progress seen by the retransmit timer, seconds (a lower bound on the
+        #: longest stall, short of it by less than one timeout; 0.0 if the timer never fired).
+        self.longest_stall = 0.0
         self._sent_at: float | None = None
         self._tries = 0
         self._progress_at = 0.0  # when the transfer last moved: start, or an ACK that advanced
@@ -435,6 +463,8 @@ class ReadTransfer:
             return [], _NOTHING
         self._tries += 1
         budget = self.retries if self.proven else self._unproven_retries
+        if now - self._progress_at > self.longest_stall:
+            self.longest_stall = now - self._progress_at
         stalled = self.max_stall is not None and now >= self._progress_at + self.max_stall
         if stalled or (self._tries > budget and not self._extra_resend(self._tries, now)):
             # Every block went out at least once (so every earlier window was
@@ -496,7 +526,12 @@ class ReadTransfer:
         k = self._ack_index(wire)
         if k is None:
             if wire == self.acked & 0xFFFF:
+                # A duplicate: the peer re-ACKs because our DATA (or OACK) did not reach it. Never a
+                # resend (Sorcerer's Apprentice), but proof that it is alive and waiting: the retry
+                # count starts again, so only max_stall ends a peer that keeps answering ("Peers that
+                # answer but receive nothing" in the module docstring).
                 self.dup_acks += 1
+                self._tries = 0
             return [], _NOTHING
         self._advance(k, now)
         if k >= self.last_block:
