@@ -18,6 +18,16 @@ mode                  the scheduler's job                        returns
 ``serve``             on-call requests only, until cancelled     never (SIGINT/SIGTERM end it)
 ``oncall``            the one :class:`OncallRequest` it started  when that operation is done
 ====================  =========================================  ====================================
+
+A ``serve`` orchestrator takes a new version of its plan while it runs
+(:meth:`Orchestrator.reload`, on SIGHUP): the plan is loaded and validated in a
+worker thread; a plan with errors, or one that changes what only a restart can
+(:data:`orchestrator.service.RESTART_SECTIONS`), is refused and nothing changes;
+otherwise the boot servers' rendered files and DHCP policy are swapped
+(:func:`orchestrator.bootserver.serve.apply_reload`), the tracker learns the new
+and changed nodes, and the scheduler and control API answer for the new node
+list. Transfers in flight and leases are untouched (a removed node's lease is
+dropped); a changed profile applies to each node's next boot.
 """
 
 from __future__ import annotations
@@ -44,10 +54,12 @@ from orchestrator.scheduler import Operation, Scheduler, Summary
 from orchestrator.store import Store
 from orchestrator.tracker import Stage, Tracker, Transition, plan_nodes, plan_timeouts
 
-__all__ = ["Mode", "NetbootGate", "OncallRequest", "Orchestrator"]
+__all__ = ["Mode", "NetbootGate", "OncallRequest", "Orchestrator", "ReloadResult"]
 
 #: Events the boot servers may queue for the scheduler before they drop (and count) one.
 EVENT_BUFFER = 65536
+#: Seconds between two compactions of the journal in ``serve`` (what is kept: :mod:`orchestrator.store`).
+JOURNAL_COMPACT_EVERY = 86400.0
 
 
 class Mode(str, enum.Enum):
@@ -92,6 +104,22 @@ class NetbootGate:
                 self.policy.close_gate(t.mac)
             elif t.to_stage == Stage.WAKING:
                 self.policy.open_gate(t.mac)
+
+
+@dataclass
+class ReloadResult:
+    """What :meth:`Orchestrator.reload` did: ``ok`` and the diff applied, or the problems that refused it."""
+
+    ok: bool
+    #: ``file:line: message`` lines (plan errors), or why the plan needs a restart.
+    problems: list[str] = field(default_factory=list)
+    diff: Any = None
+    leases_dropped: int = 0
+
+    def summary(self) -> str:
+        if not self.ok:
+            return "reload refused; still serving the previous plan"
+        return "reloaded: " + "; ".join(self.diff.lines(limit=8))
 
 
 class BootServerLoad:
@@ -221,12 +249,71 @@ class Orchestrator:
                                  + ", ".join(f"{e.source} {e.path}" for e in plan.model.logs))
                     if oncall is not None and not oncall.wait and oncall.operation is not None:
                         nursery.start_soon(_return_once_acted, sched, oncall.operation, nursery.cancel_scope)
+                    if self.mode is Mode.SERVE:
+                        nursery.start_soon(self._compact_daily)
                     started()
                     summary = await sched.run(self.events_recv)
                     nursery.cancel_scope.cancel()
         finally:
             self.store.close()
         return summary
+
+    async def reload(self, path: Any = None) -> ReloadResult:
+        """Load the plan at ``path`` (default: the running plan's file) and apply it (module docstring).
+
+        Never raises for a bad plan: the result says why it was refused, in the
+        located ``file:line: message`` form ``bootorch validate`` prints.
+        """
+        from orchestrator.bootserver.serve import apply_reload, prepare_reload
+        from orchestrator.plan import PlanError, load_plan
+        from orchestrator.service import diff, fingerprint
+
+        old = self.plan
+        path = old.path if path is None else path
+        try:
+            new = await trio.to_thread.run_sync(load_plan, path)
+        except PlanError as e:
+            n = len(e.errors)
+            return ReloadResult(False, [str(p) for p in e.problems] + [f"{path}: {n} error{'s' if n != 1 else ''}; nothing was changed"])
+        except OSError as e:
+            return ReloadResult(False, [f"{path}: cannot read the plan: {e.strerror or e}"])
+        d = diff(fingerprint(old), fingerprint(new))
+        if d.needs_restart:
+            return ReloadResult(False, [f"{path}: {', '.join(d.needs_restart)} changed: only a restart applies that "
+                                        "(`systemctl restart`; leases and node stages are kept); nothing was changed"], d)
+        servers = self.load.servers
+        prepared = await trio.to_thread.run_sync(
+            lambda: (prepare_reload(new, dhcp=servers is not None and servers.dhcp_core is not None), pin_plan_host_keys(new)))
+        reload, pinned = prepared
+        old_macs = {n.mac for n in old.nodes}
+        removed_macs = sorted(old_macs - {n.mac for n in new.nodes})
+        # From here to apply_reload's lease commit: no checkpoint, every part switches at once.
+        self.plan = new
+        self.scheduler.plan = new
+        self.control.plan = new
+        self.readiness.pinned = dict(pinned)
+        _retrack(self.tracker, plan_nodes(new), removed_macs)
+        dropped = 0
+        if servers is not None:
+            if reload.policy is not None:
+                self.gate.policy = reload.policy if self.gate.policy is not None else None
+            try:
+                dropped = await apply_reload(servers, reload, removed_macs)
+            except Exception as e:  # the lease journal failed: the DHCP committer reports it too
+                self.log(f"reload: dropping the leases of removed nodes failed: {e}")
+        return ReloadResult(True, [], d, dropped)
+
+    async def _compact_daily(self) -> None:
+        """``serve`` runs for months: keep the journal bounded (:meth:`~orchestrator.store.Store.compact`)."""
+        while True:
+            await trio.sleep(JOURNAL_COMPACT_EVERY)
+            try:
+                t, a = self.store.compact()
+            except Exception as e:  # sqlite3.Error, OSError: the journal stays as it is, serving goes on
+                self.log(f"journal compaction failed: {e}")
+                continue
+            if t or a:
+                self.log(f"journal compacted: {t} old transitions, {a} old actions removed")
 
     def _boot_servers_up(self, servers: BootServers) -> None:
         self.metrics.attach(running=servers)
@@ -237,6 +324,34 @@ class Orchestrator:
                  f"http {servers.host}:{servers.http}" if servers.http else None,
                  f"dhcp :{servers.dhcp}" if servers.dhcp else None, f"pxe :{servers.pxe}" if servers.pxe else None]
         self.log("serving " + ", ".join(p for p in parts if p))
+
+
+def _retrack(tracker: Tracker, infos: dict[str, Any], removed_macs: list[str]) -> None:
+    """Tell ``tracker`` the reloaded plan's nodes: new ones start at ``pending``, changed ones get
+    their new name, address and stage-marking files; removed ones keep their state (``status``,
+    ``history``) but no reserved address. Reaches into the tracker's indexes (``_add``,
+    ``_classifiers``, ``_reserved``): move this into a public ``Tracker.set_nodes`` when tracker.py is next changed."""
+    from orchestrator.tracker import NodeState
+
+    for mac in removed_macs:
+        tracker.info.pop(mac, None)
+        tracker._classifiers.pop(mac, None)
+        for ip in [ip for ip, m in tracker._reserved.items() if m == mac]:
+            del tracker._reserved[ip]
+    for mac, info in infos.items():
+        mac = mac.lower()
+        tracker.info[mac] = info
+        tracker._classifiers.pop(mac, None)  # the profile's files may have changed
+        st = tracker.nodes.get(mac)
+        if st is None:
+            tracker._add(NodeState(mac, info.name, info.ip))
+        else:
+            st.node = info.name
+            if info.ip:
+                st.ip = info.ip
+        if info.ip:
+            tracker.ip_to_mac[info.ip] = mac
+            tracker._reserved[info.ip] = mac
 
 
 async def _return_once_acted(sched: Scheduler, op: Operation, scope: trio.CancelScope) -> None:

@@ -14,6 +14,9 @@ Protocol: newline-delimited JSON over one stream connection. The client sends
 one request object; the server streams objects back and closes:
 
 * ``{"op": "ping"}`` -> ``{"event": "pong", "pid": ..., "mode": "rollout" | "serve" | "oncall"}``
+* ``{"op": "plan"}`` -> ``{"event": "plan", "fingerprint": {...}}``: what the running
+  orchestrator serves (:func:`orchestrator.plan.diff.fingerprint`), for
+  ``bootorch validate --against-running``
 * ``{"op": "wake" | "reboot" | "power_off", "nodes": [names], "reason": str, "actor": str,
   "hard": bool, "wait": bool}`` -> ``{"event": "accepted", "acting": [...], "busy": {name: why}}``,
   then with ``wait`` one ``{"event": "transition", ...}`` (:func:`~orchestrator.present.transition_dict`) per stage change of those nodes and
@@ -44,8 +47,14 @@ bounds what any client can hold or cost:
 The socket's directory: bootorch creates it mode 0700 when it does not exist
 and then owns it; an existing directory (``/run``) is used as it is, never
 chmod'ed, but refused when other users could write to it without the sticky
-bit (they could replace the socket). The socket itself is created mode 0600.
-The orchestrator lock always lives in ``<state_dir>/control/``.
+bit (they could replace the socket). The socket itself is created mode 0600,
+or 0660 when its directory lets its group in and nobody else (``g+x`` without
+``o+x``, as the systemd unit's ``RuntimeDirectoryMode=0750`` does): then the directory's group may
+connect, and the peer's credentials (``SO_PEERCRED``) decide what it may ask.
+Our own user and root may ask anything; anyone else only the read-only
+operations (:data:`READ_ONLY_OPS`), so an operator in the group can check what
+runs and never power-cycle a node. The orchestrator lock always lives in
+``<state_dir>/control/``.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -73,7 +83,9 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 65536
 #: Deepest JSON nesting accepted in a request (a real request nests 2 levels).
 MAX_DEPTH = 16
-OPS = ("ping", "wake", "reboot", "power_off")
+OPS = ("ping", "plan", "wake", "reboot", "power_off")
+#: What a client that is neither our user nor root may ask on a group-accessible socket.
+READ_ONLY_OPS = ("ping", "plan")
 
 
 def socket_path(plan) -> Path:
@@ -196,7 +208,8 @@ class ControlServer:
         except FileNotFoundError:
             pass
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)  # the socket is born 0600: no chmod that could follow a symlink
+        # The socket is born 0600 (or 0660 for a directory the group may enter): no chmod that could follow a symlink.
+        old = os.umask(0o117 if group_may_enter(path.parent) else 0o177)
         try:
             await sock.bind(str(path))
         finally:
@@ -247,6 +260,7 @@ class ControlServer:
         """One client's connection, inside its own error boundary."""
         peer = ""
         try:
+            read_only = not need_token and not peer_may_act(stream.socket)
             if need_token:
                 try:
                     peer = str(stream.socket.getpeername()[0])
@@ -259,7 +273,7 @@ class ControlServer:
                         await stream.send_all(json.dumps({"event": "error", "error": f"more than {self.max_per_client} "
                                                           "connections from your address"}).encode() + b"\n")
                     return
-            await self._handle(stream, need_token=need_token)
+            await self._handle(stream, need_token=need_token, read_only=read_only)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass  # the client went away or stopped reading; its operation carries on
         except Exception:
@@ -274,7 +288,7 @@ class ControlServer:
             slots.release()
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.SocketStream, *, need_token: bool) -> None:
+    async def _handle(self, stream: trio.SocketStream, *, need_token: bool, read_only: bool = False) -> None:
         async def send(obj: dict[str, Any]) -> None:
             with trio.fail_after(self.request_timeout):  # a client that stops reading holds nothing for long
                 await stream.send_all(json.dumps(obj).encode() + b"\n")
@@ -297,6 +311,11 @@ class ControlServer:
             self.bad_requests += 1
             await send({"event": "error", "error": "a TCP request needs the right token (control.token)"})
             return
+        if read_only and req.get("op") in OPS and req.get("op") not in READ_ONLY_OPS:
+            self.bad_requests += 1
+            await send({"event": "error", "error": f"{req['op']} needs the orchestrator's own user or root; "
+                                                   f"this socket answers you read-only ({', '.join(READ_ONLY_OPS)})"})
+            return
         await self._request(req, send)
 
     async def _request(self, req: dict[str, Any], send) -> None:
@@ -306,6 +325,11 @@ class ControlServer:
             return
         if op == "ping":
             await send({"event": "pong", "pid": os.getpid(), "mode": self.mode, "plan": str(self.plan.path)})
+            return
+        if op == "plan":
+            from orchestrator.plan.diff import fingerprint
+
+            await send({"event": "plan", "fingerprint": fingerprint(self.plan)})
             return
         names = req.get("nodes")
         known = {n.name for n in self.plan.nodes}
@@ -333,6 +357,28 @@ class ControlServer:
             await send({"event": "transition", **transition_dict(t)})
         await operation.done.wait()
         await send({"event": "done", "results": operation.results})
+
+
+def group_may_enter(directory: Path) -> bool:
+    """True when ``directory`` is shared with its group only (``g+x``, no ``o+x``: the unit's 0750):
+    the socket is then made 0660. A directory everyone may enter (``/run``, 0755) keeps it 0600."""
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError:
+        return False
+    return bool(mode & stat.S_IXGRP) and not mode & stat.S_IXOTH
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_may_act(sock: Any) -> bool:
+    """True when the Unix-socket peer is our own user or root (``SO_PEERCRED``); False when unknown."""
+    try:
+        _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except (OSError, AttributeError, struct.error):
+        return False
+    return uid in (0, os.geteuid())
 
 
 def json_depth_ok(data: bytes, limit: int = MAX_DEPTH) -> bool:

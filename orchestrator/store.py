@@ -15,12 +15,24 @@ next evidence restores. Writers batch: :meth:`Store.append` takes many
 transitions in one transaction.
 
 One process writes (the running orchestrator); the CLI (``bootorch status``)
-may read at the same time: WAL readers never block the writer.
+may read at the same time: WAL readers never block the writer. A reader that
+may not write the journal (an operator in the service's group, with the
+files 0640: the systemd unit's ``UMask=0027``) opens it read-only
+(``Store(path, readonly=True)``, chosen by itself when the file is not
+writable): SQLite reads a WAL database without writing its ``-shm`` file.
+
+Bounds: the journal holds a row per stage change and per action. A long-running
+``serve`` keeps it bounded with :meth:`Store.compact` (``serve`` runs it
+daily): per node, the transitions of its last :data:`KEEP_ATTEMPTS` attempts and
+its last :data:`KEEP_ACTIONS` actions stay, everything older goes, then the WAL
+is checkpointed and truncated. Every node's current stage, and so everything a
+restart restores, is in the rows kept.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -89,13 +101,32 @@ class Action:
     detail: dict[str, Any]
 
 
+#: What :meth:`Store.compact` keeps per node.
+#: Bytes the write-ahead log is cut back to after a checkpoint (SQLite's ``journal_size_limit``).
+WAL_LIMIT = 4 << 20
+KEEP_ATTEMPTS = 20
+KEEP_ACTIONS = 200
+
+
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool | None = None) -> None:
         self.path = Path(path)
+        if readonly is None:
+            readonly = self.path.exists() and not os.access(self.path, os.W_OK)
+        self.readonly = readonly
+        if readonly:
+            from urllib.parse import quote
+
+            self.db = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, timeout=30,
+                                      isolation_level=None, check_same_thread=False)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # SQLite checkpoints the WAL at 1 000 pages but keeps the file at its high-water mark;
+        # this cuts it back to WAL_LIMIT after each checkpoint, so a long-running serve's WAL stays bounded.
+        self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         self.db.executescript(SCHEMA)
 
     # ---------------------------------------------------------------- transitions
@@ -181,6 +212,25 @@ class Store:
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+    # ---------------------------------------------------------------- retention
+
+    def compact(self, *, keep_attempts: int = KEEP_ATTEMPTS, keep_actions: int = KEEP_ACTIONS) -> tuple[int, int]:
+        """Drop, per node, transitions older than its last ``keep_attempts`` attempts and actions
+        beyond its last ``keep_actions``; checkpoint and truncate the WAL. Returns (transitions,
+        actions) removed. Each node's latest transition is always kept (the restore needs it)."""
+        with self._tx():
+            t = self.db.execute(
+                """DELETE FROM transitions WHERE id IN (
+                     SELECT t.id FROM transitions t JOIN (SELECT mac, MAX(attempt) AS last, MAX(id) AS top
+                                                           FROM transitions GROUP BY mac) m ON t.mac = m.mac
+                     WHERE t.attempt <= m.last - ? AND t.id != m.top)""", (keep_attempts,)).rowcount
+            a = self.db.execute(
+                """DELETE FROM actions WHERE id IN (
+                     SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY node ORDER BY id DESC) AS k FROM actions)
+                     WHERE k > ?)""", (keep_actions,)).rowcount
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return t, a
 
     def close(self) -> None:
         self.db.close()

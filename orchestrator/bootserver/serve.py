@@ -7,6 +7,17 @@ DHCP (full or proxy, per the plan), TFTP and HTTP (and, with
 file servers share one :class:`Admission` (transfer slots). Every request
 becomes a BootEvent on the ``events`` channel, which the orchestrator's
 scheduler consumes (:mod:`orchestrator.app`).
+
+A reload (``systemctl reload``, SIGHUP to ``serve``) changes what the running
+servers answer without closing a socket: :func:`prepare_reload` builds the new
+plan's rendered files and DHCP policy (pure, run in a worker thread), and
+:func:`apply_reload` swaps them in between two packets: ``BootFiles.dynamic``
+(per-node ``pxelinux.cfg``, iPXE scripts, host-key archives) and the DHCP
+core's policy (reservations and boot files). A transfer in flight holds the
+file it opened and finishes with it; leases stay, except those of MACs the new
+plan no longer has, which are dropped (and committed) so that a removed node
+is not answered from its old lease. What a reload may not change (ports,
+subnets, pools, the boot root) is decided in :mod:`orchestrator.service`.
 """
 
 from __future__ import annotations
@@ -56,6 +67,9 @@ class BootServers:
     dhcp_core: DhcpServerCore | None = None
     admission: Admission | None = None
     ra_stats: RaStats | None = None
+    #: What TFTP and HTTP answer from; a reload replaces its ``dynamic`` overlay.
+    files: BootFiles | None = None
+    leases: LeaseStore | None = None
 
 
 def boot_files(plan: LoadedPlan) -> BootFiles:
@@ -76,9 +90,10 @@ async def serve_plan(
     host = ports.host or str(bs.listen or model.network.server)
     files = boot_files(plan)
     admission = Admission(max_active=bs.max_transfers)
-    servers = BootServers(host=host, admission=admission)
+    servers = BootServers(host=host, admission=admission, files=files)
     plan.state_dir.mkdir(parents=True, exist_ok=True)
     leases = LeaseStore(plan.state_dir / "leases.journal") if dhcp and model.dhcp.mode != "external" else None
+    servers.leases = leases
     try:
         async with trio.open_nursery() as nursery:
             tftp_port = bs.tftp_port if ports.tftp is None else ports.tftp
@@ -111,3 +126,61 @@ async def serve_plan(
     finally:
         if leases is not None:
             leases.close()
+
+
+# --------------------------------------------------------------------------- reload
+
+
+@dataclass(slots=True)
+class Reload:
+    """A plan's serving state, built before it replaces the running one (:func:`prepare_reload`)."""
+
+    plan: LoadedPlan
+    dynamic: Any
+    policy: Any | None
+
+
+def prepare_reload(plan: LoadedPlan, *, dhcp: bool) -> Reload:
+    """Render ``plan``'s per-node files and build its DHCP policy. Touches no running server:
+    safe in a worker thread while the servers answer."""
+    return Reload(plan, dynamic_source(plan), plan_policy(plan) if dhcp else None)
+
+
+def swap_policy(core: DhcpServerCore, policy: Any) -> None:
+    """Make ``policy`` the core's answer from the next datagram on.
+
+    The netboot gate's closed MACs carry over. The core's free-address hints
+    assume the reservations never change (:class:`~orchestrator.protocols.dhcp_server.DhcpServerCore`),
+    so they start over: the next pool search re-checks each address once.
+    """
+    old = core.policy
+    gated = getattr(old, "gated", None)
+    if gated is not None and hasattr(policy, "gated"):
+        policy.gated = gated
+    core.policy = policy
+    # DhcpServerCore has no public way to restart its hints yet: replace this with core.set_policy(policy) once it has.
+    for hints in getattr(core, "_hints", {}).values():
+        hints.reset()
+
+
+async def apply_reload(servers: BootServers, new: Reload, removed_macs: list[str]) -> int:
+    """Swap ``new`` into the running servers; drop and commit the leases of ``removed_macs``.
+
+    Returns how many leases were dropped. Everything up to the lease commit
+    happens without a checkpoint: no datagram is answered half from the old
+    plan and half from the new one.
+    """
+    if servers.files is not None:
+        servers.files.dynamic = new.dynamic
+    if servers.dhcp_core is not None and new.policy is not None:
+        swap_policy(servers.dhcp_core, new.policy)
+    dropped = 0
+    if servers.leases is not None and removed_macs:
+        for mac in removed_macs:
+            if servers.leases.by_mac(mac) is not None:
+                servers.leases.remove(mac)
+                dropped += 1
+        if dropped:
+            # LeaseStore is thread-safe; the DHCP committer may commit these first, which is as good.
+            await trio.to_thread.run_sync(servers.leases.commit)
+    return dropped

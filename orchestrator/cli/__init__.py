@@ -2,7 +2,7 @@
 
 One module per command group, each adding its commands to the parser:
 :mod:`~orchestrator.cli.plan` (``validate``, ``render``),
-:mod:`~orchestrator.cli.run` (``rollout``, ``serve``),
+:mod:`~orchestrator.cli.run` (``rollout``, ``serve``, ``service install``),
 :mod:`~orchestrator.cli.oncall` (``status``, ``history``, ``wake``, ``reboot``, ``slurm``),
 :mod:`~orchestrator.cli.tools` (``lab``, ``image``, ``sim``, ``replay``, ``tftpd``);
 :mod:`~orchestrator.cli.common` holds what they share. The library never
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan.add_commands(plan_cmd)
     run.add_commands(plan_cmd)
+    run.add_service_commands(sub)
     oncall.add_commands(sub, plan_cmd)
     tools.add_commands(sub)
     return p
