@@ -327,31 +327,8 @@ class Orchestrator:
 
 
 def _retrack(tracker: Tracker, infos: dict[str, Any], removed_macs: list[str]) -> None:
-    """Tell ``tracker`` the reloaded plan's nodes: new ones start at ``pending``, changed ones get
-    their new name, address and stage-marking files; removed ones keep their state (``status``,
-    ``history``) but no reserved address. Reaches into the tracker's indexes (``_add``,
-    ``_classifiers``, ``_reserved``): move this into a public ``Tracker.set_nodes`` when tracker.py is next changed."""
-    from orchestrator.tracker import NodeState
-
-    for mac in removed_macs:
-        tracker.info.pop(mac, None)
-        tracker._classifiers.pop(mac, None)
-        for ip in [ip for ip, m in tracker._reserved.items() if m == mac]:
-            del tracker._reserved[ip]
-    for mac, info in infos.items():
-        mac = mac.lower()
-        tracker.info[mac] = info
-        tracker._classifiers.pop(mac, None)  # the profile's files may have changed
-        st = tracker.nodes.get(mac)
-        if st is None:
-            tracker._add(NodeState(mac, info.name, info.ip))
-        else:
-            st.node = info.name
-            if info.ip:
-                st.ip = info.ip
-        if info.ip:
-            tracker.ip_to_mac[info.ip] = mac
-            tracker._reserved[info.ip] = mac
+    """Tell ``tracker`` the reloaded plan's nodes (:meth:`~orchestrator.tracker.Tracker.set_nodes`)."""
+    tracker.set_nodes(infos, removed_macs)
 
 
 async def _return_once_acted(sched: Scheduler, op: Operation, scope: trio.CancelScope) -> None:

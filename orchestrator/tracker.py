@@ -407,6 +407,33 @@ class Tracker:
     def downloading(self) -> int:
         return self.count(DOWNLOADING)
 
+    # ---------------------------------------------------------------- plan changes
+
+    def set_nodes(self, infos: Mapping[str, NodeInfo], removed: Iterable[str] = ()) -> None:
+        """A reloaded plan's nodes: new ones start at ``pending``; changed ones get their new name,
+        address and stage-marking files; ``removed`` MACs keep their state (``status``, ``history``)
+        but lose their reserved address."""
+        for mac in removed:
+            mac = mac.lower()
+            self.info.pop(mac, None)
+            self._classifiers.pop(mac, None)
+            for ip in [ip for ip, m in self._reserved.items() if m == mac]:
+                del self._reserved[ip]
+        for mac, info in infos.items():
+            mac = mac.lower()
+            self.info[mac] = info
+            self._classifiers.pop(mac, None)  # the profile's files may have changed
+            st = self.nodes.get(mac)
+            if st is None:
+                self._add(NodeState(mac, info.name, info.ip))
+            else:
+                st.node = info.name
+                if info.ip:
+                    st.ip = info.ip
+            if info.ip:
+                self.ip_to_mac[info.ip] = mac
+                self._reserved[info.ip] = mac
+
     # ---------------------------------------------------------------- restore
 
     def restore(self, transitions: Iterable[Transition]) -> None:

@@ -538,7 +538,7 @@ def daemon_pid(lab: Lab) -> int | None:
 #: BMC implementations other than the daemon's builtin one (``lab.bmc``), Slurm (``lab.slurm``).
 #: ``up`` runs them in this order after the VMs and the daemon; ``down`` in reverse, before the
 #: namespace goes. Each does nothing when the plan does not ask for it.
-SERVICES = ("orchestrator.lab.site", "orchestrator.lab.bmcs", "orchestrator.lab.slurm")
+SERVICES = ("orchestrator.lab.site", "orchestrator.lab.bmcs", "orchestrator.lab.caches", "orchestrator.lab.slurm")
 
 
 def _services() -> list[Any]:

@@ -611,6 +611,8 @@ class Lab(Strict):
     site: LabSite = LabSite()
     #: A real Slurm controller whose power saving calls ``bootorch slurm``.
     slurm: LabSlurm = LabSlurm()
+    #: nginx: run an HTTP cache (``bootorch render``'s nginx config) for each ``servers:`` entry with ``http``.
+    caches: Literal["none", "nginx"] = "none"
     #: The VMs' firmware: one name for every node, or a map from node set to name
     #: (``{"node[02-03]": uefi, node04: uefi-http}``; later entries win, unnamed
     #: nodes get bios). bios: SeaBIOS + the NIC's iPXE ROM; uefi: OVMF with edk2's own
