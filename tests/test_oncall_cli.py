@@ -94,9 +94,13 @@ async def test_control_api_streams_a_reboot_and_refuses_a_busy_node(tmp_path, au
         assert pong["event"] == "pong" and pong["pid"] == os.getpid() and pong["mode"] == "serve"
         await h.boot_all(nursery)
 
+        # Virtual time stands still while the client threads talk: otherwise the autojumping clock could
+        # finish alice's reboot (every deadline reached at once) before bob's request arrives.
+        autojump_clock.autojump_threshold = math.inf
         first = await trio.to_thread.run_sync(ask, {"op": "reboot", "nodes": ["n1"], "reason": "test", "actor": "alice", "wait": False})
         assert first[0] == {"event": "accepted", "acting": ["n1"], "busy": {}}
         second = await trio.to_thread.run_sync(ask, {"op": "reboot", "nodes": ["n1"], "reason": "again", "actor": "bob"})
+        autojump_clock.autojump_threshold = 0
         assert second[0]["acting"] == [] and "reboot by alice" in second[0]["busy"]["n1"]
         assert second[-1] == {"event": "done", "results": {}}
         await h.sched.wait_idle()
