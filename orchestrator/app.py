@@ -153,6 +153,10 @@ class Orchestrator:
     log: Callable[[str], None]
     events_send: trio.MemorySendChannel[BootEvent]
     events_recv: trio.MemoryReceiveChannel[BootEvent]
+    #: Satellite boot servers this orchestrator follows (plan ``servers[].satellite``).
+    satellites: list[Any] = field(default_factory=list)
+    #: This orchestrator's own evidence for a follower (kept with ``control.listen``: it may be a satellite).
+    tap: Any = None
 
     @classmethod
     def assemble(cls, plan: LoadedPlan, mode: Mode, *, log: Callable[[str], None] = lambda s: None,
@@ -192,13 +196,23 @@ class Orchestrator:
 
         load = BootServerLoad()
         boot_servers = plan.model.dhcp.mode != "external"
+        satellites = satellite_links(plan) if mode is not Mode.ONCALL else []
+        tap = None
+        if plan.model.control.listen and mode is not Mode.ONCALL:
+            from orchestrator.satellite import EventTap
+
+            # Anyone following this orchestrator as a satellite gets every piece of its evidence, in order.
+            tap = EventTap(load=load)
+            on_event = _both(tap.record, on_event)
         scheduler = Scheduler(plan, tracker, store, wake=wake, bmc=bmc, readiness=readiness,
                               load=load if boot_servers else None, clock=clock, log=log, on_change=on_change, on_event=on_event,
-                              rollout=mode is Mode.ROLLOUT, standing=mode is Mode.SERVE)
+                              rollout=mode is Mode.ROLLOUT, standing=mode is Mode.SERVE,
+                              server_loads={link.name: link.load_reader for link in satellites})
         metrics.attach(scheduler=scheduler)
-        control = ControlServer(plan, scheduler, mode=mode.value, token=token, log=log)
+        control = ControlServer(plan, scheduler, mode=mode.value, token=token, log=log, events=tap)
         send, recv = trio.open_memory_channel[BootEvent](EVENT_BUFFER)
-        return cls(plan, mode, store, tracker, metrics, wake, bmc, readiness, scheduler, control, gate, load, log, send, recv)
+        return cls(plan, mode, store, tracker, metrics, wake, bmc, readiness, scheduler, control, gate, load, log, send, recv,
+                   satellites, tap)
 
     async def run(self, *, ports: Ports | None = None, boot_servers: bool = True, dhcp: bool = True,
                   control: bool = True, metrics_port: int | None | bool = None,
@@ -247,6 +261,15 @@ class Orchestrator:
                                                                            task_status=task_status))
                         self.log(f"following {len(plan.model.logs)} log(s): "
                                  + ", ".join(f"{e.source} {e.path}" for e in plan.model.logs))
+                    if self.satellites:
+                        from orchestrator.satellite import follow
+
+                        sched.restore()  # the journal first, then the satellites' evidence (as for logs)
+                        for link in self.satellites:
+                            await nursery.start(lambda task_status, link=link: follow(
+                                link, self.tracker, self.store, on_change=sched.journaled, task_status=task_status))
+                            self.log(f"following satellite {link.name} at {link.host}:{link.port}"
+                                     + (" (TLS)" if link.ssl_context is not None else ""))
                     if oncall is not None and not oncall.wait and oncall.operation is not None:
                         nursery.start_soon(_return_once_acted, sched, oncall.operation, nursery.cancel_scope)
                     if self.mode is Mode.SERVE:
@@ -324,6 +347,41 @@ class Orchestrator:
                  f"http {servers.host}:{servers.http}" if servers.http else None,
                  f"dhcp :{servers.dhcp}" if servers.dhcp else None, f"pxe :{servers.pxe}" if servers.pxe else None]
         self.log("serving " + ", ".join(p for p in parts if p))
+
+
+def satellite_links(plan: LoadedPlan) -> list[Any]:
+    """A :class:`~orchestrator.satellite.SatelliteLink` per ``servers[].satellite`` (tokens read, TLS contexts built)."""
+    from orchestrator.satellite import SatelliteLink
+
+    links = []
+    for srv in plan.model.servers:
+        sat = srv.satellite
+        if sat is None:
+            continue
+        token = resolve_secret(sat.token, plan.base)
+        if not token:
+            raise SecretError(f"servers: {srv.name}: satellite.token is empty")
+        host, _, port = sat.control.rpartition(":")
+        ctx = None
+        if sat.tls_ca is not None:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(plan.resolve_path(sat.tls_ca)))
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        links.append(SatelliteLink(srv.name, host.strip("[]"), int(port), token, ssl_context=ctx,
+                                   server_hostname=sat.server_name))
+    return links
+
+
+def _both(first: Callable[[BootEvent], None], second: Callable[[BootEvent], None] | None) -> Callable[[BootEvent], None]:
+    if second is None:
+        return first
+
+    def both(ev: BootEvent) -> None:
+        first(ev)
+        second(ev)
+
+    return both
 
 
 def _retrack(tracker: Tracker, infos: dict[str, Any], removed_macs: list[str]) -> None:

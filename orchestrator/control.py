@@ -17,6 +17,9 @@ one request object; the server streams objects back and closes:
 * ``{"op": "plan"}`` -> ``{"event": "plan", "fingerprint": {...}}``: what the running
   orchestrator serves (:func:`orchestrator.plan.diff.fingerprint`), for
   ``bootorch validate --against-running``
+* ``{"op": "events", "epoch": E, "after": N}`` -> a satellite's evidence and load, from the
+  record after ``N`` on, and on as they come (:meth:`orchestrator.satellite.EventTap.stream`);
+  kept only with ``control.listen`` (the orchestrator of a satellite follows it over TCP)
 * ``{"op": "wake" | "reboot" | "power_off", "nodes": [names], "reason": str, "actor": str,
   "hard": bool, "wait": bool}`` -> ``{"event": "accepted", "acting": [...], "busy": {name: why}}``,
   then with ``wait`` one ``{"event": "transition", ...}`` (:func:`~orchestrator.present.transition_dict`) per stage change of those nodes and
@@ -24,7 +27,8 @@ one request object; the server streams objects back and closes:
 * errors: ``{"event": "error", "error": "..."}``.
 
 A JSON-lines protocol rather than HTTP: there is one client (our CLI), no
-browser, and a request's progress is naturally a stream.
+browser, and a request's progress is naturally a stream. With ``control.tls``
+the TCP listener speaks TLS (the handshake counts against the request timeout).
 
 Every TCP client is untrusted until its token matched, and the Unix socket's
 clients are trusted only as far as the socket's permissions go, so the server
@@ -83,7 +87,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 65536
 #: Deepest JSON nesting accepted in a request (a real request nests 2 levels).
 MAX_DEPTH = 16
-OPS = ("ping", "plan", "wake", "reboot", "power_off")
+OPS = ("ping", "plan", "events", "wake", "reboot", "power_off")
 #: What a client that is neither our user nor root may ask on a group-accessible socket.
 READ_ONLY_OPS = ("ping", "plan")
 
@@ -187,8 +191,11 @@ class ControlServer:
     """Answers requests with a :class:`~orchestrator.scheduler.Scheduler` (limits: the module docstring)."""
 
     def __init__(self, plan, scheduler, *, mode: str, token: str | None = None, log: Callable[[str], None] = lambda s: None,
-                 max_connections: int = 64, max_per_client: int = 4, request_timeout: float = 10.0) -> None:
+                 max_connections: int = 64, max_per_client: int = 4, request_timeout: float = 10.0,
+                 events: Any = None) -> None:
         self.plan, self.sched, self.mode, self.token, self.log = plan, scheduler, mode, token, log
+        #: The satellite event tap (:class:`orchestrator.satellite.EventTap`) answering ``events``; None: not kept.
+        self.events = events
         #: Requests that never became one: malformed, too deep, too slow, too many from one address, wrong token.
         self.bad_requests = 0
         #: Connections that ended with an unexpected error (contained; see the log).
@@ -219,11 +226,15 @@ class ControlServer:
         if self.plan.model.control.listen:
             host, _, port = self.plan.model.control.listen.rpartition(":")
             listeners += await trio.open_tcp_listeners(int(port), host=host.strip("[]") or None)
+        tls = self._tls_context()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._accept, listeners[:1], False, nursery)
                 if len(listeners) > 1:
-                    nursery.start_soon(self._accept, listeners[1:], True, nursery)
+                    tcp: list[Any] = listeners[1:]
+                    if tls is not None:  # the handshake happens on the first read, inside the request timeout
+                        tcp = [trio.SSLListener(tl, tls, https_compatible=False) for tl in listeners[1:]]
+                    nursery.start_soon(self._accept, tcp, True, nursery)
                 task_status.started((path, [tl.socket.getsockname() for tl in listeners[1:]]))
         finally:
             try:
@@ -233,7 +244,19 @@ class ControlServer:
             for listener in listeners:  # synchronously: this runs while cancelled
                 listener.socket.close()
 
-    async def _accept(self, listeners: list[trio.SocketListener], need_token: bool, nursery: trio.Nursery) -> None:
+    def _tls_context(self):
+        """The server TLS context for ``control.tls`` (None without it); certificate problems raise at start."""
+        cfg = self.plan.model.control.tls
+        if cfg is None or not self.plan.model.control.listen:
+            return None
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.plan.resolve_path(cfg.cert), self.plan.resolve_path(cfg.key))
+        return ctx
+
+    async def _accept(self, listeners: list[Any], need_token: bool, nursery: trio.Nursery) -> None:
         """Accept on ``listeners`` (one kind) while fewer than ``max_connections`` of that kind are open."""
         slots = trio.Semaphore(self.max_connections)
 
@@ -260,10 +283,11 @@ class ControlServer:
         """One client's connection, inside its own error boundary."""
         peer = ""
         try:
-            read_only = not need_token and not peer_may_act(stream.socket)
+            raw = getattr(stream, "transport_stream", stream)  # under TLS: the TCP stream below
+            read_only = not need_token and not peer_may_act(raw.socket)
             if need_token:
                 try:
-                    peer = str(stream.socket.getpeername()[0])
+                    peer = str(raw.socket.getpeername()[0])
                 except OSError:
                     peer = "?"
                 self._per_client[peer] += 1
@@ -275,7 +299,7 @@ class ControlServer:
                     return
             await self._handle(stream, need_token=need_token, read_only=read_only)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            pass  # the client went away or stopped reading; its operation carries on
+            pass  # the client went away or stopped reading (or failed its TLS handshake); its operation carries on
         except Exception:
             self.errors += 1
             log.exception("control: a connection failed")
@@ -330,6 +354,12 @@ class ControlServer:
             from orchestrator.plan.diff import fingerprint
 
             await send({"event": "plan", "fingerprint": fingerprint(self.plan)})
+            return
+        if op == "events":
+            if self.events is None:
+                await send({"event": "error", "error": "this orchestrator keeps no event log (a satellite needs control.listen)"})
+                return
+            await self.events.stream(req, send)  # until the follower goes away: the satellite's evidence and load
             return
         names = req.get("nodes")
         known = {n.name for n in self.plan.nodes}

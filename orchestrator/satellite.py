@@ -61,7 +61,7 @@ def offset_key(name: str) -> str:
 class EventTap:
     """The satellite's record of its evidence, and the ``events`` answer of its control API."""
 
-    def __init__(self, *, load: Callable[[], Load] | None = None, capacity: int = 100_000,
+    def __init__(self, *, load: Callable[[], Load] | None = None, capacity: int = 20_000,
                  heartbeat: float = HEARTBEAT) -> None:
         self.log = EventLog(secrets.token_hex(8), capacity)
         self.load, self.heartbeat = load, heartbeat

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 #: changes one is refused by a reload (``systemctl restart`` applies it; leases and stages
 #: survive a restart). ``boot`` is reloadable except for its ``root`` and ``gate_after_ready``.
 RESTART_SECTIONS = ("name", "state_dir", "network", "dhcp", "boot.root", "boot.gate_after_ready", "bootserver",
-                    "power", "rollout", "readiness", "metrics", "lab", "control", "logs")
+                    "power", "rollout", "readiness", "metrics", "lab", "control", "logs", "servers")
 
 
 def _digest(value: Any) -> str:

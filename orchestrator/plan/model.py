@@ -411,6 +411,29 @@ class ServerAdmission(Strict):
     adaptive: bool = True
 
 
+class SatelliteLink(Strict):
+    """How the orchestrator reaches a satellite boot server: another ``bootorch serve`` whose plan has
+    ``control.listen`` and ``control.token``; its evidence and load stream over that control API."""
+
+    #: ``host:port`` of the satellite's control API (its ``control.listen``).
+    control: str
+    #: The satellite's ``control.token`` ({env: NAME} or {file: PATH}).
+    token: Secret
+    #: PEM file of the CA that signed the satellite's ``control.tls`` certificate: the link uses TLS
+    #: and verifies it (absent: plain TCP, the token in the clear: a trusted management network only).
+    tls_ca: Path | None = None
+    #: The name to verify in the satellite's certificate (default: the host of ``control``).
+    server_name: str | None = None
+
+    @field_validator("control")
+    @classmethod
+    def _control(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{v!r}: write host:port of the satellite's control.listen, e.g. 10.20.0.2:9811")
+        return v
+
+
 class FileServer(Strict):
     """One more boot server (or HTTP cache) carrying the downloads of some racks' nodes.
 
@@ -429,6 +452,9 @@ class FileServer(Strict):
     #: Their iPXE scripts (and lpxelinux configs) name files there; host-key archives still
     #: come from the plan's own server (they go to the node's own address only).
     http: str | None = None
+    #: A satellite: a ``bootorch serve`` near these racks serving their DHCP/TFTP/HTTP; the
+    #: orchestrator follows its event stream (evidence and load) over its control API.
+    satellite: SatelliteLink | None = None
 
     @field_validator("http")
     @classmethod
@@ -624,6 +650,13 @@ class Lab(Strict):
     wol_disabled: list[str] = []
 
 
+class ControlTls(Strict):
+    #: PEM certificate (chain) of the control API's TCP listener.
+    cert: Path
+    #: PEM private key (mode 0600).
+    key: Path
+
+
 class Control(Strict):
     """The on-call control API of a running ``rollout``/``serve`` (``bootorch wake|reboot|slurm`` use it)."""
 
@@ -633,6 +666,9 @@ class Control(Strict):
     listen: str = ""
     #: Shared secret a TCP client must present ({env: NAME} or {file: PATH}).
     token: Secret | None = None
+    #: TLS for the TCP listener: ``{cert: PEM, key: PEM}`` (clients verify it: a satellite's
+    #: orchestrator with ``servers[].satellite.tls_ca``).
+    tls: ControlTls | None = None
 
     @field_validator("listen")
     @classmethod
