@@ -5,7 +5,7 @@
 #
 #   sudo bench/dhcp.sh                  # full run: rates 125..4000, 5 s each, burst of 1000
 #   sudo bench/dhcp.sh --quick          # smoke run (rates 500,2000, 2 s each)
-#   sudo bench/dhcp.sh --servers kea,ours --overload   # rates 4000..32000: the plateau under overload
+#   sudo bench/dhcp.sh --servers kea,ours --overload   # rates 4000..48000: the plateau under overload
 #   sudo bench/dhcp.sh --json > r.json  # JSON on stdout, table on stderr
 #   sudo bench/dhcp.sh --servers dnsmasq,ours --rates 1000,2000 --period 3
 #

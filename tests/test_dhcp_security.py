@@ -384,10 +384,10 @@ def test_decline_of_a_held_lease_quarantines_it():
 class Exploding(DhcpServerCore):
     """A core with a bug: a DISCOVER with option 50 = 10.5.0.66 raises."""
 
-    def _choose(self, mac, req, subnet, now, wall):  # noqa: ANN001, ANN202
-        if req.requested_ip == ip_int("10.5.0.66"):
+    def _choose(self, mac, wanted, subnet, now, wall):  # noqa: ANN001, ANN202
+        if wanted == ip_int("10.5.0.66"):
             raise KeyError("\x1b[2Jboom")
-        return super()._choose(mac, req, subnet, now, wall)
+        return super()._choose(mac, wanted, subnet, now, wall)
 
 
 async def test_a_packet_that_makes_the_core_raise_is_dropped_and_the_server_goes_on(caplog):

@@ -687,6 +687,23 @@ def test_commit_compacts_automatically(tmp_path):
         assert as_map(s) == expected and s.skipped == 0
 
 
+def test_commit_can_leave_the_compaction_to_compact_if_due(tmp_path):
+    """The DHCP shell commits with compact=False, releases its ACKs, then calls compact_if_due."""
+    path = tmp_path / "leases"
+    with LeaseStore(path, compact_min=50) as s:
+        for n in range(200):
+            s.put(lease(1 + n % 5, expires=T0 + n))
+            s.commit(compact=False)
+        assert path.read_bytes().count(b"\n") == 1 + 200  # header + every record: nothing compacted
+        s.compact_if_due()
+        assert path.read_bytes().count(b"\n") == 1 + 5
+        s.compact_if_due()  # not due any more: nothing changes
+        assert path.read_bytes().count(b"\n") == 1 + 5
+        expected = as_map(s)
+    with LeaseStore(path) as s:
+        assert as_map(s) == expected and s.skipped == 0
+
+
 def test_failed_compaction_keeps_the_journal_and_the_staged_changes(tmp_path, caplog):
     path = tmp_path / "leases"
     with LeaseStore(path, compact_min=3) as s:

@@ -4,10 +4,20 @@ One task per listening socket (port 67, and 4011 for PXE boot-server requests).
 Each runs one loop: drain the socket (non-blocking ``recvfrom`` until it is
 empty, at most ``DRAIN_MAX`` datagrams, no checkpoint per datagram) into a
 :class:`Backlog`, feed the core a slice of at most ``SLICE`` datagrams taken
-from the backlog, send the replies that need no commit, checkpoint, repeat. A
-dirty slice's replies (ACKs) go to the committer task, which commits the lease
-store (group commit, in a worker thread) and only then sends them: an ACK is
-never on the wire before its lease is on disk. The core's lease table is the
+from the backlog, checkpoint, repeat. Each datagram goes first to the core's
+fast path (:meth:`~orchestrator.protocols.dhcp_server.DhcpServerCore.answer`:
+the common DISCOVER and REQUEST, same bytes and lease changes as the general
+path) and, when that declines, to
+:meth:`~orchestrator.protocols.dhcp_server.DhcpServerCore.receive`. A reply
+that needs no commit (OFFER, NAK) is sent as soon as it is made, so replies
+leave spread over the slice's work instead of as one burst that overruns the
+receive buffer of a relay or client. A datagram that changed the lease table
+has its replies (ACKs) held for the committer task, which commits the lease
+store (group commit, in a worker thread) and only then releases them: an ACK
+is never on the wire before its lease is on disk. The loop sends released ACKs
+paced: one after each datagram it answers and at most ``SLICE`` more after
+each slice (``SLICE`` per ``READY_PACE`` when no datagram waits), so the ACKs
+of a commit that took long do not leave as one burst. The core's lease table is the
 journal, :class:`~orchestrator.bootserver.leases.LeaseStore`
 (:func:`make_core`); the shell reaches it as ``core.leases`` to commit it.
 
@@ -53,6 +63,7 @@ CAP_NET_RAW on kernels before 5.7; :class:`DhcpPrivilegeError` says which.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 import time
@@ -90,6 +101,8 @@ QUEUE_MAX = 2048
 DISCOVER_MAX_AGE = 1.0
 #: Least time between two lease commits (seconds): bounds the commit rate, and its CPU, under load.
 COMMIT_GAP = 0.002
+#: With no datagram waiting, committed ACKs still to send go out SLICE per READY_PACE seconds.
+READY_PACE = 0.001
 MAX_DATAGRAM = 4096
 RCVBUF = 4 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -378,7 +391,9 @@ async def _serve_socket(
     overflows the socket buffer under a burst and the ROMs retry 4 s later).
     Commits are at least ``COMMIT_GAP`` apart, so under load one covers many ACKs.
     """
-    held: list[tuple[Reply, tuple[str, int]]] = []
+    commit_now = functools.partial(core.leases.commit, compact=False)
+    held: list[tuple[bytes, tuple[str, int]]] = []  # replies waiting for the commit of their leases
+    ready: deque[tuple[bytes, tuple[str, int]]] = deque()  # committed, waiting for the loop to send them
     more = trio.Event()
 
     async def committer() -> None:
@@ -392,21 +407,34 @@ async def _serve_socket(
             more = trio.Event()
             batch = held[:]
             del held[:]
-            # Group commit: one fsync covers every change staged so far.
-            await trio.to_thread.run_sync(core.leases.commit)
+            # Group commit: one fsync covers every change staged so far. The journal's compaction,
+            # when due, runs after these ACKs are released, not before.
+            await trio.to_thread.run_sync(commit_now)
             last = trio.current_time()
-            _send_all(sock, batch, may_broadcast, stats)
+            # Released to the loop, which sends them paced (see the loop), and woken if idle.
+            ready.extend(batch)
+            idle.cancel()
+            await trio.to_thread.run_sync(core.leases.compact_if_due)
 
     backlog = Backlog(stats.shed, max_age=DISCOVER_MAX_AGE, queue_max=QUEUE_MAX)
     shed_logged = max(1, 2 * stats.shed.total())
     recvfrom = sock.recvfrom
+    sendto = sock.sendto
     add = backlog.add
+    answer = core.answer
     receive = core.receive
+    idle = trio.CancelScope()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(committer)
         while True:
             if not backlog:
-                await trio.lowlevel.wait_readable(sock)
+                if ready:
+                    # Idle but for released ACKs: at most SLICE of them per READY_PACE.
+                    with trio.move_on_after(READY_PACE):
+                        await trio.lowlevel.wait_readable(sock)
+                else:
+                    with trio.CancelScope() as idle:  # the committer cancels it when it releases ACKs
+                        await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
             # Drain without a checkpoint per datagram: the kernel buffer is emptied far more
             # often than it can fill, so shedding happens here, by priority, not there, at random.
@@ -419,19 +447,46 @@ async def _serve_socket(
                     continue  # e.g. ICMP errors surfacing on the socket
                 add(data, src, now)
             wall = time.time()
-            now_replies: list[tuple[Reply, tuple[str, int]]] = []
             dirty = False
             for data, src in backlog.take(now, SLICE):
+                if ready:
+                    # One committed ACK per datagram answered: ACKs leave paced, not in one burst per commit.
+                    try:
+                        sendto(*ready.popleft())
+                    except OSError:
+                        stats.send_errors += 1
                 try:
+                    # The common exchange takes the core's fast path (same bytes, same lease changes);
+                    # anything else, and everything when events are wanted, the general one.
+                    fast = answer(data, src, now, wall, logical_port)
+                    if fast is not None:
+                        if fast:  # () is "answer nothing"
+                            reply, ip, dport, bcast, changed = fast
+                            dest = src if bcast and not may_broadcast else (ip, dport)
+                            if changed:
+                                held.append((reply, dest))
+                                dirty = True
+                            else:
+                                # Sent as soon as it is made: replies leave spread over the slice's work,
+                                # not as one burst that overruns a client's (or relay's) receive buffer.
+                                try:
+                                    sendto(reply, dest)
+                                except OSError:
+                                    stats.send_errors += 1  # e.g. socket buffer full: the client retransmits
+                        continue
                     out = receive(data, src, now, wall, logical_port)
                 except Exception as exc:  # noqa: BLE001 -- one datagram must not stop the server
                     _internal_error(core, src, exc)
                     continue
-                if out.dirty:
-                    held.extend((r, src) for r in out.replies)
+                if out.replies:
+                    batch = [(r.data, _destination(r, src, may_broadcast)) for r in out.replies]
+                    if out.dirty:
+                        held.extend(batch)
+                        dirty = True
+                    else:
+                        _send_all(sock, batch, stats)
+                elif out.dirty:
                     dirty = True
-                elif out.replies:
-                    now_replies.extend((r, src) for r in out.replies)
                 if events is not None and out.events:
                     for ev in out.events:
                         try:
@@ -447,8 +502,21 @@ async def _serve_socket(
                             ", ".join(f"{k} {v}" for k, v in sorted(stats.shed.items())))
                 shed_logged = 2 * shed_total
             stats.batches += 1
-            _send_all(sock, now_replies, may_broadcast, stats)
+            # Released ACKs: one went after each datagram answered; at most SLICE more now. A
+            # commit that took long (an fsync stall, a compaction) has released many at once:
+            # sent all together they would overrun the receive buffer of the relay or client.
+            for _ in range(min(len(ready), SLICE)):
+                try:
+                    sendto(*ready.popleft())
+                except OSError:
+                    stats.send_errors += 1
             await trio.lowlevel.checkpoint()
+
+
+def _destination(reply: Reply, src: tuple[str, int], may_broadcast: bool) -> tuple[str, int]:
+    if reply.broadcast and not may_broadcast:
+        return src  # no interface pinned: never broadcast (tests on loopback)
+    return reply.ip, reply.port
 
 
 def _internal_error(core: DhcpServerCore, src: tuple[str, int], exc: Exception) -> None:
@@ -461,13 +529,11 @@ def _internal_error(core: DhcpServerCore, src: tuple[str, int], exc: Exception) 
                   src[0], src[1], safe_text(repr(exc), 200), where, n)
 
 
-def _send_all(sock: socket.socket, replies: Iterable[tuple[Reply, tuple[str, int]]], may_broadcast: bool, stats: DhcpStats) -> None:
-    for reply, src in replies:
-        dest = (reply.ip, reply.port)
-        if reply.broadcast and not may_broadcast:
-            dest = src  # no interface pinned: never broadcast (tests on loopback)
+def _send_all(sock: socket.socket, replies: Iterable[tuple[bytes, tuple[str, int]]], stats: DhcpStats) -> None:
+    sendto = sock.sendto
+    for data, dest in replies:
         try:
-            sock.sendto(reply.data, dest)
+            sendto(data, dest)
         except BlockingIOError:
             stats.send_errors += 1  # socket buffer full: the client retransmits
         except OSError:

@@ -149,18 +149,14 @@ def prepare_reload(plan: LoadedPlan, *, dhcp: bool) -> Reload:
 def swap_policy(core: DhcpServerCore, policy: Any) -> None:
     """Make ``policy`` the core's answer from the next datagram on.
 
-    The netboot gate's closed MACs carry over. The core's free-address hints
-    assume the reservations never change (:class:`~orchestrator.protocols.dhcp_server.DhcpServerCore`),
-    so they start over: the next pool search re-checks each address once.
+    The netboot gate's closed MACs carry over; the core starts its free-address
+    hints over (:meth:`~orchestrator.protocols.dhcp_server.DhcpServerCore.set_policy`).
     """
     old = core.policy
     gated = getattr(old, "gated", None)
     if gated is not None and hasattr(policy, "gated"):
         policy.gated = gated
-    core.policy = policy
-    # DhcpServerCore has no public way to restart its hints yet: replace this with core.set_policy(policy) once it has.
-    for hints in getattr(core, "_hints", {}).values():
-        hints.reset()
+    core.set_policy(policy)
 
 
 async def apply_reload(servers: BootServers, new: Reload, removed_macs: list[str]) -> int:

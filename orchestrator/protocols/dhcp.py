@@ -122,8 +122,14 @@ def mac_bytes(mac: str) -> bytes:
 def ip_int(ip: str | IPv4Address) -> int:
     if isinstance(ip, str):
         parts = ip.split(".")
-        if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts):
-            return (int(parts[0]) << 24) | (int(parts[1]) << 16) | (int(parts[2]) << 8) | int(parts[3])
+        if len(parts) == 4:
+            # Unrolled (a lease's address is converted on every look-up of a known client).
+            a, b, c, d = parts
+            if (a.isdigit() and b.isdigit() and c.isdigit() and d.isdigit()
+                    and len(a) <= 3 and len(b) <= 3 and len(c) <= 3 and len(d) <= 3):
+                a_, b_, c_, d_ = int(a), int(b), int(c), int(d)
+                if a_ <= 255 and b_ <= 255 and c_ <= 255 and d_ <= 255:
+                    return (a_ << 24) | (b_ << 16) | (c_ << 8) | d_
         return int(IPv4Address(ip))  # raises ValueError with the reason
     return int(ip)
 

@@ -48,11 +48,28 @@ client kind, the event detail) is worked out once (:meth:`DhcpServerCore._contex
 the options that depend only on the subnet are encoded once per subnet, and a
 shell with no one to take events sets :attr:`DhcpServerCore.emit_events` to
 False so none are built (the replies are the same bytes either way).
+
+Fast path: :meth:`DhcpServerCore.answer` takes the common exchange (a
+DISCOVER, a SELECTING REQUEST, full mode, no events) without building a
+:class:`Packet`: one ``struct`` call for the header, the options into a dict,
+the reply written from pieces cached per subnet and per boot answer, and the
+address choice and the lease binding shared with the general path
+(:meth:`DhcpServerCore._choose`, :meth:`DhcpServerCore._bind`). It returns
+None, having changed and counted nothing, for anything else; the shell then
+calls :meth:`DhcpServerCore.receive`. Both paths must send the same bytes to
+the same place and make the same changes: ``tests/test_dhcp_fast.py`` runs
+generated datagrams through both. A change to what :meth:`DhcpServerCore._reply`
+writes, or to which requests :meth:`DhcpServerCore._request` ACKs, must be made
+in :meth:`DhcpServerCore.answer` as well (or make it decline those requests).
+The fast path follows a replaced :attr:`DhcpServerCore.config` and
+:attr:`DhcpServerCore.policy` from the next datagram on (the policy is asked on
+every datagram).
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
@@ -61,15 +78,20 @@ from typing import Generic, Protocol, TypeVar
 
 from orchestrator.events import BootEvent, EventKind
 from orchestrator.protocols.dhcp import (
+    BOOTP_MIN_LEN,
     BOOTREPLY,
     CLIENT_PORT,
     FLAG_BROADCAST,
+    MAGIC_COOKIE,
     PXE_PORT,
     SERVER_PORT,
+    MAX_CLIENT_ID,
+    MIN_MAX_MESSAGE_SIZE,
     MalformedPacket,
     MessageType,
     Opt,
     Packet,
+    _put_option,
     encode,
     encode_suboptions,
     ip_int,
@@ -263,6 +285,71 @@ _PXE_USE_BOOT_FILE = encode_suboptions({6: b"\x08"})
 #: Per datagram: (MAC, client kind, UEFI firmware, event detail shared by its events, event source).
 _Context = tuple[str, ClientKind, bool, dict[str, object], str]
 
+#: What :meth:`DhcpServerCore._bind` did: leased (ACK), conflict (NAK), refused (no answer).
+_BOUND, _CONFLICT, _REFUSED = "bound", "conflict", "refused"
+
+# The fast path's wire pieces (:meth:`DhcpServerCore.answer`): a request's fixed header up to
+# giaddr (RFC 2131 §2: op htype hlen hops xid secs flags ciaddr yiaddr siaddr giaddr), and a reply's.
+_FIXED = struct.Struct("!BBBBIHHIIII")
+_ZERO_SNAME = bytes(64)
+_ZERO_FILE = bytes(128)
+#: A fast reply: (datagram, destination address, destination port, broadcast, dirty).
+FastReply = tuple[bytes, str, int, bool, bool]
+#: Options the fast path's reply may have to drop to fit the client's maximum message size, in
+#: :meth:`DhcpServerCore._reply`'s order.
+_TRIMMED = (Opt.DOMAIN, Opt.DNS, Opt.HOSTNAME, Opt.BROADCAST)
+_FAST_CACHE_MAX = 4096
+
+
+def _opt_bytes(code: int, value: bytes) -> bytes:
+    """One option as :func:`~orchestrator.protocols.dhcp.encode` writes it (RFC 3396 split past 255 bytes)."""
+    n = len(value)
+    if 0 < n <= 255:
+        return bytes((code, n)) + value
+    out = bytearray()
+    _put_option(out, code, value)
+    return bytes(out)
+
+
+def _fast_options(data: bytes, n: int) -> dict[int, bytes] | None:
+    """The options field of a datagram, or None when the fast path must not take it: a
+    structural error (the general parser counts it), option overload (52) or an option that
+    appears twice (RFC 3396 concatenation). Otherwise the same dict :func:`parse` builds."""
+    opts: dict[int, bytes] = {}
+    i = 240
+    while i < n:
+        code = data[i]
+        if code == 0:
+            i += 1
+            continue
+        if code == 255:
+            break
+        if i + 1 >= n:
+            return None
+        j = i + 2 + data[i + 1]
+        if j > n or code == 52 or code in opts:
+            return None
+        opts[code] = data[i + 2 : j]
+        i = j
+    return opts
+
+
+def _kind_of(opts: dict[int, bytes]) -> tuple[ClientKind, bool]:
+    """:func:`client_kind` and :func:`is_uefi` over an options dict."""
+    arch = opts.get(Opt.CLIENT_ARCH)
+    arch0 = int.from_bytes(arch[:2], "big") if arch is not None and len(arch) >= 2 else -1
+    uefi = arch0 in UEFI_ARCHES
+    uc = opts.get(Opt.USER_CLASS)
+    if uc == b"iPXE" or uc == b"\x04iPXE":
+        return ClientKind.IPXE, uefi
+    vc = opts.get(Opt.VENDOR_CLASS)
+    if (vc is not None and vc.startswith(b"HTTPClient")) or arch0 in HTTP_ARCHES:
+        return ClientKind.UEFI_HTTP, uefi
+    if not ((vc is not None and vc.startswith(b"PXEClient")) or arch is not None
+            or Opt.CLIENT_NDI in opts or Opt.CLIENT_UUID in opts):
+        return ClientKind.OTHER, uefi
+    return (ClientKind.UEFI if uefi else ClientKind.BIOS), uefi
+
 
 def _subnet_options(subnet: Subnet) -> dict[int, bytes]:
     """The reply options that depend only on the subnet, in the order replies carry them."""
@@ -306,7 +393,8 @@ class _FreeHints:
       lease on the address is made, changed or dropped (the core is the only
       writer of its lease table);
     * nothing, for the server's own address, the router and reservations: the
-      policy's reservations must not change while the core runs.
+      policy's reservations change only through :meth:`DhcpServerCore.set_policy`,
+      which starts every hint over.
 
     Cost: a 1 found held becomes 0, and becomes 1 again only through an event
     (a few per packet at most) or its queued moment (one per 0). So a search
@@ -383,8 +471,10 @@ class DhcpServerCore(Generic[LeasesT]):
         self._offers: dict[str, tuple[int, float]] = {}  # mac -> (ip, expires, monotonic)
         self._offered_ips: dict[int, str] = {}  # ip -> mac
         self._declined: dict[int, float] = {}  # ip -> until (monotonic)
-        self._cursor: dict[IPv4Network, int] = {}
-        self._hints: dict[IPv4Network, _FreeHints] = {}
+        # Per pool (first, last): the search cursor and the free hints (keyed by the pool's tuple of
+        # ints: an IPv4Network's hash is computed in Python on every look-up).
+        self._cursor: dict[tuple[int, int], int] = {}
+        self._hints: dict[tuple[int, int], _FreeHints] = {}
         self.counters: Counter[str] = Counter()
         #: Build :class:`BootEvent` values (``Output.events``). A shell with no one to hand them to turns
         #: this off: an event costs about as much as parsing the datagram.
@@ -395,8 +485,27 @@ class DhcpServerCore(Generic[LeasesT]):
         self._ctx: _Context | None = None
         # Per subnet: the reply options that depend only on the subnet, encoded once (:meth:`_subnet_options`).
         self._subnet_opts: dict[int, tuple[Subnet, dict[int, bytes]]] = {}
+        # The fast path's (:meth:`answer`): each subnet's address range, in config order; per (subnet,
+        # reply type) options 53, 54 and the subnet's, encoded; per boot answer its reply pieces.
+        self._fast_config = config
+        self._ranges = [(int(s.network.network_address), int(s.network.broadcast_address), s) for s in config.subnets]
+        self._proxy_mode = config.mode == "proxy"
+        self._heads: dict[tuple[int, MessageType], tuple[Subnet, bytes, bytes]] = {}
+        self._boots: dict[tuple[str, bool, bool], tuple[bytes, bytes]] = {}
+        self._nak_opts = b"\x35\x01" + _TYPE_BYTE[MessageType.NAK] + _opt_bytes(Opt.SERVER_ID, self._server_id)
 
     # ------------------------------------------------------------------ entry
+
+    def set_policy(self, policy: BootPolicy) -> None:
+        """Answer from ``policy`` from the next datagram on (a reload).
+
+        Its reservations may differ from the old one's, so the pool's free-address
+        hints start over (the next search re-checks each address once); the fast
+        path's caches hold nothing per MAC and stay.
+        """
+        self.policy = policy
+        for hints in self._hints.values():
+            hints.reset()
 
     def receive(self, data: bytes, src: tuple[str, int], now: float, wall: float, port: int = SERVER_PORT) -> Output:
         out = Output()
@@ -438,6 +547,172 @@ class DhcpServerCore(Generic[LeasesT]):
             self._full(req, mtype, subnet, src, port, now, wall, out)
         return out
 
+    def answer(self, data: bytes, src: tuple[str, int], now: float, wall: float, port: int = SERVER_PORT) -> FastReply | tuple[()] | None:
+        """The fast path for the common exchange; None: not taken, call :meth:`receive` instead.
+
+        Takes, in full mode with :attr:`emit_events` off and not on the PXE port, a
+        well-formed Ethernet DISCOVER (ciaddr 0) and a SELECTING REQUEST to this
+        server (option 54 ours, option 50 set, ciaddr 0) that :meth:`receive` would
+        answer with OFFER or ACK (or, for a REQUEST whose lease the table refuses
+        while binding, NAK or nothing), relayed or direct. Returns
+        ``(datagram, ip, port, broadcast, dirty)``, or ``()`` when the answer is
+        nothing; the datagram, the destination, the counters and every change to
+        the lease table, offers and pool hints are the ones :meth:`receive` makes
+        for the same datagram (``tests/test_dhcp_fast.py`` checks that on generated
+        datagrams). It reads the header with one ``struct`` call and the options
+        into a dict, skips :class:`Packet`, the client-kind enum work and the
+        general encoder, and writes the reply from pieces cached per subnet and per
+        boot answer. Everything else -- INFORM, DECLINE, RELEASE, renewals,
+        INIT-REBOOT, NAKs decided before binding, option overload, repeated
+        options, odd hardware types, proxy mode, events wanted -- returns None
+        before anything is changed or counted.
+        """
+        n = len(data)
+        if self._fast_config is not self.config:  # a new config: its subnets and mode
+            config = self._fast_config = self.config
+            self._ranges = [(int(s.network.network_address), int(s.network.broadcast_address), s) for s in config.subnets]
+            self._proxy_mode = config.mode == "proxy"
+        if n < 240 or self.emit_events or port == PXE_PORT or self._proxy_mode:
+            return None
+        op, htype, hlen, _, xid, _, flags, ciaddr, _, _, giaddr = _FIXED.unpack_from(data)
+        if op != 1 or htype != 1 or hlen != 6 or ciaddr or data[236:240] != MAGIC_COOKIE:
+            return None
+        opts = _fast_options(data, n)
+        if opts is None:
+            return None
+        mt = opts.get(Opt.MESSAGE_TYPE)
+        if mt == b"\x01":
+            mtype = MessageType.DISCOVER
+        elif mt == b"\x03":
+            mtype = MessageType.REQUEST
+        else:
+            return None
+        cid = opts.get(Opt.CLIENT_ID)
+        if cid is not None and len(cid) > MAX_CLIENT_ID:
+            return None
+        if giaddr:
+            for lo, hi, subnet in self._ranges:
+                if lo <= giaddr <= hi:
+                    break
+            else:
+                return None
+        elif self._ranges:
+            subnet = self._ranges[0][2]
+        else:
+            return None
+        mac = data[28:34].hex(":")
+        v = opts.get(Opt.REQUESTED_IP)
+        wanted = int.from_bytes(v, "big") if v is not None and len(v) == 4 else None
+        kind, uefi = _kind_of(opts)
+        policy = self.policy
+        res = policy.reservation(mac)
+        host = b""
+        if res is not None and res.hostname:
+            try:
+                host = _opt_bytes(Opt.HOSTNAME, res.hostname.encode())
+            except UnicodeEncodeError:
+                return None  # :meth:`_reply` raises there: let it, on the general path
+        counters = self.counters
+        if mtype == MessageType.DISCOVER:
+            counters["packets_in"] += 1
+            counters["in_discover"] += 1
+            ip = self._choose(mac, wanted, subnet, now, wall)
+            if ip is None:
+                counters["dropped_no_address"] += 1
+                return ()
+            rtype, dirty = MessageType.OFFER, False
+        else:
+            v = opts.get(Opt.SERVER_ID)
+            if wanted is None or v is None or len(v) != 4 or int.from_bytes(v, "big") != self.server_ip:
+                return None
+            known = self._known_address(mac, subnet, now, wall)
+            if known is None and self._free_in_pool(wanted, mac, subnet, now, wall):
+                known = wanted
+            if wanted != known:
+                return None  # a NAK: the general path words it
+            counters["packets_in"] += 1
+            counters["in_request"] += 1
+            bound = self._bind(mac, subnet, wanted, wall)
+            if bound is _REFUSED:
+                return ()
+            if bound is _CONFLICT:
+                counters["out_nak"] += 1
+                tail = _opt_bytes(Opt.RELAY_AGENT, opts[Opt.RELAY_AGENT]) if Opt.RELAY_AGENT in opts else b""
+                reply = b"".join((
+                    _FIXED.pack(BOOTREPLY, 1, 6, 0, xid, 0, flags & FLAG_BROADCAST, 0, 0, 0, giaddr), data[28:44],
+                    _ZERO_SNAME, _ZERO_FILE, MAGIC_COOKIE, self._nak_opts, tail, b"\xff",
+                ))
+                if len(reply) < BOOTP_MIN_LEN:
+                    reply += bytes(BOOTP_MIN_LEN - len(reply))
+                if giaddr:
+                    return reply, ip_str(giaddr), SERVER_PORT, False, False
+                return reply, "255.255.255.255", CLIENT_PORT, True, False
+            ip, rtype, dirty = wanted, MessageType.ACK, True
+        # The reply, as _reply builds it: 53, 54, the subnet's options, 12, the boot answer's, 97, 82.
+        head, head_trimmed = self._fast_head(subnet, rtype)
+        siaddr, file_field, boot = 0, _ZERO_FILE, b""
+        if kind is not ClientKind.OTHER:
+            boot_answer = policy.boot(mac, kind, uefi)
+            if boot_answer is not None:
+                vc = opts.get(Opt.VENDOR_CLASS)
+                file_field, boot = self._fast_boot(
+                    boot_answer.filename, kind is ClientKind.UEFI_HTTP, vc is not None and vc.startswith(b"PXEClient"))
+                siaddr = boot_answer.next_server
+                if Opt.CLIENT_UUID in opts:
+                    boot += _opt_bytes(Opt.CLIENT_UUID, opts[Opt.CLIENT_UUID])  # PXE spec: echo 97
+            else:
+                counters["netboot_gated"] += 1
+        tail = _opt_bytes(Opt.RELAY_AGENT, opts[Opt.RELAY_AGENT]) if Opt.RELAY_AGENT in opts else b""  # RFC 3046 §2.2
+        fixed = b"".join((
+            _FIXED.pack(BOOTREPLY, 1, 6, 0, xid, 0, flags & FLAG_BROADCAST, 0, ip, siaddr, giaddr), data[28:44],
+            _ZERO_SNAME, file_field, MAGIC_COOKIE,
+        ))
+        reply = b"".join((fixed, head, host, boot, tail, b"\xff"))
+        v = opts.get(Opt.MAX_MESSAGE_SIZE)
+        limit = (max(MIN_MAX_MESSAGE_SIZE, int.from_bytes(v, "big")) if v is not None and len(v) == 2
+                 else MIN_MAX_MESSAGE_SIZE) - 28  # IP + UDP headers
+        if len(reply) > limit:
+            reply = b"".join((fixed, head_trimmed, boot, tail, b"\xff"))
+        if len(reply) < BOOTP_MIN_LEN:
+            reply += bytes(BOOTP_MIN_LEN - len(reply))
+        counters[_OUT_KEY[rtype]] += 1
+        if giaddr:
+            return reply, ip_str(giaddr), SERVER_PORT, False, dirty
+        return reply, "255.255.255.255", CLIENT_PORT, True, dirty
+
+    def _fast_head(self, subnet: Subnet, rtype: MessageType) -> tuple[bytes, bytes]:
+        """Options 53, 54 and the subnet's, encoded: whole, and without the ones a too-long reply drops."""
+        key = (id(subnet), rtype)
+        cached = self._heads.get(key)
+        if cached is None or cached[0] is not subnet:
+            so = _subnet_options(subnet)
+            first = b"\x35\x01" + _TYPE_BYTE[rtype] + _opt_bytes(Opt.SERVER_ID, self._server_id)
+            whole = first + b"".join(_opt_bytes(c, v) for c, v in so.items())
+            trimmed = first + b"".join(_opt_bytes(c, v) for c, v in so.items() if c not in _TRIMMED)
+            cached = self._heads[key] = (subnet, whole, trimmed)
+        return cached[1], cached[2]
+
+    def _fast_boot(self, filename: str, http: bool, pxe_vc: bool) -> tuple[bytes, bytes]:
+        """A boot answer's reply pieces: the ``file`` field, and options 67 / 60 / 43 as :meth:`_reply` writes them."""
+        key = (filename, http, pxe_vc)
+        cached = self._boots.get(key)
+        if cached is None:
+            fname = filename.encode()
+            opts = b""
+            if len(fname) < 128:
+                field_ = fname.ljust(128, b"\x00")
+            else:
+                field_ = _ZERO_FILE
+                opts = _opt_bytes(Opt.BOOTFILE, fname)  # long iPXE URLs: option 67 only
+            if http:
+                opts += _opt_bytes(Opt.VENDOR_CLASS, b"HTTPClient")  # UEFI spec 2.x §24.7
+            elif pxe_vc:
+                opts += _opt_bytes(Opt.VENDOR_CLASS, b"PXEClient") + _opt_bytes(Opt.VENDOR_SPECIFIC, _PXE_USE_BOOT_FILE)
+            if len(self._boots) >= _FAST_CACHE_MAX:
+                self._boots.clear()
+            cached = self._boots[key] = (field_, opts)
+        return cached
+
     def expire(self, now: float) -> None:
         """Forget pending offers and declines past their hold time."""
         for mac, (ip, until) in list(self._offers.items()):
@@ -455,7 +730,7 @@ class DhcpServerCore(Generic[LeasesT]):
     def _full(self, req: Packet, mtype: MessageType, subnet: Subnet, src: tuple[str, int], port: int, now: float, wall: float, out: Output) -> None:
         mac = req.mac
         if mtype == MessageType.DISCOVER:
-            ip = self._choose(mac, req, subnet, now, wall)
+            ip = self._choose(mac, req.requested_ip, subnet, now, wall)
             if ip is None:
                 self.counters["dropped_no_address"] += 1
                 return
@@ -534,31 +809,40 @@ class DhcpServerCore(Generic[LeasesT]):
         self.counters["dropped_bad_request"] += 1
 
     def _ack(self, req: Packet, subnet: Subnet, ip: int, src: tuple[str, int], port: int, now: float, wall: float, out: Output) -> None:
-        res = self.policy.reservation(req.mac)
+        bound = self._bind(req.mac, subnet, ip, wall)
+        if bound is _BOUND:
+            out.dirty = True
+            self._reply(req, MessageType.ACK, subnet, ip, src, port, now, wall, out)
+        elif bound is _CONFLICT:
+            self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
+
+    def _bind(self, mac: str, subnet: Subnet, ip: int, wall: float) -> str:
+        """Lease ``ip`` to ``mac`` (the lease-table side of an ACK): :data:`_BOUND`, or
+        :data:`_CONFLICT` (answer NAK) or :data:`_REFUSED` (answer nothing), counted."""
+        res = self.policy.reservation(mac)
         hostname = res.hostname if res else None
-        holder = self.leases.by_ip(ip_str(ip))
-        if holder is not None and holder.mac != req.mac:
+        ip_s = ip_str(ip)
+        holder = self.leases.by_ip(ip_s)
+        if holder is not None and holder.mac != mac:
             if res is not None or holder.state != "bound" or holder.expires <= wall:
                 # A stale holder (expired, released, declined), or a pool lease on an
                 # address the plan now reserves: the reservation wins.
                 self.leases.remove(holder.mac)
                 self._touch(ip)
-        previous = self.leases.by_mac(req.mac)
+        previous = self.leases.by_mac(mac)
         try:
-            self.leases.put(Lease(mac=req.mac, ip=ip_str(ip), expires=wall + subnet.lease_time, state="bound", hostname=hostname))
+            self.leases.put(Lease(mac=mac, ip=ip_s, expires=wall + subnet.lease_time, state="bound", hostname=hostname))
         except LeaseConflict:
             self.counters["lease_conflict"] += 1
-            self._reply(req, MessageType.NAK, subnet, 0, src, port, now, wall, out)
-            return
+            return _CONFLICT
         except ValueError:
             self.counters["dropped_bad_client"] += 1  # e.g. hlen 0: no usable hardware address
-            return
-        out.dirty = True
+            return _REFUSED
         self._touch(ip)  # its lease's end moved
         if previous is not None:
             self._touch(ip_int(previous.ip))  # the client's earlier address, if another, is free
-        self._drop_offer(req.mac)
-        self._reply(req, MessageType.ACK, subnet, ip, src, port, now, wall, out)
+        self._drop_offer(mac)
+        return _BOUND
 
     # ------------------------------------------------------------------ addresses
 
@@ -605,7 +889,8 @@ class DhcpServerCore(Generic[LeasesT]):
     def _free_in_pool(self, ip: int, mac: str, subnet: Subnet, now: float, wall: float) -> bool:
         return self._pool_hold(ip, mac, subnet, now, wall) is None
 
-    def _choose(self, mac: str, req: Packet, subnet: Subnet, now: float, wall: float) -> int | None:
+    def _choose(self, mac: str, wanted: int | None, subnet: Subnet, now: float, wall: float) -> int | None:
+        """The address to offer ``mac`` (module docstring's rules); ``wanted``: its option 50."""
         known = self._known_address(mac, subnet, now, wall)
         if known is not None:
             if self.policy.reservation(mac) is None:
@@ -614,14 +899,13 @@ class DhcpServerCore(Generic[LeasesT]):
         if subnet.pool is None:
             self.counters["unknown_client"] += 1
             return None
-        wanted = req.requested_ip
         if wanted is not None and self._free_in_pool(wanted, mac, subnet, now, wall):
             self._hold_offer(mac, wanted, now)
             return wanted
         first, last = subnet.pool
-        ip = self._search(mac, subnet, self._cursor.get(subnet.network, first), now, wall)
+        ip = self._search(mac, subnet, self._cursor.get(subnet.pool, first), now, wall)
         if ip is not None:
-            self._cursor[subnet.network] = ip + 1 if ip < last else first
+            self._cursor[subnet.pool] = ip + 1 if ip < last else first
             self._hold_offer(mac, ip, now)
             return ip
         self.counters["pool_exhausted"] += 1
@@ -632,9 +916,9 @@ class DhcpServerCore(Generic[LeasesT]):
         what a walk over the whole pool would find, without looking at the addresses the
         hints know are held."""
         assert subnet.pool is not None
-        hints = self._hints.get(subnet.network)
+        hints = self._hints.get(subnet.pool)
         if hints is None:
-            hints = self._hints[subnet.network] = _FreeHints(*subnet.pool)
+            hints = self._hints[subnet.pool] = _FreeHints(*subnet.pool)
         size = hints.size
         if size == 0:
             return None
