@@ -506,7 +506,7 @@ class _Collector:
             CounterMetricFamily("bootorch_tftp_wrong_tid_packets", "TFTP packets from an unexpected port (RFC 1350 TID), answered with ERROR 5."),
             CounterMetricFamily("bootorch_tftp_duplicate_requests", "Repeated TFTP requests for a transfer already running or waiting (ignored)."),
             CounterMetricFamily("bootorch_tftp_waited_requests", "TFTP requests that waited for a transfer slot (all were taken)."),
-            CounterMetricFamily("bootorch_tftp_wait_expired", "TFTP requests dropped after waiting longer than max_stall for a slot."),
+            CounterMetricFamily("bootorch_tftp_wait_expired", "TFTP requests dropped while waiting for a slot: after max_stall, or when their client stopped re-sending them for 15 s."),
             GaugeMetricFamily("bootorch_tftp_requests_waiting", "TFTP requests waiting for a transfer slot now."),
         ]
         if describe:

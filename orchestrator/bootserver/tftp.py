@@ -56,12 +56,31 @@ Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
   ``max_waiting`` requests (default: ``max_transfers``), holding no file, no
   socket and no slot, only its datagram (so the queue holds at most
   ``max_waiting`` x 64 KiB); it starts when a slot frees, unless it
-  waited longer than ``max_stall`` (then its client has given up or retried:
-  dropped, ``wait_expired``). Requests from addresses that already completed
-  an ACKed transfer (the last :data:`PROVEN_IPS` such addresses) wait in a
-  queue of their own that goes first, and when the queue is full one of them
-  takes the place of the newest other waiter: a flood of forged RRQs (from
-  addresses that never ACK) cannot keep a booting node from its next file.
+  waited longer than ``max_stall`` or its client has not re-sent it for
+  :data:`STALE_WAITER` seconds (15: a PXE ROM re-sends at most 8 s apart,
+  pxelinux 14 s, so its client has given up or asks from a new port:
+  dropped, ``wait_expired``, no slot spent on it). Requests from addresses
+  that already completed an ACKed transfer (the last :data:`PROVEN_IPS` such
+  addresses: booting nodes after their ROM) wait in a queue of their own, the
+  others (ROMs, and forged RRQs) in another, FIFO in each. The two queues
+  **take turns** while the transfers to unproven addresses mostly get ACKed
+  (a storm of real ROMs: each ROM gives up after ~15 s, so none may be starved
+  by the first nodes' later files); the proven queue **goes first** while more
+  than half of the last :data:`UNPROVEN_OUTCOMES` (32) such transfers died
+  without any ACK (a forged-RRQ flood; :meth:`TftpServer.flooded`). When the
+  queue is full a newcomer takes the place of the newest waiter of the other
+  class if that class holds more than its share: a proven request when the
+  unproven hold at least half of the queue (always under a flood), an
+  unproven one when the proven hold more than half (never under a flood; a
+  proven client is patient: pxelinux re-sends for ~2 minutes). So a flood
+  cannot keep a booting node from its next file: proven requests keep at
+  least half of the queue, the k-th proven waiter starts within the next 2k
+  starts (k under a flood, where every proven request gets a place), and a
+  forged transfer holds its slot for two short timeouts; and a ROM that comes
+  late to a queue full of the first nodes' later files still gets a place.
+  A request that gets a place but names a file that does not exist (or may
+  not be read) is answered with its ERROR at once instead: that needs no
+  slot (pxelinux's config walk asks for several missing names per boot).
   The per-address cap ``max_per_client`` counts running and waiting requests
   together. A request over either cap is dropped **without an answer**
   (``refused``): its client retries on its own timer, as after a lost datagram,
@@ -69,7 +88,8 @@ Robustness rules, each with a test in ``tests/test_tftp_server.py`` or
 * a transfer's slot is free the moment the engine reports its end (its last
   ACK, ERROR or give-up), before its client's next request can be read, and
   the first waiter starts then;
-* a request retransmitted while it waits is ignored (it keeps its place); a
+* a request retransmitted while it waits is ignored (it keeps its place, and
+  its client counts as still there); a
   *different* request from a waiting port replaces it in place; one from the
   port of a transfer waiting for an admission slot ends that wait
   ("superseded") and starts in its turn;
@@ -89,7 +109,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,7 +121,7 @@ from orchestrator.events import BootEvent, EventKind
 from orchestrator.protocols import tftp as proto
 from orchestrator.protocols.tftp.rto import RTO_MIN
 
-__all__ = ["MAX_STALL", "PROVEN_IPS", "TIMEOUT_MAX", "UNPROVEN_RESEND_RATE", "UNPROVEN_RETRIES", "TftpCounters", "TftpDownloadError", "TftpServer", "serve_tftp", "tftp_get"]
+__all__ = ["MAX_STALL", "PROVEN_IPS", "STALE_WAITER", "TIMEOUT_MAX", "UNPROVEN_OUTCOMES", "UNPROVEN_RESEND_RATE", "UNPROVEN_RETRIES", "TftpCounters", "TftpDownloadError", "TftpServer", "serve_tftp", "tftp_get"]
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +142,16 @@ UNPROVEN_RESEND_RATE = 50.0
 TIMEOUT_MAX = 30
 #: Default bound, in seconds, on a transfer's time without progress.
 MAX_STALL = 60.0
-#: Client addresses remembered as proven (they ACKed a transfer), for the waiting queue's priority.
+#: Client addresses remembered as proven (they ACKed a transfer), for the waiting queue's order.
 PROVEN_IPS = 4096
+#: A waiting request whose client has not repeated it for this long (seconds) is dropped before it gets a slot:
+#: a PXE ROM re-sends its RRQ at most 8 s apart (1, 2, 4, 8 s) and pxelinux at most 14 s apart, or has given up.
+STALE_WAITER = 15.0
+#: Transfers to not-yet-proven addresses whose end the waiting order looks at: while more than half of the last
+#: ones died without an ACK (a forged flood) proven requests go first, otherwise the two queues take turns.
+UNPROVEN_OUTCOMES = 32
+#: Fewer ended unproven transfers than this say nothing yet (the queues take turns).
+_FLOOD_MIN_OUTCOMES = 8
 
 
 @dataclass(slots=True)
@@ -187,15 +215,18 @@ class _Job:
     released: bool = False  # ended: counted, reported, its slot given back (TftpServer._end)
     scope: trio.CancelScope | None = None  # while waiting for an admission slot
     superseded: bool = False  # a newer request from its port ended it
+    unproven_ip: bool = False  # its address had not completed an ACKed transfer when it started
 
 
 @dataclass(eq=False, slots=True)
 class _Waiting:
-    """A request waiting for a transfer slot: its datagram (at most one, <= 64 KiB; parsed again when it starts) and when it came."""
+    """A request waiting for a transfer slot: its datagram (at most one, <= 64 KiB; parsed again when it starts),
+    when it came and when its client last sent it (a retransmission, or a different request from its port)."""
 
     sock: socket.socket
     data: bytes
     since: float
+    heard: float
 
 
 class TftpServer:
@@ -264,6 +295,9 @@ class TftpServer:
         self._waiting: dict[tuple[str, int], _Waiting] = {}
         #: Addresses whose client ACKed a transfer (LRU, at most PROVEN_IPS).
         self._proven_ips: OrderedDict[str, None] = OrderedDict()
+        #: How the last UNPROVEN_OUTCOMES transfers to unproven addresses ended: True if it died without any ACK.
+        self._unproven_outcomes: deque[bool] = deque(maxlen=UNPROVEN_OUTCOMES)
+        self._last_started_proven = False  # the class of the last waiter started (the queues take turns)
         self._netascii_sizes = proto.NetasciiSizes()
         self._resend_budget = proto.ResendBudget(unproven_resend_rate, 4 * unproven_resend_rate)
         self._per_client: Counter[str] = Counter()  # running and waiting requests per address
@@ -401,6 +435,7 @@ class TftpServer:
             return
         w = self._waiting_proven.get(addr) or self._waiting.get(addr)
         if w is not None:
+            w.heard = trio.current_time()  # its client is still there
             if data == w.data:
                 self._duplicate()  # it keeps its place
             else:
@@ -429,37 +464,82 @@ class TftpServer:
     def _wait(self, sock: socket.socket, data: bytes, req: proto.ReadRequest, addr: tuple[str, int], now: float) -> None:
         """Queue a request that found every slot taken, or drop it (unanswered) when the queue is full."""
         proven = addr[0] in self._proven_ips
+        other: dict[tuple[str, int], _Waiting] | None = None  # the queue that gives up its newest waiter
         if len(self._waiting) + len(self._waiting_proven) >= self.max_waiting:
-            if not (proven and self._waiting):
+            # Full: the newcomer takes the place of the other class's newest waiter when that class holds
+            # more than its share (a proven newcomer: at least half, or always under a flood; an unproven one:
+            # more than half, never under a flood). Otherwise, or when there is none, it is dropped unanswered.
+            own, other = (self._waiting_proven, self._waiting) if proven else (self._waiting, self._waiting_proven)
+            if proven:
+                evict = bool(other) and (len(other) >= len(own) or self.flooded())
+            else:
+                evict = len(other) > len(own) and not self.flooded()
+            if not evict:
                 self.counters.refused += 1
                 return
-            # A client that has ACKed before goes ahead of one that never has: the newest such waiter leaves.
-            victim = next(reversed(self._waiting))
-            del self._waiting[victim]
+        if self._answer_if_missing(sock, req, addr, now):
+            return
+        if other is not None:
+            victim = next(reversed(other))
+            del other[victim]
             self._uncount(victim[0])
             self.counters.waiting -= 1
             self.counters.refused += 1
-        (self._waiting_proven if proven else self._waiting)[addr] = _Waiting(sock, bytes(data), now)
+        (self._waiting_proven if proven else self._waiting)[addr] = _Waiting(sock, bytes(data), now, now)
         self._per_client[addr[0]] += 1
         self.counters.waiting += 1
         self.counters.waited += 1
         self._emit(EventKind.FILE_REQUEST, addr, req.filename, detail={"mode": req.mode, "options": dict(req.options), "waiting": True})
 
+    def _answer_if_missing(self, sock: socket.socket, req: proto.ReadRequest, addr: tuple[str, int], now: float) -> bool:
+        """A request about to wait for a file it cannot have is answered now (its ERROR needs no slot): True then.
+
+        pxelinux walks several config names that do not exist on every boot; each would otherwise
+        wait its turn in a full queue. The file is opened and closed at once (a waiter holds none)."""
+        try:
+            self.files.open(req.filename, addr[0]).close()
+        except NotFound:
+            code, result = proto.ERR_FILE_NOT_FOUND, "not_found"
+        except AccessViolation:
+            code, result = proto.ERR_ACCESS_VIOLATION, "access_violation"
+        except Exception:  # noqa: BLE001 -- reported when the request starts
+            return False
+        else:
+            return False
+        self._emit(EventKind.FILE_REQUEST, addr, req.filename, detail={"mode": req.mode, "options": dict(req.options)})
+        self._fail_request(sock, addr, req, code, result, now)
+        return True
+
+    def flooded(self) -> bool:
+        """True while most of the last transfers to unproven addresses died without an ACK (forged requests):
+        then the proven queue goes first; otherwise the two queues take turns."""
+        n = len(self._unproven_outcomes)
+        return n >= _FLOOD_MIN_OUTCOMES and 2 * sum(self._unproven_outcomes) > n
+
+    def _next_queue(self) -> dict[tuple[str, int], _Waiting]:
+        """The queue whose first request starts next: the proven one under a flood, else the one not served last."""
+        if not self._waiting:
+            return self._waiting_proven
+        if not self._waiting_proven:
+            return self._waiting
+        return self._waiting_proven if self.flooded() or not self._last_started_proven else self._waiting
+
     def _admit(self) -> None:
-        """Start waiting requests while slots are free (first the proven queue, then the other; FIFO in each)."""
+        """Start waiting requests while slots are free (FIFO in each queue; which queue: :meth:`_next_queue`)."""
         engine = self._engine
         while (self._waiting_proven or self._waiting) and len(self._jobs) < self.max_transfers:
             if engine is None or engine.closed:
                 return
-            queue = self._waiting_proven or self._waiting
+            queue = self._next_queue()
             addr = next(iter(queue))
             w = queue.pop(addr)
             self._uncount(addr[0])
             self.counters.waiting -= 1
             now = trio.current_time()
-            if now - w.since > self.max_stall:
-                self.counters.wait_expired += 1
+            if now - w.since > self.max_stall or now - w.heard > STALE_WAITER:
+                self.counters.wait_expired += 1  # its client gave up (or asks from a new port now)
                 continue
+            self._last_started_proven = queue is self._waiting_proven
             try:
                 req = proto.parse_packet(w.data)  # it parsed as an RRQ when it came
                 assert isinstance(req, proto.ReadRequest)
@@ -504,7 +584,7 @@ class TftpServer:
             f.close()
             raise
         assert self._nursery is not None
-        job = _Job(addr, req, xfer, f, t0)
+        job = _Job(addr, req, xfer, f, t0, unproven_ip=addr[0] not in self._proven_ips)
         self._jobs[addr] = job
         self._per_client[addr[0]] += 1
         self.counters.active += 1
@@ -553,6 +633,10 @@ class TftpServer:
         else:
             self.counters.transfers_failed += 1
         self.counters.bytes_sent += xfer.bytes_acked
+        if job.unproven_ip:
+            # Died without any ACK (a forged source, or a ROM that gave up) -- a size probe, a client ERROR
+            # or a superseding request came from the client: alive.
+            self._unproven_outcomes.append(not xfer.proven and result in ("timeout", "unconfirmed"))
         detail: dict[str, Any] = {"blksize": xfer.blksize, "windowsize": xfer.windowsize, "mode": xfer.mode}
         if failure is not None and failure.code is not None:
             detail["error_code"] = failure.code
