@@ -25,6 +25,7 @@ import trio
 from orchestrator.bootserver.files import BootFiles
 from orchestrator.bootserver.http import serve_http
 from orchestrator.events import EventKind
+from orchestrator.lab.caches import nginx_conf
 from orchestrator.logwatch.parsers import parser_for
 from orchestrator.plan import load_plan
 from orchestrator.render import boot_tree, render_all, render_nginx_cache
@@ -79,21 +80,7 @@ def test_a_real_nginx_caches_for_the_rack_and_fetches_upstream_once(tmp_path):
     (ngx / "tmp").mkdir(parents=True)
     (ngx / "bootorch-rb.conf").write_text(render_nginx_cache(plan, "rb", cache_dir=str(ngx / "cache"),
                                                              access_log=str(ngx / "access.log")))
-    (ngx / "nginx.conf").write_text(textwrap.dedent(f"""\
-    daemon off;
-    master_process off;
-    pid {ngx}/nginx.pid;
-    error_log {ngx}/error.log;
-    events {{ worker_connections 256; }}
-    http {{
-        client_body_temp_path {ngx}/tmp;
-        proxy_temp_path {ngx}/tmp;
-        fastcgi_temp_path {ngx}/tmp;
-        uwsgi_temp_path {ngx}/tmp;
-        scgi_temp_path {ngx}/tmp;
-        include {ngx}/bootorch-rb.conf;
-    }}
-    """))
+    (ngx / "nginx.conf").write_text(nginx_conf("rb", ngx))  # the lab's wrapper: render's block included unchanged
     check = subprocess.run([exe, "-t", "-p", str(ngx), "-c", str(ngx / "nginx.conf"), "-e", str(ngx / "error.log")],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr  # nginx itself accepts the rendered config

@@ -75,7 +75,8 @@ def _caches(lab: Any) -> list[tuple[Any, str, int, str]]:
     return out
 
 
-def _conf(lab: Any, name: str, d: Path) -> str:
+def nginx_conf(name: str, d: Path) -> str:
+    """A top-level nginx.conf for one foreground nginx whose files live in ``d``, around ``d/bootorch-<name>.conf``."""
     return f"""# bootorch lab: nginx for the cache of server {name}; the server block is `bootorch render`'s.
 daemon off;
 master_process off;
@@ -128,7 +129,7 @@ def up(lab: Any) -> None:
         (d / "tmp").mkdir(parents=True, exist_ok=True)
         (d / f"bootorch-{srv.name}.conf").write_text(
             render_nginx_cache(lab.plan, srv.name, cache_dir=str(d / "cache"), access_log=str(d / "access.log")))
-        (d / "nginx.conf").write_text(_conf(lab, srv.name, d))
+        (d / "nginx.conf").write_text(nginx_conf(srv.name, d))
         argv = [exe, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")]
         if ns == lab.namespace:
             _ensure_address(lab, ns, host)
