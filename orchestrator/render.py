@@ -128,11 +128,8 @@ def http_base(plan: LoadedPlan) -> str:
 
 def files_base(plan: LoadedPlan, node: Node) -> str:
     """Where ``node`` fetches its kernel and initrds over HTTP: its server's ``http`` (``servers:``), else ours."""
-    if node.rack is not None:
-        for srv in plan.model.servers:
-            if srv.http and node.rack in srv.racks:
-                return srv.http
-    return http_base(plan)
+    srv = plan.server_entry(node)
+    return srv.http if srv is not None and srv.http else http_base(plan)
 
 
 def ipxe_mode(plan: LoadedPlan, node: Node) -> str:
@@ -440,9 +437,8 @@ def render_nginx_cache(plan: LoadedPlan, name: str, *, cache_dir: str | None = N
     srv = next(s for s in plan.model.servers if s.name == name)
     if not srv.http:
         raise ValueError(f"server {name} has no http: address to cache at")
-    m = re.fullmatch(r"http://(.+?)(?::(\d+))?", srv.http)
-    assert m is not None  # the plan model checked the form
-    listen = f"{m.group(1)}:{m.group(2) or 80}"
+    host, port = srv.http_address  # type: ignore[misc]  # http is set (checked above)
+    listen = f"{host}:{port}"
     zone = "bootorch_" + re.sub(r"[^a-z0-9_]", "_", name)
     cache_dir = cache_dir or f"/var/cache/nginx/bootorch-{name}"
     access_log = access_log or f"/var/log/nginx/bootorch-{name}.access.log"

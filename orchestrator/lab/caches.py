@@ -24,7 +24,6 @@ config first; ``up`` waits until the port is bound.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import time
@@ -67,9 +66,7 @@ def _caches(lab: Any) -> list[tuple[Any, str, int, str]]:
     for srv in lab.plan.model.servers:
         if not srv.http:
             continue
-        m = re.fullmatch(r"http://(.+?)(?::(\d+))?", srv.http)
-        assert m is not None  # the plan model checked the form
-        host, port = m.group(1), int(m.group(2) or 80)
+        host, port = srv.http_address
         ns = next((r.namespace for r in rt.routers(lab) if str(r.gateway) == host), lab.namespace)
         out.append((srv, host, port, ns))
     return out

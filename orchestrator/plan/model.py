@@ -401,6 +401,10 @@ class Admission(Strict):
     adaptive: bool = True
 
 
+#: ``http://host[:port]`` of a ``servers:`` entry (group 1 host, group 2 port).
+_HTTP_URL = re.compile(r"http://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?/?")
+
+
 class ServerAdmission(Strict):
     """Admission for one more boot server: its own window, fed by its own load."""
 
@@ -461,10 +465,16 @@ class FileServer(Strict):
     def _http(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        m = re.fullmatch(r"http://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}))?/?", v)
+        m = _HTTP_URL.fullmatch(v)
         if not m or (m.group(2) and not 0 < int(m.group(2)) < 65536):
             raise ValueError(f"{v!r}: write http://host or http://host:port (no path), e.g. http://10.20.0.1:8080")
         return v.rstrip("/")
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """``http`` as (host, port); None without it."""
+        m = _HTTP_URL.fullmatch(self.http) if self.http else None
+        return (m.group(1), int(m.group(2) or 80)) if m else None
 
 
 class Timeouts(Strict):

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.nodeset import NodeSetError, expand
-from orchestrator.plan.model import Plan, RelayedSubnet, parse_mac
+from orchestrator.plan.model import FileServer, Plan, RelayedSubnet, parse_mac
 from orchestrator.plan.source import PlanError, Problem, Source, load_yaml
 
 #: The plan's own boot server (embedded, or the site's servers whose logs it follows) in ``servers:`` terms.
@@ -90,13 +90,18 @@ class LoadedPlan:
         """``@group`` and ``@rack`` names usable in node sets (waves, CLI)."""
         return node_groups(self.nodes)
 
-    def server_of(self, node: Node) -> str:
-        """The name of the boot server carrying ``node``'s downloads (``servers:`` by rack; else ``main``)."""
+    def server_entry(self, node: Node) -> FileServer | None:
+        """The ``servers:`` entry whose racks hold ``node``; None: the plan's own server."""
         if node.rack is not None:
             for srv in self.model.servers:
                 if node.rack in srv.racks:
-                    return srv.name
-        return MAIN_SERVER
+                    return srv
+        return None
+
+    def server_of(self, node: Node) -> str:
+        """The name of the boot server carrying ``node``'s downloads (``servers:`` by rack; else ``main``)."""
+        srv = self.server_entry(node)
+        return srv.name if srv is not None else MAIN_SERVER
 
     def relayed_subnet_of(self, node: Node | IPv4Address) -> RelayedSubnet | None:
         """The relayed subnet (``network.relayed``) a node's address lies in; None: the boot subnet."""
