@@ -65,6 +65,15 @@ class SimPlan:
     metrics_listen: str = ""
     checks: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "kernel", "kernel": r"^6\."}])
     name: str = "sim"
+    #: The boot network: several simulators behind one orchestrator each need their own.
+    subnet: str = SUBNET
+    server: str = SERVER
+    first_node_ip: str = FIRST_NODE_IP
+    #: First MAC (counted up per node) and node name prefix: unique across simulators.
+    first_mac: str = "52:54:00:5a:00:01"
+    node_prefix: str = "node"
+    #: ``rack:`` of every node (an orchestrator's ``servers:`` entry names it).
+    rack: str | None = None
 
     @property
     def bytes_per_node(self) -> int:
@@ -86,13 +95,13 @@ def write_sim_plan(directory: Path, sp: SimPlan) -> Path:
         "version": 1,
         "name": sp.name,
         "state_dir": "state",
-        "network": {"namespace": sp.namespace, "interface": sp.interface, "subnet": SUBNET, "server": SERVER},
+        "network": {"namespace": sp.namespace, "interface": sp.interface, "subnet": sp.subnet, "server": sp.server},
         "dhcp": {"mode": "full", "lease_time": "1h"},
         "boot": {"root": "tftpboot", "config_names": ["mac", "ip"]},
         "bootserver": {"max_transfers": sp.max_transfers},
         "profiles": {"sim": {"kernel": "vmlinuz", "initrd": "initrd.img", "root": "initramfs", "ip": "dhcp"}},
-        "nodes": [{"name": f"node[{1:0{width}d}-{sp.nodes:0{width}d}]", "mac": "52:54:00:5a:00:01",
-                   "ip": FIRST_NODE_IP, "profile": "sim"}],
+        "nodes": [{"name": f"{sp.node_prefix}[{1:0{width}d}-{sp.nodes:0{width}d}]", "mac": sp.first_mac,
+                   "ip": sp.first_node_ip, "profile": "sim", **({"rack": sp.rack} if sp.rack else {})}],
         "power": {"wol": {"method": "raw", "repeat": 1}, "bmc": {"driver": "sim", "address": sp.control}},
         "rollout": {
             "admission": {"max_downloading": sp.max_downloading, "adaptive": sp.adaptive,

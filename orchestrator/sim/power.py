@@ -34,7 +34,8 @@ async def control_request(path: str | Path, request: dict[str, Any], timeout: fl
 
 
 class SimPowerDriver(ActionDriver):
-    """Power actions on the simulator (``power.bmc: {driver: sim, address: /path/sim.sock}``)."""
+    """Power actions on the simulator (``power.bmc: {driver: sim, address: /path/sim.sock}``; a node's own
+    ``bmc:`` names its simulator's socket instead, when several simulators run behind one orchestrator)."""
 
     name = "sim"
 
@@ -42,16 +43,21 @@ class SimPowerDriver(ActionDriver):
         self.path = Path(path)
         self.timeout = timeout
 
+    def _path(self, t: Target) -> Path:
+        """The node's own simulator (its ``bmc:``, several simulators behind one orchestrator), else the plan's."""
+        return Path(t.bmc) if t.bmc else self.path
+
     async def _act(self, t: Target, action: str) -> PowerResult:
+        path = self._path(t)
         try:
-            r = await control_request(self.path, {"action": action, "mac": t.mac}, self.timeout)
+            r = await control_request(path, {"action": action, "mac": t.mac}, self.timeout)
         except (OSError, ValueError, trio.TooSlowError) as e:
-            return PowerResult(False, f"sim {action} via {self.path}: {type(e).__name__}: {e}")
+            return PowerResult(False, f"sim {action} via {path}: {type(e).__name__}: {e}")
         return PowerResult(bool(r.get("ok")), f"sim {action}: {r.get('detail', '')}")
 
     async def status(self, t: Target) -> str | None:
         try:
-            r = await control_request(self.path, {"action": "status", "mac": t.mac}, self.timeout)
+            r = await control_request(self._path(t), {"action": "status", "mac": t.mac}, self.timeout)
         except (OSError, ValueError, trio.TooSlowError):
             return None
         return r.get("state") if r.get("ok") else None
