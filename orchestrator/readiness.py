@@ -50,6 +50,7 @@ check is bounded by a small channel window, and :class:`CheckResult` and
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -60,7 +61,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import paramiko
 import trio
@@ -178,28 +179,88 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 
 class KnownHosts:
-    """One known_hosts file shared by every SSH thread and process; writes are atomic and serialised."""
+    """One known_hosts file shared by every SSH thread and process; every write is serialised and durable.
+
+    The file is parsed once into an index (plain host name -> key type -> key,
+    plus OpenSSH's hashed ``|1|`` names, checked by HMAC), and parsed again only
+    when another writer changed it (its inode, size or mtime differ from what we
+    last read or wrote). A first-seen key (:meth:`add`, ``tofu``) is one
+    appended line; :meth:`pin` rewrites the file atomically. Each costs O(1) or
+    O(hosts), never a re-parse per node (paramiko's own ``HostKeys.load`` is
+    quadratic in the file's length). Lines that do not parse are skipped, as
+    paramiko and OpenSSH skip them.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self.keys = paramiko.HostKeys()
-        if path.exists():
-            self.keys.load(str(path))
+        self._plain: dict[str, dict[str, paramiko.PKey]] = {}
+        self._hashed: list[tuple[str, paramiko.PKey]] = []
+        #: (device, inode, size, mtime) of the file as last read or written; None: no file.
+        self._seen: tuple[int, int, int, int] | None = None
+        self._load()
+
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _load(self) -> None:
+        plain: dict[str, dict[str, paramiko.PKey]] = {}
+        hashed: list[tuple[str, paramiko.PKey]] = []
+        seen = self._stat()
+        if seen is not None:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for lineno, line in enumerate(f, 1):
+                    line = line.strip()
+                    if not line or line.startswith("#"):
+                        continue
+                    try:
+                        entry = paramiko.hostkeys.HostKeyEntry.from_line(line, lineno)
+                    except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError):
+                        continue  # paramiko's own load raises on a line with bad base64
+                    if entry is None or entry.key is None:
+                        continue
+                    for host in entry.hostnames:
+                        if host.startswith("|1|"):
+                            hashed.append((host, entry.key))
+                        else:  # the first key per host and type counts, as in paramiko's lookup
+                            plain.setdefault(host, {}).setdefault(entry.key.get_name(), entry.key)
+        self._plain, self._hashed, self._seen = plain, hashed, seen
+
+    def _find(self, name: str) -> dict[str, paramiko.PKey] | None:
+        out = dict(self._plain.get(name, {}))
+        for hashed, key in self._hashed:
+            if key.get_name() not in out and paramiko.HostKeys.hash_host(name, hashed) == hashed:
+                out[key.get_name()] = key
+        return out or None
 
     def lookup(self, name: str) -> dict[str, paramiko.PKey] | None:
         with self._lock:
-            entry = self.keys.lookup(name)
-            return dict(entry) if entry else None
+            return self._find(name)
 
     def add(self, name: str, key: paramiko.PKey) -> None:
-        """Record a first-seen key (``tofu``) beside the host's others."""
-
-        def change(keys: paramiko.HostKeys) -> paramiko.HostKeys:
-            keys.add(name, key.get_name(), key)
-            return keys
-
-        self._update(change)
+        """Record a first-seen key (``tofu``) beside the host's others: one line appended."""
+        with self._locked():
+            if self._stat() != self._seen:
+                self._load()  # another process wrote it since
+            have = self._find(name) or {}
+            if key.get_name() in have and have[key.get_name()].asbytes() == key.asbytes():
+                return
+            line = f"{name} {key.get_name()} {key.get_base64()}\n".encode()
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # a file edited by hand without its last newline
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._plain.setdefault(name, {}).setdefault(key.get_name(), key)
+            self._seen = self._stat()
 
     def pin(self, entries: Mapping[str, paramiko.PKey]) -> bool:
         """Make ``entries`` each host's only key, replacing older ones; True when the file changed."""
@@ -208,48 +269,36 @@ class KnownHosts:
             return have is not None and len(have) == 1 and key.get_name() in have and \
                 have[key.get_name()].asbytes() == key.asbytes()
 
-        current = paramiko.HostKeys()
-        if self.path.exists():
-            current.load(str(self.path))
-        if all(same(current.lookup(n), k) for n, k in entries.items()):
-            return False  # already pinned: no lock, no write (a reader may not own the state directory)
+        with self._lock:
+            self._load()
+            if all(same(self._find(n), k) for n, k in entries.items()):
+                return False  # already pinned: no lock file, no write (a reader may not own the state directory)
+        with self._locked():
+            self._load()
+            if all(same(self._find(n), k) for n, k in entries.items()):
+                return False
+            lines = [f"{host} {ktype} {k.get_base64()}\n" for host, keys in self._plain.items() if host not in entries
+                     for ktype, k in keys.items()]
+            lines += [f"{hashed} {k.get_name()} {k.get_base64()}\n" for hashed, k in self._hashed]
+            lines += [f"{n} {k.get_name()} {k.get_base64()}\n" for n, k in entries.items()]
+            self._write("".join(lines))
+            self._load()
+            return True
 
-        def change(keys: paramiko.HostKeys) -> paramiko.HostKeys | None:
-            if all(same(keys.lookup(n), k) for n, k in entries.items()):
-                return None
-            out = paramiko.HostKeys()
-            for host, entry in keys.items():
-                if host not in entries:
-                    for ktype, k in entry.items():
-                        out.add(host, ktype, k)
-            for n, k in entries.items():
-                out.add(n, k.get_name(), k)
-            return out
-
-        return self._update(change)
-
-    def _update(self, change: Callable[[paramiko.HostKeys], paramiko.HostKeys | None]) -> bool:
-        """Re-read the file, apply ``change`` (None: nothing to write), write the result; under both locks."""
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This object's lock and the file's ``.lock`` (another process -- image build, a second rollout -- may write)."""
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # another process (image build, a second rollout) may write too
-                keys = paramiko.HostKeys()
-                if self.path.exists():
-                    keys.load(str(self.path))
-                new = change(keys)
-                if new is not None:
-                    self._write(new)
-                self.keys = new if new is not None else keys
-                return new is not None
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield
 
-    def _write(self, keys: paramiko.HostKeys) -> None:
+    def _write(self, text: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".known_hosts.")
         try:
             with os.fdopen(fd, "w") as f:
-                for host, entry in keys.items():
-                    for ktype, k in entry.items():
-                        f.write(f"{host} {ktype} {k.get_base64()}\n")
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
