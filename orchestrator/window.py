@@ -16,10 +16,11 @@ The rules, checked in this order; the first that holds decides:
 decision             when                                                        new size
 ===================  ==========================================================  ===========================
 ``SHRINK_LOSS``      *loss*: server retransmits, or client re-sends (duplicate   half (at least 1)
-                     ACKs, repeated requests), above ``retransmit_threshold``/s
+                     ACKs, repeated requests), above ``retransmit_threshold``/s,
+                     and no more nodes in flight than the window
 ``SHRINK_DELAY``     *delay*: more than ``queue_target`` blocks queued (below),  a quarter off (at least 1)
                      and no more nodes in flight than the window
-``HOLD``             delay, but more nodes in flight than the window             unchanged
+``HOLD``             loss or delay, but more nodes in flight than the window     unchanged
 ``GROW``             nodes queued, the window full, slow start over              an eighth more (at least 1)
 ``GROW_SLOW_START``  nodes queued, the window full, in slow start, and at        double
                      least half the window really downloading
@@ -27,7 +28,10 @@ decision             when                                                       
 ===================  ==========================================================  ===========================
 
 Growth never passes ``max_window`` (the plan's ``admission.max_downloading``).
-Either congestion signal ends slow start for good. With ``adaptive: false`` the
+Either congestion signal ends slow start for good, and so does a queue of more
+than half ``queue_target`` blocks (HyStart's delay exit, RFC 9406): nodes reach
+the link seconds after they are woken, so a doubling on a queue already
+building overshoots by the time it shows. With ``adaptive: false`` the
 window is ``max_window`` and never changes.
 
 Why it is shaped like this
@@ -47,11 +51,16 @@ the window grows until the clients' timers fire. The *delay* signal is TCP
 Vegas's estimate, on transfer counts: with ``active`` transfers, a median block
 round trip ``rtt`` and an unloaded round trip ``base`` (the smallest seen in the
 last ``rtt_base_window`` seconds), about ``active * (1 - base/rtt)`` blocks wait
-in a queue (the link's or the server's CPU) rather than move. A few dozen queued
-blocks keep the link busy through every hiccup; more only add waiting. Delay
-takes a quarter off, once per backlog: nodes admitted before the queue showed
-stay in flight for a while, and shrinking again while more are in flight than
-the window admits nobody fewer and collapses the window as the backlog drains.
+in a queue (the link's or the server's CPU) rather than move. A dozen or so
+queued blocks keep the link busy through a hiccup; more only add waiting, and
+worse: every transfer in flight shares the link, so a large window makes a
+whole generation of nodes finish at once, long after it started, and their
+readiness checks then come in one burst. Delay takes a quarter off, loss half.
+Either shrinks once per backlog, as TCP cuts once per loss event: nodes
+admitted before the signal showed stay in flight for a while, and shrinking
+again while more are in flight than the window admits nobody fewer; it only
+collapses the window (to 1, on a client-retry rate that stays above the
+threshold for a few seconds) and leaves the link idle once the backlog drains.
 
 To change a rule, change :meth:`AdmissionWindow.update` and its row above; the
 tuning is :class:`WindowTuning`.
@@ -87,7 +96,7 @@ class WindowTuning:
     #: Server retransmits, or client re-sends, per second above which the window halves.
     retransmit_threshold: float = 5.0
     #: Blocks allowed to wait in the boot server's queues (link, CPU) before the window shrinks.
-    queue_target: float = 64.0
+    queue_target: float = 16.0
     #: The first window (capped by ``max_window``).
     initial_window: int = 8
     #: How long the smallest round trip seen stays the unloaded reference (seconds).
@@ -140,6 +149,8 @@ class AdmissionWindow:
         self.slow_start = True
         #: (time, rtt) samples of the last ``rtt_base_window`` seconds: their minimum is the unloaded round trip.
         self._rtt_seen: deque[tuple[float, float]] = deque()
+        #: The newest estimate of blocks waiting in the server's queues (0 before a round-trip sample).
+        self.queued_blocks = 0.0
 
     def update(self, load: ServerLoad, now: float, *, in_flight: int, downloading: int, queued: bool) -> Decision:
         """Adapt the size to ``load`` at ``now``.
@@ -154,13 +165,12 @@ class AdmissionWindow:
         if signal is not None:
             kind, why = signal
             self.slow_start = False
-            if kind is DecisionKind.SHRINK_LOSS:
-                self.size = max(1, old // 2)
-            elif in_flight <= old:
-                self.size = max(1, old - max(1, old // 4))
-            else:  # the backlog admitted before the queue showed is still in flight: shrunk for it already
+            if in_flight > old:  # the backlog admitted before the signal showed is still in flight: shrunk for it already
                 return Decision(DecisionKind.HOLD, old, old, f"{why}; {in_flight} in flight > window {old}", load)
+            self.size = max(1, old // 2) if kind is DecisionKind.SHRINK_LOSS else max(1, old - max(1, old // 4))
             return Decision(kind, old, self.size, why, load)
+        if self.slow_start and self.queued_blocks > self.tuning.queue_target / 2:
+            self.slow_start = False  # HyStart's delay exit: the queue is growing, doubling again would overshoot
         if not queued:
             return Decision(DecisionKind.HOLD, old, old, "nothing queued", load)
         if in_flight < old:
@@ -192,6 +202,7 @@ class AdmissionWindow:
             samples.popleft()
         base = min(v for _, v in samples)
         queued = load.active * (1.0 - base / rtt) if rtt > base else 0.0
+        self.queued_blocks = queued
         if queued > self.tuning.queue_target:
             return DecisionKind.SHRINK_DELAY, (f"delay: ~{queued:.0f} blocks queued (rtt {rtt * 1000:.1f} ms vs "
                                                f"{base * 1000:.1f} ms unloaded, {load.active} transfers)")

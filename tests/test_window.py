@@ -95,11 +95,38 @@ def test_delay_takes_a_quarter_off_once_per_backlog():
     assert (d.kind, d.size) == (DecisionKind.SHRINK_DELAY, 18)
 
 
-def test_a_few_dozen_queued_blocks_are_no_signal():
+def test_a_few_queued_blocks_are_no_signal():
     w = AdmissionWindow(64, tuning=WindowTuning(initial_window=16))
     full(w, Load(active=80, rtt=0.0005), 0.0)
-    d = full(w, Load(active=80, rtt=0.0006), 1.0)  # ~13 queued
+    d = full(w, Load(active=80, rtt=0.00054), 1.0)  # ~6 queued: under half the target of 16
     assert d.kind is DecisionKind.GROW_SLOW_START
+
+
+def test_slow_start_ends_on_a_building_queue_without_shrinking():
+    # HyStart's delay exit: more than half the target queued ends the doubling; the window then grows by an eighth.
+    w = AdmissionWindow(512, tuning=WindowTuning(initial_window=32))
+    full(w, Load(active=40, rtt=0.001), 0.0)
+    assert (w.size, w.slow_start) == (64, True)
+    d = full(w, Load(active=40, rtt=0.0014), 1.0)  # 40 * (1 - 1/1.4) ~ 11 queued: > 8, < 16
+    assert (d.kind, d.old, d.size) == (DecisionKind.GROW, 64, 72)
+    assert not w.slow_start
+    d = full(w, Load(active=40, rtt=0.003), 2.0)  # ~27 queued > 16: now a quarter off
+    assert (d.kind, d.size) == (DecisionKind.SHRINK_DELAY, 54)
+
+
+def test_loss_shrinks_once_per_backlog():
+    # A client re-send rate that stays up for seconds (the nodes admitted before the cut are still
+    # downloading) halves the window once, not once a second down to 1.
+    w = AdmissionWindow(64, tuning=WindowTuning(initial_window=32))
+    lossy = Load(active=32, client_retry_rate=6.0)
+    d = w.update(lossy, 0.0, in_flight=32, downloading=32, queued=True)
+    assert (d.kind, d.size) == (DecisionKind.SHRINK_LOSS, 16)
+    for t in (1.0, 2.0, 3.0):
+        d = w.update(lossy, t, in_flight=30, downloading=30, queued=True)
+        assert (d.kind, d.size) == (DecisionKind.HOLD, 16)
+        assert d.reason == "loss: 6.0 client re-sends/s; 30 in flight > window 16"
+    d = w.update(lossy, 4.0, in_flight=16, downloading=16, queued=True)  # the backlog drained and loss goes on
+    assert (d.kind, d.size) == (DecisionKind.SHRINK_LOSS, 8)
 
 
 def test_the_unloaded_round_trip_is_the_smallest_of_the_last_rtt_base_window_seconds():
