@@ -204,12 +204,14 @@ class Orchestrator:
             # Anyone following this orchestrator as a satellite gets every piece of its evidence, in order.
             tap = EventTap(load=load)
             on_event = _both(tap.record, on_event)
-        scheduler = Scheduler(plan, tracker, store, wake=wake, bmc=bmc, readiness=readiness,
+        scheduler = Scheduler(plan, tracker, store, wake=wake, bmc=bmc,
+                              readiness=readiness if plan.model.readiness.enabled else None,
                               load=load if boot_servers else None, clock=clock, log=log, on_change=on_change, on_event=on_event,
                               rollout=mode is Mode.ROLLOUT, standing=mode is Mode.SERVE,
-                              server_loads={link.name: link.load_reader for link in satellites})
+                              server_loads={link.name: link.load_reader for link in satellites},
+                              server_blind={link.name: link.blind for link in satellites})
         metrics.attach(scheduler=scheduler)
-        control = ControlServer(plan, scheduler, mode=mode.value, token=token, log=log, events=tap)
+        control = ControlServer(plan, scheduler, mode=mode.value, token=token, log=log, events=tap, satellites=satellites)
         send, recv = trio.open_memory_channel[BootEvent](EVENT_BUFFER)
         return cls(plan, mode, store, tracker, metrics, wake, bmc, readiness, scheduler, control, gate, load, log, send, recv,
                    satellites, tap)

@@ -153,15 +153,26 @@ class SatelliteLink:
     heartbeat: float = HEARTBEAT
     #: The satellite's newest load (None before its first load line).
     load: Load | None = None
+    #: trio.current_time() when ``load`` arrived.
+    load_at: float | None = None
     connected: bool = False
     connects: int = 0
     #: Malformed answers and broken connections (each followed by a reconnect).
     errors: int = 0
     cursor: StreamCursor | None = None
+    #: The satellite's newest record when this connection began (its header's ``last``): until the
+    #: cursor reaches it, the stream is still replaying what happened while it was down.
+    replay_to: int = 0
 
-    def load_reader(self) -> Load:
-        """The scheduler's load reader for this satellite (idle until the first load line)."""
-        return self.load or Load(active=0, queued=0, bytes_per_s=0.0, retransmit_rate=0.0)
+    def load_reader(self) -> Load | None:
+        """The scheduler's load reader for this satellite: None while its stream is down or before its first
+        load line (the window then holds: no signal is not an idle server)."""
+        return self.load if self.connected else None
+
+    def blind(self) -> bool:
+        """True while the orchestrator cannot know what the satellite saw (the scheduler's ``server_blind``): the
+        stream is down, or it is still replaying the records of an outage (a node's stage then lags behind)."""
+        return not self.connected or (self.cursor is not None and self.cursor.last < self.replay_to)
 
 
 async def follow(link: SatelliteLink, tracker, store, *, on_change: Callable[[list], None] | None = None,
@@ -241,12 +252,15 @@ async def _one_connection(link: SatelliteLink, cursor: StreamCursor, tracker, st
                     if cursor.lost > lost_before:
                         log.warning("satellite %s: %d event(s) were gone from its log before they reached us",
                                     link.name, cursor.lost - lost_before)
+                    last = msg.get("last")
+                    link.replay_to = last if type(last) is int and last >= 0 else 0
                     if not got_header:
                         got_header = link.connected = True
                     store.save_offset(key, {"epoch": cursor.epoch, "last": cursor.last})
                 elif "load" in msg:
                     if msg["load"] is not None:
                         link.load = load_from_wire(msg["load"])
+                        link.load_at = trio.current_time()
                 elif msg.get("event") == "error":
                     raise StreamError(f"the satellite refused: {str(msg.get('error'))[:200]}")
                 else:

@@ -207,7 +207,9 @@ class Scheduler:
         ssh_power: PowerDriver | None = None,
         window_tuning: WindowTuning = WindowTuning(),
         probe_every: float = 1.0,
-        server_loads: dict[str, Callable[[], ServerLoad]] | None = None,
+        server_loads: dict[str, Callable[[], ServerLoad | None]] | None = None,
+        server_blind: dict[str, Callable[[], bool]] | None = None,
+        blind_grace: float = 10.0,
     ) -> None:
         self.plan, self.tracker, self.store = plan, tracker, store
         self.wake_driver, self.bmc, self.readiness = wake, bmc, readiness
@@ -218,7 +220,10 @@ class Scheduler:
         self.timeouts = settings.timeouts
         self.probe_every = probe_every
         #: Load readers per server: ``main`` reads ``load``; others what ``server_loads`` gives.
-        self.server_loads: dict[str, Callable[[], ServerLoad]] = dict(server_loads or {})
+        self.server_loads: dict[str, Callable[[], ServerLoad | None]] = dict(server_loads or {})
+        #: server -> True while its evidence cannot reach us (a satellite's stream is down); see _escalate.
+        self.server_blind: dict[str, Callable[[], bool]] = dict(server_blind or {})
+        self.blind_grace = blind_grace
         if load is not None:
             self.server_loads.setdefault(MAIN_SERVER, load)
         # A window adapts only to a load it can read; without one it is the server's max_downloading.
@@ -625,9 +630,32 @@ class Scheduler:
                     self._nursery.start_soon(self._escalate, job, stuck.stage, stuck.timeout)  # type: ignore[union-attr]
 
     async def _escalate(self, job: NodeJob, stage: Stage, timeout: float) -> None:
+        attempt = self.tracker.nodes[job.node.mac].attempt
+        if await self._wait_for_evidence(job, stage, timeout):
+            st = self.tracker.nodes[job.node.mac]
+            if st.stage != stage or st.attempt != attempt:
+                return  # the evidence it missed came with the stream
         async with self._lock(job.node.mac):  # never while an on-call action works on the node
             if job.result is None and self.tracker.nodes[job.node.mac].stage == stage:
                 await self._escalate_locked(job, stage, timeout)
+
+    async def _wait_for_evidence(self, job: NodeJob, stage: Stage, timeout: float) -> bool:
+        """While the node's server cannot send its evidence (a satellite's stream is down), wait; True if it waited.
+
+        A timeout then says nothing about the node, only about the link: no power
+        action follows from it. Once the stream is back, its replayed events get
+        ``blind_grace`` seconds to move the node before the escalation goes on.
+        """
+        server = self.server_of.get(job.node.mac, MAIN_SERVER)
+        blind = self.server_blind.get(server)
+        if blind is None or not blind():
+            return False
+        self.log(f"{job.node.name}: stuck in {stage.value} for {timeout:g}s while {server}'s evidence stream is down: "
+                 f"no action until it is back")
+        while blind():
+            await trio.sleep(1.0)
+        await trio.sleep(self.blind_grace)
+        return True
 
     async def _escalate_locked(self, job: NodeJob, stage: Stage, timeout: float) -> None:
         if stage in (Stage.SSH, Stage.READY):
@@ -729,13 +757,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ adaptation
 
-    async def _adapt(self, server: str, read_load: Callable[[], ServerLoad]) -> None:
-        """Feed ``server``'s admission window its load every ``adapt_every`` seconds; log and wake on a change."""
+    async def _adapt(self, server: str, read_load: Callable[[], ServerLoad | None]) -> None:
+        """Feed ``server``'s admission window its load every ``adapt_every`` seconds; log and wake on a change.
+
+        A reader that returns None has no load to give now (a satellite whose stream is down): the window holds.
+        """
         window = self.windows[server]
         named = len(self.windows) > 1
         while True:
             await trio.sleep(window.tuning.adapt_every)
             load = read_load()
+            if load is None:
+                continue
             queued = any(j.result is None and self.tracker.nodes[j.node.mac].stage == Stage.PENDING
                          and self.server_of.get(mac, MAIN_SERVER) == server for mac, j in self.jobs.items())
             now = self.clock()

@@ -81,3 +81,13 @@ def test_a_missing_credential_stops_a_rollout_but_not_serve(tmp_path, monkeypatc
     serve = Orchestrator.assemble(plan, Mode.SERVE, log=lines.append)
     serve.store.close()
     assert isinstance(serve.bmc, Unavailable) and "BMC_PW" in lines[0]
+
+
+def test_readiness_enabled_false_checks_no_node(tmp_path):
+    """A satellite's plan (``readiness.enabled: false``): its scheduler probes no SSH and has no SSH power driver."""
+    plan = _plan(tmp_path)
+    assert Orchestrator.assemble(plan, Mode.SERVE).scheduler.readiness is not None
+    text = plan.path.read_text().replace("readiness: {ssh:", "readiness: {enabled: false, ssh:")
+    plan.path.write_text(text)
+    off = Orchestrator.assemble(load_plan(plan.path), Mode.SERVE)
+    assert off.scheduler.readiness is None and off.scheduler.ssh_power is None

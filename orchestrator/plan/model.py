@@ -554,6 +554,10 @@ class Ssh(Strict):
 
 
 class Readiness(Strict):
+    #: false: this bootorch never checks readiness (no SSH to nodes); its nodes stay at
+    #: ``os_dhcp`` in its own status. For a satellite boot server: the orchestrator
+    #: following it checks readiness, and a second SSH login per node only costs both ends.
+    enabled: bool = True
     ssh: Ssh = Ssh()
     checks: list[Check] = []
 
