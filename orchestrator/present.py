@@ -232,6 +232,69 @@ def print_status(rows: list[dict[str, Any]], out: TextIO | None = None) -> None:
         print(line, file=out)
 
 
+def _racks(racks: list[str], total: int, width: int = 16) -> str:
+    """Rack names joined by commas, cut near ``width`` characters with ``+N`` for the ones left out."""
+    if not racks:
+        return "-"
+    text = ""
+    for i, r in enumerate(racks):
+        joined = f"{text},{r}" if text else r
+        more = total - i - 1
+        if text and len(joined) + (len(f",+{more}") if more else 0) > width:
+            return f"{text},+{total - i}"
+        text = joined
+    return text if total == len(racks) else f"{text},+{total - len(racks)}"
+
+
+def _num(v: Any, fmt: str = "{}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def server_rows(view: dict[str, Any]) -> list[list[str]]:
+    """The ``boot servers`` table's cells, header first (``view``: :func:`orchestrator.control.admission_view`, answered)."""
+    rows = [["server", "kind", "racks", "nodes", "window", "in flight", "dl", "waiting", "active", "queued", "MB/s",
+             "retrans/s", "resends/s", "rtt", "link"]]
+    for s in view["servers"]:
+        load, link = s["load"] or {}, s["link"]
+        adaptive = "adaptive" if s["adaptive"] else "fixed" if s["adaptive"] is False else "?"
+        if link is None:
+            link_text = "-"
+        else:
+            up = "up" if link["connected"] else "DOWN" if link["connected"] is False else "?"
+            age = f", load {link['load_age']:.1f}s old" if link["load_age"] is not None else ""
+            link_text = f"{up}{age}" if s["load"] is not None else f"{up}, no load yet"
+        rtt = load.get("rtt")
+        rows.append([s["name"], s["kind"], _racks(s["racks"], s["racks_total"]), _num(s["nodes"]),
+                     f"{_num(s['window'])}/{_num(s['max_downloading'])} {adaptive}", _num(s["in_flight"]),
+                     _num(s["downloading"]), _num(s["waiting"]), _num(load.get("active")), _num(load.get("queued")),
+                     _num(None if load.get("bytes_per_s") is None else load["bytes_per_s"] / 1e6, "{:.1f}"),
+                     _num(load.get("retransmit_rate"), "{:.1f}"), _num(load.get("client_retry_rate"), "{:.1f}"),
+                     "-" if rtt is None else f"{rtt * 1000:.1f}ms", link_text])
+    return rows
+
+
+def print_servers(view: dict[str, Any], out: TextIO | None = None) -> None:
+    """``bootorch status``'s ``boot servers`` table (``view``: :func:`orchestrator.control.admission_view`).
+
+    One line per boot server: its window and load from the running orchestrator;
+    when none answered, one line saying why. The view's text was made safe and
+    bounded where it was read (:func:`orchestrator.control.admission_from_wire`).
+    """
+    out = out or sys.stdout
+    if not view.get("answered"):
+        print(f"boot servers: {view['why']} ({view['socket']}); the nodes above are from the journal", file=out)
+        return
+    aborted = "; ABORTED (failure budget)" if view["aborted"] else ""
+    print(f"boot servers (orchestrator pid {_num(view['pid'])}, {view['mode']}; window {_num(view['window'])} of "
+          f"{_num(view['max_window'])} in all{aborted}):", file=out)
+    rows = server_rows(view)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = {3, 5, 6, 7, 8, 9, 10, 11, 12, 13}
+    for r in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        print("  ".join(cells).rstrip(), file=out)
+
+
 def print_history(rows: list[dict[str, Any]], out: TextIO | None = None) -> None:
     """``bootorch history``: one line per stage change or action (rows of :func:`orchestrator.oncall.history_rows`)."""
     out = out or sys.stdout

@@ -275,7 +275,9 @@ def test_group_members_get_a_read_only_control_socket(tmp_path):
             assert got[0]["event"] == "plan" and set(got[0]["fingerprint"]["nodes"]) == {"node01", "node02", "node03"}
             refused = ask({"op": "reboot", "nodes": ["node01"], "reason": "x"}, [staff])["answers"]
             assert refused == [{"event": "error", "error": "reboot needs the orchestrator's own user or root; "
-                                                           "this socket answers you read-only (ping, plan)"}]
+                                                           "this socket answers you read-only (ping, plan, admission)"}]
+            adm = ask({"op": "admission"}, [staff])["answers"]
+            assert adm[0]["event"] == "admission"
             assert ask({"op": "ping"}, [])["connect"] == "PermissionError"
             # root (the service's own user here) may still act: the request is accepted
             for msg in control_request(sock, {"op": "power_off", "nodes": ["node01"], "reason": "test", "wait": False}):

@@ -1,8 +1,10 @@
 """``bootorch status``, ``history``, ``wake``, ``reboot`` and ``slurm``: the on-call commands and how they print.
 
-The data comes from :mod:`orchestrator.oncall`; this module parses the
-arguments, prints (progress to stderr, results to stdout, both to a log file for
-``slurm``, whose output Slurm discards) and turns answers into exit codes.
+The data comes from :mod:`orchestrator.oncall` (``status``'s boot servers from
+the running orchestrator's ``admission`` answer, :func:`orchestrator.control.admission_view`);
+this module parses the arguments, prints (progress to stderr, results to stdout,
+both to a log file for ``slurm``, whose output Slurm discards) and turns answers
+into exit codes.
 """
 
 from __future__ import annotations
@@ -55,9 +57,20 @@ def _select(plan: LoadedPlan, expr: str | None) -> list[str] | None:
     return [n.name for n in plan.select(expr)]
 
 
+#: Seconds ``status`` waits for a running orchestrator's ``admission`` answer.
+STATUS_TIMEOUT = 2.0
+
+
 def run_status(plan: LoadedPlan, args: argparse.Namespace) -> int:
+    """The nodes from the journal, then each boot server's window and load from the running orchestrator, if any.
+
+    The second part asks the plan's control socket (``admission``, at most
+    :data:`STATUS_TIMEOUT` seconds); with no orchestrator answering it is one
+    line saying so, and the exit code is the same.
+    """
+    from orchestrator import control
     from orchestrator.oncall import node_rows
-    from orchestrator.present import print_status
+    from orchestrator.present import print_servers, print_status
     from orchestrator.store import Store
 
     try:
@@ -76,10 +89,13 @@ def run_status(plan: LoadedPlan, args: argparse.Namespace) -> int:
         store.close()
     if args.stuck:
         rows = [r for r in rows if r["stuck"] or r["stage"] == "failed"]
+    view = control.admission_view(control.socket_path(plan), timeout=STATUS_TIMEOUT)
     if args.json:
-        print(json.dumps({"time": time.time(), "nodes": rows}, indent=2))
+        print(json.dumps({"time": time.time(), "nodes": rows, "orchestrator": view}, indent=2))
     else:
         print_status(rows)
+        print()
+        print_servers(view)
     return EXIT_OK
 
 
@@ -283,7 +299,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub, plan_cmd) -> None:
-    st = plan_cmd("status", "each node's stage, time in stage, attempts, last evidence and action; the worst first", cmd_status)
+    st = plan_cmd("status", "each node's stage, time in stage, attempts, last evidence and action, the worst first; then each "
+                            "boot server's admission window and load from the running orchestrator", cmd_status)
     st.add_argument("nodes", nargs="?", metavar="NODES", help="node set, e.g. node[01-04] or @rack1 (default: all)")
     st.add_argument("--stuck", action="store_true", help="only nodes over their stage's timeout, and failed ones")
     hi = plan_cmd("history", "every stage change and action (who, when, why, result) from the journal", cmd_status)
