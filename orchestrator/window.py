@@ -51,11 +51,13 @@ the window grows until the clients' timers fire. The *delay* signal is TCP
 Vegas's estimate, on transfer counts: with ``active`` transfers, a median block
 round trip ``rtt`` and an unloaded round trip ``base`` (the smallest seen in the
 last ``rtt_base_window`` seconds), about ``active * (1 - base/rtt)`` blocks wait
-in a queue (the link's or the server's CPU) rather than move. A dozen or so
-queued blocks keep the link busy through a hiccup; more only add waiting, and
-worse: every transfer in flight shares the link, so a large window makes a
-whole generation of nodes finish at once, long after it started, and their
-readiness checks then come in one burst. Delay takes a quarter off, loss half.
+in a queue (the link's or the server's CPU) rather than move. A few dozen
+queued blocks keep the link busy through every hiccup; more only add waiting.
+The nodes in flight share the link, so nodes admitted together finish
+together, and their replacements spend seconds in POST and DHCP before their
+first block: a smaller target means more, shorter such generations and more
+of these gaps (16 blocks cost 1.17x the bound where 64 gave 1.08x, in
+docs/benchmarks.md's storm). Delay takes a quarter off, loss half.
 Either shrinks once per backlog, as TCP cuts once per loss event: nodes
 admitted before the signal showed stay in flight for a while, and shrinking
 again while more are in flight than the window admits nobody fewer; it only
@@ -96,7 +98,7 @@ class WindowTuning:
     #: Server retransmits, or client re-sends, per second above which the window halves.
     retransmit_threshold: float = 5.0
     #: Blocks allowed to wait in the boot server's queues (link, CPU) before the window shrinks.
-    queue_target: float = 16.0
+    queue_target: float = 64.0
     #: The first window (capped by ``max_window``).
     initial_window: int = 8
     #: How long the smallest round trip seen stays the unloaded reference (seconds).

@@ -95,22 +95,22 @@ def test_delay_takes_a_quarter_off_once_per_backlog():
     assert (d.kind, d.size) == (DecisionKind.SHRINK_DELAY, 18)
 
 
-def test_a_few_queued_blocks_are_no_signal():
+def test_a_few_dozen_queued_blocks_are_no_signal():
     w = AdmissionWindow(64, tuning=WindowTuning(initial_window=16))
     full(w, Load(active=80, rtt=0.0005), 0.0)
-    d = full(w, Load(active=80, rtt=0.00054), 1.0)  # ~6 queued: under half the target of 16
+    d = full(w, Load(active=80, rtt=0.0006), 1.0)  # ~13 queued: under half the target of 64
     assert d.kind is DecisionKind.GROW_SLOW_START
 
 
 def test_slow_start_ends_on_a_building_queue_without_shrinking():
     # HyStart's delay exit: more than half the target queued ends the doubling; the window then grows by an eighth.
     w = AdmissionWindow(512, tuning=WindowTuning(initial_window=32))
-    full(w, Load(active=40, rtt=0.001), 0.0)
+    full(w, Load(active=80, rtt=0.001), 0.0)
     assert (w.size, w.slow_start) == (64, True)
-    d = full(w, Load(active=40, rtt=0.0014), 1.0)  # 40 * (1 - 1/1.4) ~ 11 queued: > 8, < 16
+    d = full(w, Load(active=80, rtt=0.0018), 1.0)  # 80 * (1 - 1/1.8) ~ 36 queued: > 32, < 64
     assert (d.kind, d.old, d.size) == (DecisionKind.GROW, 64, 72)
     assert not w.slow_start
-    d = full(w, Load(active=40, rtt=0.003), 2.0)  # ~27 queued > 16: now a quarter off
+    d = full(w, Load(active=80, rtt=0.006), 2.0)  # ~67 queued > 64: now a quarter off
     assert (d.kind, d.size) == (DecisionKind.SHRINK_DELAY, 54)
 
 
