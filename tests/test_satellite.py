@@ -126,3 +126,33 @@ async def test_a_wrong_token_gets_nothing_and_the_follower_keeps_retrying(tmp_pa
         nursery.cancel_scope.cancel()
     assert rec.events == [] and link.connects >= 2
     store.close()
+
+
+async def test_the_follower_is_blind_until_the_outage_is_replayed(tmp_path):
+    """``SatelliteLink.blind`` (the scheduler holds its nodes' escalations while it is True): down, then
+    replaying the records the satellite kept meanwhile, then clear for live records."""
+    tap = EventTap(heartbeat=0.2)
+    for i in range(1, 41):  # what the satellite saw while nobody followed it
+        tap.record(event(i))
+    store = Store(tmp_path / "state.db")
+    link = SatelliteLink("row-b", "127.0.0.1", 1, "s3cret", heartbeat=0.2)
+    seen: list[bool] = []
+
+    class Watching(Recorder):
+        def feed(self, ev):
+            seen.append(link.blind())
+            return super().feed(ev)
+
+    rec = Watching()
+    assert link.blind()  # never connected: nothing is known
+    async with trio.open_nursery() as nursery:
+        link.port = await nursery.start(serve_tap, tap, "s3cret", [])
+        await nursery.start(follow, link, rec, store)
+        with trio.fail_after(30):
+            await rec.until(40)
+            assert not link.blind() and link.replay_to == 40
+            tap.record(event(41))
+            await rec.until(41)
+        nursery.cancel_scope.cancel()
+    assert seen == [True] * 40 + [False]  # every replayed record applied blind, the live one not
+    store.close()
