@@ -56,8 +56,8 @@ queued blocks keep the link busy through every hiccup; more only add waiting.
 The nodes in flight share the link, so nodes admitted together finish
 together, and their replacements spend seconds in POST and DHCP before their
 first block: a smaller target means more, shorter such generations and more
-of these gaps (16 blocks cost 1.17x the bound where 64 gave 1.08x, in
-docs/benchmarks.md's storm). Delay takes a quarter off, loss half.
+of these gaps (docs/benchmarks.md, "Scale-out storm", measured 16 against 64).
+Delay takes a quarter off, loss half.
 Either shrinks once per backlog, as TCP cuts once per loss event: nodes
 admitted before the signal showed stay in flight for a while, and shrinking
 again while more are in flight than the window admits nobody fewer; it only
