@@ -407,14 +407,6 @@ class ControlServer:
 # --------------------------------------------------------------------------- the admission answer
 
 
-def load_dict(load: Any) -> dict[str, Any] | None:
-    """A boot server's load (:class:`~orchestrator.bootserver.admission.Load`) as JSON; None for none."""
-    if load is None:
-        return None
-    return {"active": load.active, "queued": getattr(load, "queued", 0), "bytes_per_s": getattr(load, "bytes_per_s", 0.0),
-            "retransmit_rate": load.retransmit_rate, "client_retry_rate": load.client_retry_rate, "rtt": load.rtt}
-
-
 def server_layout(plan, sched) -> tuple[dict[str, list[str]], Counter[str]]:
     """Per server, the racks of the plan's nodes it carries (sorted) and how many nodes: what changes only with the plan."""
     from orchestrator.plan.resolve import MAIN_SERVER
@@ -443,7 +435,7 @@ def admission_answer(plan, sched, links: dict[str, Any], *, mode: str,
     initrd) and ``waiting`` (queued to be woken: a rollout's pending nodes and
     queued on-call wakes and reboots); ``window_since``: seconds since its size
     last changed (or since the scheduler started); ``load``: the newest load
-    (:func:`load_dict`), None when nothing reports one; ``link`` for a
+    (:func:`orchestrator.satellite.load_to_wire`), None when nothing reports one; ``link`` for a
     satellite: ``connected``, ``load_age`` (seconds since its load line, None
     when unknown), ``connects`` and ``errors``, else None.
 
@@ -452,25 +444,12 @@ def admission_answer(plan, sched, links: dict[str, Any], *, mode: str,
     of the same plan, saves the pass over the plan's nodes).
     """
     from orchestrator.plan.resolve import MAIN_SERVER
-    from orchestrator.tracker import Stage
+    from orchestrator.satellite import load_to_wire
 
     model = plan.model
     entries = {srv.name: srv for srv in model.servers}
     racks, nodes = layout if layout is not None else server_layout(plan, sched)
-    # Waiting: on-call wakes/reboots queued behind the windows, and the rollout's pending nodes.
-    waiting: Counter[str] = Counter()
-    queued: set[str] = set()
-    for job in list(getattr(sched, "_op_queue", ())):
-        mac = job.node.mac
-        if job.op is not None and job.op.op != "power_off" and mac not in queued:
-            queued.add(mac)
-            waiting[sched.server_of.get(mac, MAIN_SERVER)] += 1
-    tracked, server_of, pending = sched.tracker.nodes, sched.server_of, Stage.PENDING
-    for mac, job in sched.jobs.items():
-        if job.result is None and job.op is None and mac not in queued:
-            st = tracked.get(mac)
-            if st is not None and st.stage is pending:
-                waiting[server_of.get(mac, MAIN_SERVER)] += 1
+    waiting = sched.waiting()
     now = sched.clock()
     many = len(sched.windows) > 1
     servers = []
@@ -486,7 +465,7 @@ def admission_answer(plan, sched, links: dict[str, Any], *, mode: str,
         reader = sched.server_loads.get(name)
         link_info = None
         if link is not None:
-            load = link.load  # None before its first load line (its reader then says idle)
+            load = link.load  # the newest it sent, also while the link is down (its reader then gives none)
             load_at = link.load_at  # trio time of the newest load line
             link_info = {"connected": bool(link.connected), "connects": link.connects, "errors": link.errors,
                          "load_age": (max(0.0, trio.current_time() - load_at) if load is not None and load_at is not None else None)}
@@ -503,7 +482,7 @@ def admission_answer(plan, sched, links: dict[str, Any], *, mode: str,
             "window": window.size, "max_downloading": max_dl, "adaptive": bool(window.adaptive),
             "in_flight": sched.in_flight_on(name), "downloading": sched.downloading_on(name), "waiting": waiting[name],
             "window_since": max(0.0, now - history[-1][0]) if history else None,
-            "load": load_dict(load), "link": link_info,
+            "load": None if load is None else load_to_wire(load), "link": link_info,
         })
     return {"event": "admission", "pid": os.getpid(), "mode": mode, "aborted": bool(sched.aborted),
             "window": sched.window, "max_window": sched.max_window, "servers": servers}

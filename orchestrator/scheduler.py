@@ -73,7 +73,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -377,6 +377,24 @@ class Scheduler:
             return self.tracker.downloading()
         nodes = self.tracker.nodes
         return sum(1 for mac in self._flying[server] if nodes[mac].stage in DOWNLOADING)
+
+    def waiting(self) -> Counter[str]:
+        """Per server, the nodes queued to be woken: on-call wakes and reboots behind its window, and the
+        rollout's nodes still pending (a node in both counts once). One pass over the jobs."""
+        waiting: Counter[str] = Counter()
+        queued: set[str] = set()
+        for job in self._op_queue:
+            mac = job.node.mac
+            if job.op is not None and job.op.op != "power_off" and mac not in queued:
+                queued.add(mac)
+                waiting[self.server_of.get(mac, MAIN_SERVER)] += 1
+        nodes = self.tracker.nodes
+        for mac, job in self.jobs.items():
+            if job.result is None and job.op is None and mac not in queued:
+                st = nodes.get(mac)
+                if st is not None and st.stage is Stage.PENDING:
+                    waiting[self.server_of.get(mac, MAIN_SERVER)] += 1
+        return waiting
 
     # Both run after every transition (the admission loop wakes on each): at 10 000
     # nodes a pass over every node each time would cost more than the event itself.
