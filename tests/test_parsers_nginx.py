@@ -66,6 +66,20 @@ def _exchange(port: int, request: bytes) -> bytes:
     return out
 
 
+def _logged(port: int, log, request: bytes) -> None:
+    """``_exchange``, then wait until nginx has written the request's access-log line.
+
+    nginx writes the line after it sent the answer (after a lingering close for junk), so a client
+    that has read EOF can be ahead of the log; waiting per request keeps the lines in request order.
+    """
+    before = len(log.read_bytes().splitlines()) if log.exists() else 0
+    _exchange(port, request)
+    deadline = time.monotonic() + 10
+    while (len(log.read_bytes().splitlines()) if log.exists() else 0) <= before:
+        assert time.monotonic() < deadline, f"nginx logged no line for {request[:40]!r}"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def nginx(tmp_path):
     """A real nginx on 127.0.0.1:PORT serving tmp_path/root; yields (port, access log path); stopped by PID."""
@@ -124,16 +138,16 @@ def test_real_nginx_lines_give_the_embedded_servers_events(nginx):
         "tls": "\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
     }
     for request in sent.values():
-        _exchange(port, request.encode("latin-1"))
+        _logged(port, log, request.encode("latin-1"))
     # Hostile: a user agent and a Basic-auth user name that try to look like the fields after them.
     evil_ua = b'evil" 200 999999 "-" "x\x01\xff'
     evil_user = b'a" - [01/Jan/2000:00:00:00 +0000] "GET /rootfs.gz HTTP/1.1" 200 1 "-" "-'
     import base64
 
     auth = base64.b64encode(evil_user + b":pw")
-    _exchange(port, b"GET /vmlinuz HTTP/1.1\r\nHost: x\r\nUser-Agent: " + evil_ua + b"\r\nAuthorization: Basic " + auth
+    _logged(port, log, b"GET /vmlinuz HTTP/1.1\r\nHost: x\r\nUser-Agent: " + evil_ua + b"\r\nAuthorization: Basic " + auth
               + b"\r\nConnection: close\r\n\r\n")
-    _exchange(port, b"GET /vmlinuz\x01\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    _logged(port, log, b"GET /vmlinuz\x01\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
 
     lines = log.read_bytes().splitlines()
     assert len(lines) == len(sent) + 2, lines  # nginx logged every request, the TLS junk included
