@@ -314,7 +314,7 @@ class Orchestrator:
         removed_macs = sorted(old_macs - {n.mac for n in new.nodes})
         # From here to apply_reload's lease commit: no checkpoint, every part switches at once.
         self.plan = new
-        self.scheduler.plan = new
+        self.scheduler.set_plan(new)
         self.control.plan = new
         self.readiness.pinned = dict(pinned)
         _retrack(self.tracker, plan_nodes(new), removed_macs)

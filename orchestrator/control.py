@@ -429,7 +429,8 @@ def admission_answer(plan, sched, links: dict[str, Any], *, mode: str,
     Each entry: ``name``; ``kind`` (``embedded``: bootorch's own servers, ``site``:
     the site's, followed through their logs, ``http cache``, ``satellite``);
     ``racks`` whose nodes it carries (for ``main``: the racks no ``servers:``
-    entry lists) and ``nodes`` (how many); ``window`` (nodes it admits in flight
+    entry lists; left out when it carries no node and has none in flight or waiting)
+    and ``nodes`` (how many); ``window`` (nodes it admits in flight
     now), ``max_downloading``, ``adaptive`` (whether the window follows a load);
     ``in_flight`` (woken, not yet past initrd), ``downloading`` (loader to
     initrd) and ``waiting`` (queued to be woken: a rollout's pending nodes and
@@ -454,6 +455,9 @@ def admission_answer(plan, sched, links: dict[str, Any], *, mode: str,
     many = len(sched.windows) > 1
     servers = []
     for name, window in sched.windows.items():
+        if (many and name == MAIN_SERVER and not nodes[name] and name not in sched.serving
+                and not waiting[name] and not sched.in_flight_on(name)):
+            continue  # every rack is on another server: the plan's own server carries nothing
         srv = entries.get(name)
         link = links.get(name)
         if name == MAIN_SERVER:

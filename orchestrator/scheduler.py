@@ -234,8 +234,10 @@ class Scheduler:
         for srv in plan.model.servers:
             self.windows[srv.name] = AdmissionWindow(srv.admission.max_downloading, tuning=window_tuning,
                                                      adaptive=srv.admission.adaptive and srv.name in self.server_loads)
-        #: mac -> the server carrying the node's downloads
+        #: mac -> the server carrying the node's downloads (:meth:`set_plan` renews it on a reload)
         self.server_of: dict[str, str] = {n.mac: plan.server_of(n) for n in plan.nodes}
+        #: Servers that carry some node's downloads: only their windows count in :attr:`window`.
+        self.serving: set[str] = set(self.server_of.values())
         #: server -> MACs of its nodes in flight (kept only with more than one server; see in_flight_on).
         self._flying: dict[str, set[str]] = {name: set() for name in self.windows}
         #: (time, size) at the start of :meth:`run` and at every change of an admission window (sizes summed over servers).
@@ -347,15 +349,36 @@ class Scheduler:
 
     # ------------------------------------------------------------------ counts
 
+    def _counted(self) -> list[AdmissionWindow]:
+        """The windows of the servers that carry some node (every window when none does)."""
+        counted = [w for name, w in self.windows.items() if name in self.serving]
+        return counted or list(self.windows.values())
+
     @property
     def window(self) -> int:
-        """Nodes allowed in flight now: the admission windows' sizes, summed over the servers."""
-        return sum(w.size for w in self.windows.values())
+        """Nodes allowed in flight now: the admission windows' sizes, summed over the servers carrying nodes
+        (``main`` with every rack on another server admits nobody and is left out)."""
+        return sum(w.size for w in self._counted())
 
     @property
     def max_window(self) -> int:
-        """The admission windows' ceilings summed (each server's ``max_downloading``)."""
-        return sum(w.max_window for w in self.windows.values())
+        """The admission windows' ceilings (each server's ``max_downloading``), summed as :attr:`window` is."""
+        return sum(w.max_window for w in self._counted())
+
+    def set_plan(self, plan: LoadedPlan) -> None:
+        """Take a reloaded plan: nodes added, removed or moved to another rack get their server anew
+        (the ``servers:`` section itself is restart-only, so the windows stay)."""
+        self.plan = plan
+        old = self.server_of
+        self.server_of = {n.mac: plan.server_of(n) for n in plan.nodes}
+        self.serving = set(self.server_of.values())
+        if len(self.windows) > 1:
+            for mac in old.keys() | self.server_of.keys():
+                if old.get(mac) != self.server_of.get(mac):
+                    for flying in self._flying.values():
+                        flying.discard(mac)
+                    if mac in self.server_of:
+                        self._sync_flying(mac)
 
     def _sync_flying(self, mac: str) -> None:
         st = self.tracker.nodes.get(mac)

@@ -360,3 +360,46 @@ async def test_a_plan_without_servers_shows_main_with_queued_on_call_wakes(tmp_p
     view = {"answered": True, "socket": "-", **control.admission_from_wire(json.loads(json.dumps(answer)))}
     row = server_rows(view)[1]
     assert row[:8] == ["main", "embedded", "-", "8", "3/3 fixed", "3", "3", "5"]
+
+
+async def test_main_carrying_no_node_is_left_out_until_a_reload_gives_it_one(tmp_path, autojump_clock):
+    """Every rack on another server: ``main`` admits nobody, so it is neither a row nor part of "in all".
+    A reload that adds a node in a rack no ``servers:`` entry lists gives it one (``Scheduler.set_plan``)."""
+    text = PLAN.replace('  - {name: "a[1-4]", mac: "52:54:00:00:00:01", ip: 10.9.0.11, rack: ra}\n', "")
+    plan = write_plan(tmp_path, text)
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
+    store = Store(plan.state_dir / "state.db")
+    sched = Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None, clock=trio.current_time)
+    answer = control.admission_answer(plan, sched, {}, mode="serve")
+    assert [s["name"] for s in answer["servers"]] == ["sat1", "cache2"]
+    assert (answer["window"], answer["max_window"]) == (4 + 3, 4 + 3)
+
+    (tmp_path / "plan.yaml").write_text(PLAN)  # a1..a4 in rack ra: the plan's own server carries them
+    reloaded = load_plan(tmp_path / "plan.yaml")
+    sched.set_plan(reloaded)
+    tracker.set_nodes(plan_nodes(reloaded), [])
+    assert sched.server_of[reloaded.nodes[0].mac] == "main" and sched.server_of[reloaded.nodes[4].mac] == "sat1"
+    answer = control.admission_answer(reloaded, sched, {}, mode="serve")
+    store.close()
+    assert [s["name"] for s in answer["servers"]] == ["main", "sat1", "cache2"]
+    assert answer["servers"][0]["nodes"] == 4
+    assert (answer["window"], answer["max_window"]) == (2 + 4 + 3, 2 + 4 + 3)
+
+
+async def test_a_node_moved_to_another_rack_by_a_reload_counts_on_its_new_server(tmp_path, autojump_clock):
+    from orchestrator.tracker import Stage
+
+    plan = write_plan(tmp_path)
+    tracker = Tracker(plan_nodes(plan), timeouts=plan_timeouts(plan))
+    store = Store(plan.state_dir / "state.db")
+    sched = Scheduler(plan, tracker, store, wake=None, bmc=None, readiness=None, clock=trio.current_time)
+    a1 = plan.nodes[0]
+    tracker.nodes[a1.mac].stage = Stage.KERNEL
+    sched._sync_flying(a1.mac)
+    assert (sched.in_flight_on("main"), sched.in_flight_on("sat1")) == (1, 0)
+
+    (tmp_path / "plan.yaml").write_text(PLAN.replace("ip: 10.9.0.11, rack: ra}", "ip: 10.9.0.11, rack: r1}"))
+    sched.set_plan(load_plan(tmp_path / "plan.yaml"))
+    store.close()
+    assert sched.server_of[a1.mac] == "sat1"
+    assert (sched.in_flight_on("main"), sched.in_flight_on("sat1")) == (0, 1)
