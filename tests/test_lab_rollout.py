@@ -129,6 +129,11 @@ def test_rollout_ready_rewake_power_cycle_and_failed_check(tmp_path, lab_ready):
         lab_extra="  wol_disabled: [node02]",
         rollout_extra="  failure_budget: 1",
     )
+    # Readiness retries node03's failing check until the ssh stage's timeout: 40 s, not the shared 90 s,
+    # which left the rollout waiting 50 s on node03 after node02 was ready (the stage takes 0.3-0.6 s).
+    text = plan.read_text().replace("ssh: 90s}", "ssh: 40s}")
+    assert "ssh: 40s}" in text
+    plan.write_text(text)
     promtool = require_tool("promtool")
     try:
         out_file = open(tmp_path / "rollout.json", "w+")
