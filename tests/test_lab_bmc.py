@@ -9,7 +9,7 @@ its UUID). The BMC sees the node Off, so the cycle is a power-on preceded by a
 PXE boot override (``power.bmc.boot_override: pxe``). The node must end
 ``ready``, the rollout exit 0, and its actions show the BMC driver's detail.
 
-Slow (TCG boot ~45 s plus the 20 s waking timeout, per kind) and root.
+Slow (about 40 s per kind: the 12 s waking timeout, then a TCG boot) and root.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ power:
 {bmc}
 rollout:
   admission: {{max_downloading: 1, power_on_rate: 1}}
-  timeouts: {{waking: 20s, pxe_dhcp: 60s, loader: 60s, config: 60s, kernel: 120s, initrd: 120s, os_dhcp: 120s, ssh: 90s}}
+  timeouts: {{waking: 12s, pxe_dhcp: 60s, loader: 60s, config: 60s, kernel: 120s, initrd: 120s, os_dhcp: 120s, ssh: 90s}}
   retries: {{wake: 0, power_cycle: 1}}
 readiness:
   ssh:

@@ -166,7 +166,9 @@ def test_nfs_server_stopped_mid_boot_fails_that_node_others_go_on(tmp_path, lab_
     text = plan.read_text()
     text = text.replace("failure_budget: 0", "failure_budget: 1")
     text = text.replace("retries: {wake: 2, power_cycle: 1}", "retries: {wake: 2, power_cycle: 0}")
-    text = text.replace("    ssh: 5m\n", "    ssh: 45s\n")  # readiness retries m05's checks until then
+    # Readiness retries m05's checks until then (m04's ssh stage takes 0.3 s).
+    text = text.replace("    ssh: 5m\n", "    ssh: 20s\n")
+    assert "    ssh: 20s\n" in text
     plan.write_text(text)
     loaded = load_plan(plan)
     try:
