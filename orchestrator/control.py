@@ -455,8 +455,7 @@ def admission_answer(plan, sched, links: dict[str, Any], *, mode: str,
     many = len(sched.windows) > 1
     servers = []
     for name, window in sched.windows.items():
-        if (many and name == MAIN_SERVER and not nodes[name] and name not in sched.serving
-                and not waiting[name] and not sched.in_flight_on(name)):
+        if many and name == MAIN_SERVER and name not in sched.serving and not waiting[name] and not sched.in_flight_on(name):
             continue  # every rack is on another server: the plan's own server carries nothing
         srv = entries.get(name)
         link = links.get(name)

@@ -375,8 +375,7 @@ class Scheduler:
         if len(self.windows) > 1:
             for mac in old.keys() | self.server_of.keys():
                 if old.get(mac) != self.server_of.get(mac):
-                    for flying in self._flying.values():
-                        flying.discard(mac)
+                    self._flying[old.get(mac, MAIN_SERVER)].discard(mac)
                     if mac in self.server_of:
                         self._sync_flying(mac)
 

@@ -72,10 +72,13 @@ def _logged(port: int, log, request: bytes) -> None:
     nginx writes the line after it sent the answer (after a lingering close for junk), so a client
     that has read EOF can be ahead of the log; waiting per request keeps the lines in request order.
     """
-    before = len(log.read_bytes().splitlines()) if log.exists() else 0
+    def lines() -> int:
+        return len(log.read_bytes().splitlines()) if log.exists() else 0
+
+    before = lines()
     _exchange(port, request)
     deadline = time.monotonic() + 10
-    while (len(log.read_bytes().splitlines()) if log.exists() else 0) <= before:
+    while lines() <= before:
         assert time.monotonic() < deadline, f"nginx logged no line for {request[:40]!r}"
         time.sleep(0.01)
 
